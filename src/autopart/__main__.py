@@ -1,0 +1,3 @@
+from autopart.cli import main
+
+raise SystemExit(main())

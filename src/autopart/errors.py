@@ -1,0 +1,14 @@
+"""Errors that reach the user.
+
+Every error autopart raises on bad input derives from `AutopartError`, so the CLI can print
+its message alone (no traceback) and library users can catch one type.  Messages say what is
+wrong and what to do about it.
+"""
+
+
+class AutopartError(Exception):
+    """Base class of the errors autopart reports to users."""
+
+
+class NotImplementedYet(AutopartError):
+    """A documented feature whose implementation has not landed."""
