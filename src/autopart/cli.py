@@ -1,7 +1,8 @@
 """The `autopart` command line.
 
-Each subcommand lives in its own function; errors derived from `AutopartError` are printed as a
-single line and turn into exit code 1, so users never see a traceback for bad input.
+Each subcommand has its own handler that imports what it needs lazily, so `autopart --help`
+stays instant.  Errors derived from `AutopartError` are printed as a single line and exit with
+code 1: users never see a traceback for bad input.
 """
 
 from __future__ import annotations
@@ -9,21 +10,111 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from autopart import __version__
-from autopart.errors import AutopartError, NotImplementedYet
+from autopart.errors import AutopartError
 
 log = logging.getLogger("autopart")
 
-Handler = Callable[[argparse.Namespace], int]
+
+def _plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from autopart.cost import parse_bytes
+    from autopart.factory import call_factory
+    from autopart.plan.planner import PlanOptions
+    from autopart.planning import plan_model
+    from autopart.report import print_plan
+
+    console = Console(stderr=True)
+    model, example_args, example_kwargs = call_factory(args.model)
+    split_points = None
+    if args.split_points:
+        split_points = tuple(p.strip() for p in args.split_points.split(",") if p.strip())
+    options = PlanOptions(
+        devices=args.devices,
+        global_batch=args.batch_size or args.devices,
+        optimizer=args.optimizer,
+        memory_margin=args.margin,
+        device_memory=parse_bytes(args.device_memory) if args.device_memory else None,
+        stages=args.stages,
+        microbatches=args.microbatches,
+        split_points=split_points,
+        target_blocks=args.blocks,
+    )
+    _, plan = plan_model(
+        model,
+        example_args,
+        example_kwargs,
+        options=options,
+        device_type=args.device_type,
+        cost=args.cost,
+        progress=console if console.is_terminal else None,
+    )
+    print_plan(plan)
+    if args.json:
+        plan.save(args.json)
+        print(f"plan saved to {args.json}")
+    return 0
 
 
-def _not_implemented(feature: str) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        raise NotImplementedYet(f"`autopart {args.command}` is not implemented yet: {feature}")
+def _show(args: argparse.Namespace) -> int:
+    from autopart.plan.plan import Plan
+    from autopart.report import print_plan
 
-    return handler
+    print_plan(Plan.load(args.plan))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from autopart.demo import run
+
+    return run(args)
+
+
+def _add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="capture, cost and partition a model; print the plan")
+    plan.add_argument(
+        "model",
+        help="FILE.py:FACTORY or module.path:FACTORY; FACTORY() returns (model, args[, kwargs]) "
+        "with example inputs of one sample (the model may live on the meta device)",
+    )
+    plan.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
+    plan.add_argument(
+        "--device-memory", help="memory per device, e.g. 80GB or 40GiB (default: the device type's)"
+    )
+    plan.add_argument(
+        "--device-type",
+        default="h100",
+        help="built-in spec (h100, h200, a100-40gb, a100-80gb, v100, cpu) or a TOML/JSON spec file",
+    )
+    plan.add_argument("--batch-size", type=int, help="global batch size (default: --devices)")
+    plan.add_argument(
+        "--optimizer", default="adam", choices=["adam", "adamw", "sgd", "sgd-momentum", "none"]
+    )
+    plan.add_argument("--stages", type=int, help="force the number of pipeline stages")
+    plan.add_argument("--microbatches", type=int, help="force the number of microbatches")
+    plan.add_argument(
+        "--split-points", help="comma-separated module paths where stages start (a manual plan)"
+    )
+    plan.add_argument("--margin", type=float, default=0.1, help="share of memory held back")
+    plan.add_argument("--blocks", type=int, default=32, help="target number of blocks (K)")
+    plan.add_argument("--cost", default="analytic", choices=["analytic", "measured"])
+    plan.add_argument("--json", metavar="OUT", help="save the plan as JSON to OUT")
+    plan.set_defaults(handler=_plan)
+
+
+def _add_demo_parser(sub) -> None:
+    demo = sub.add_parser("demo", help="train a small GPT auto-partitioned across local processes")
+    demo.add_argument("--processes", type=int, default=2, help="local processes (ranks)")
+    demo.add_argument("--layers", type=int, default=4, help="transformer layers")
+    demo.add_argument("--hidden", type=int, default=64, help="hidden size")
+    demo.add_argument("--seq", type=int, default=32, help="sequence length")
+    demo.add_argument("--batch-size", type=int, default=8, help="global batch size")
+    demo.add_argument("--steps", type=int, default=20, help="training steps")
+    demo.add_argument("--stages", type=int, help="force the number of pipeline stages")
+    demo.set_defaults(handler=_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,30 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autopart {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
     sub = parser.add_subparsers(dest="command", metavar="{plan,demo,show}", required=True)
-
-    plan = sub.add_parser("plan", help="capture, cost and partition a model; print the plan")
-    plan.add_argument("model", help="FILE.py:FACTORY or module.path:factory")
-    plan.set_defaults(handler=_not_implemented("the planner has not landed"))
-
-    demo = sub.add_parser("demo", help="train a small GPT auto-partitioned across local processes")
-    demo.set_defaults(handler=_not_implemented("the runtime has not landed"))
-
+    _add_plan_parser(sub)
+    _add_demo_parser(sub)
     show = sub.add_parser("show", help="print a saved plan as a table")
     show.add_argument("plan", help="path to a plan JSON file")
-    show.set_defaults(handler=_not_implemented("the plan format has not landed"))
+    show.set_defaults(handler=_show)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except NotImplementedYet as err:
-        print(f"autopart: {err}", file=sys.stderr)
-        return 2
     except AutopartError as err:
         print(f"autopart: error: {err}", file=sys.stderr)
         return 1

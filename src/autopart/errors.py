@@ -8,7 +8,3 @@ wrong and what to do about it.
 
 class AutopartError(Exception):
     """Base class of the errors autopart reports to users."""
-
-
-class NotImplementedYet(AutopartError):
-    """A documented feature whose implementation has not landed."""

@@ -1,0 +1,157 @@
+"""The graph IR: what the planner knows about a captured model.
+
+The IR is plain data so that the planner can be run and tested without torch.distributed or a
+device.  Sizes are stored *per sample* for values that carry the batch dimension (``batch_dim`` is
+not None), so the planner can cost any microbatch size by multiplying; non-batch values (masks,
+position tables, parameter-derived tensors) have fixed sizes.
+
+``Graph.fx_module`` keeps the captured ``torch.fx.GraphModule`` (batch dimension symbolic where
+capture managed it) for the parts that must execute the graph: measured costing and the runtime.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPE_BYTES = {
+    "torch.float64": 8,
+    "torch.float32": 4,
+    "torch.float16": 2,
+    "torch.bfloat16": 2,
+    "torch.int64": 8,
+    "torch.int32": 4,
+    "torch.int16": 2,
+    "torch.int8": 1,
+    "torch.uint8": 1,
+    "torch.bool": 1,
+    "torch.complex64": 8,
+    "torch.complex128": 16,
+    "torch.float8_e4m3fn": 1,
+    "torch.float8_e5m2": 1,
+}
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a dtype written as ``str(torch.dtype)``."""
+    return _DTYPE_BYTES.get(dtype, 4)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor value. ``shape`` is at one sample when ``batch_dim`` is set."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    batch_dim: int | None = None
+
+    @property
+    def is_batch(self) -> bool:
+        return self.batch_dim is not None
+
+    def numel(self, batch: int = 1) -> int:
+        n = math.prod(self.shape)
+        return n * batch if self.is_batch else n
+
+    def nbytes(self, batch: int = 1) -> int:
+        return self.numel(batch) * dtype_bytes(self.dtype)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A parameter or buffer, under its canonical name; ``aliases`` are tied names."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    is_buffer: bool = False
+    requires_grad: bool = True
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_bytes(self.dtype)
+
+
+class NodeKind(str, enum.Enum):
+    """How a node relates to the batch, which decides where the planner may put it."""
+
+    INPUT = "input"  # a user input (positional or keyword)
+    BATCH = "batch"  # depends on a batch-carrying input: one atomic component each
+    PARAM_ONLY = "param_only"  # computed only from parameters, buffers or constants: duplicated
+    OUTPUT = "output"  # the graph's return
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """Analytic per-node numbers recorded at capture, per sample for the batch-scaled part.
+
+    ``*_per_sample`` scale with the microbatch size; ``*_fixed`` do not (e.g. a mask's bytes).
+    ``saved_*`` are the bytes autograd saves for backward, attributed to the node that saves them
+    (each storage counted once, parameters excluded).  ``grad_inputs`` counts the differentiable
+    inputs (activations and parameters) that get a gradient, the multiplier of backward FLOPs.
+    """
+
+    flops_per_sample: float = 0.0
+    flops_fixed: float = 0.0
+    bytes_per_sample: float = 0.0
+    bytes_fixed: float = 0.0
+    saved_per_sample: float = 0.0
+    saved_fixed: float = 0.0
+    grad_inputs: int = 0
+
+
+@dataclass(frozen=True)
+class Node:
+    """One op of the captured graph."""
+
+    name: str
+    op: str
+    kind: NodeKind
+    inputs: tuple[str, ...]
+    params: tuple[str, ...]
+    outputs: tuple[TensorSpec, ...]
+    module_path: str
+    stats: NodeStats = NodeStats()
+
+    @property
+    def is_batch(self) -> bool:
+        return self.kind in (NodeKind.BATCH, NodeKind.INPUT)
+
+    def output_bytes(self, batch: int = 1) -> int:
+        return sum(t.nbytes(batch) for t in self.outputs)
+
+
+@dataclass
+class Graph:
+    """A captured model: nodes in topological order, parameters, inputs and outputs."""
+
+    nodes: list[Node]
+    params: dict[str, ParamSpec]
+    inputs: list[str]
+    outputs: list[str]
+    fingerprint: str
+    capture_method: str
+    fx_module: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._index = {n.name: i for i, n in enumerate(self.nodes)}
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    def node(self, name: str) -> Node:
+        return self.nodes[self._index[name]]
+
+    def consumers(self) -> dict[str, list[str]]:
+        users: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for src in n.inputs:
+                users[src].append(n.name)
+        return users
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params.values())

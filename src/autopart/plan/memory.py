@@ -1,0 +1,72 @@
+"""The memory model of one stage replica: what must fit on each device.
+
+Per device, a stage holds:
+
+* its parameters and buffers, their gradients, and the optimizer state
+  (``optimizer_factor`` x trainable bytes: Adam/AdamW 2, SGD with momentum 1, plain SGD 0);
+* activations for every microbatch in flight.  Under the GPipe schedule all ``M`` microbatches
+  are in flight at the end of the forward pass.  Without recomputation each keeps what autograd
+  saves plus the stage's received inputs; with recomputation each keeps only its received inputs,
+  and one microbatch at a time is re-run, so its saved tensors are charged once;
+* transient working memory: the largest single op output and its gradient;
+* communication buffers: one microbatch of sent and received values, and one gradient bucket
+  for the allreduce when the stage has replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: DDP's default gradient bucket; the allreduce holds at most one such buffer.
+ALLREDUCE_BUCKET_BYTES = 25 * 2**20
+
+OPTIMIZER_FACTORS = {"adam": 2.0, "adamw": 2.0, "sgd-momentum": 1.0, "sgd": 0.0, "none": 0.0}
+
+
+@dataclass(frozen=True)
+class StageFootprint:
+    """Microbatch-independent sizes of one stage, per sample where they scale."""
+
+    param_bytes: float
+    trainable_bytes: float
+    saved_per_sample: float
+    saved_fixed: float
+    recv_per_sample: float
+    recv_fixed: float
+    send_per_sample: float
+    send_fixed: float
+    largest_output_per_sample: float
+    largest_output_fixed: float
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    optimizer_factor: float
+
+    def state_bytes(self, fp: StageFootprint) -> float:
+        return fp.param_bytes + fp.trainable_bytes * (1.0 + self.optimizer_factor)
+
+    def peak_bytes(
+        self,
+        fp: StageFootprint,
+        rows: np.ndarray,
+        microbatches: int,
+        replicas: np.ndarray,
+        recompute: bool,
+    ) -> np.ndarray:
+        """Predicted peak bytes per device, vectorized over candidate (rows, replicas)."""
+        rows = np.asarray(rows, dtype=float)
+        saved = fp.saved_per_sample * rows + fp.saved_fixed
+        recv = fp.recv_per_sample * rows + fp.recv_fixed
+        send = fp.send_per_sample * rows + fp.send_fixed
+        if recompute:
+            activations = microbatches * recv + saved
+        else:
+            activations = microbatches * (saved + recv)
+        transient = 2.0 * (fp.largest_output_per_sample * rows + fp.largest_output_fixed)
+        bucket = np.where(
+            np.asarray(replicas) > 1, min(fp.trainable_bytes, ALLREDUCE_BUCKET_BYTES), 0.0
+        )
+        return self.state_bytes(fp) + activations + transient + recv + send + bucket

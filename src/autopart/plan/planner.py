@@ -1,0 +1,300 @@
+"""The planner: graph + cost model + cluster -> ``Plan``.
+
+Three phases, as in RaNNC: atomic components, block coarsening, then the stage DP over blocks x
+devices.  The DP minimizes the simulated GPipe step time under the per-device memory constraint;
+``split_points`` replaces the coarsening with the user's cuts and lets the same DP choose replicas
+and microbatches, so a manual plan is costed by the same model as an automatic one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from autopart.cost import CostModel
+from autopart.errors import AutopartError
+from autopart.ir import Graph
+from autopart.plan.atomic import Component, atomic_components
+from autopart.plan.blocks import Block, coarsen
+from autopart.plan.memory import OPTIMIZER_FACTORS, MemoryModel
+from autopart.plan.plan import Plan, StagePlan
+from autopart.plan.stage_costs import StageCoster
+from autopart.plan.stage_dp import Solution, search
+from autopart.plan.traffic import RangeTraffic
+
+log = logging.getLogger(__name__)
+
+#: Above this many devices, replica counts are searched in multiples of a unit (see _replica_unit).
+MAX_REPLICA_STEPS = 64
+
+
+class InfeasiblePlanError(AutopartError):
+    """No partition of the model fits the devices' memory."""
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    devices: int
+    global_batch: int
+    optimizer: str = "adam"
+    memory_margin: float = 0.1
+    device_memory: int | None = None
+    stages: int | None = None
+    microbatches: int | None = None
+    split_points: tuple[str, ...] | None = None
+    target_blocks: int = 32
+    max_microbatches: int = 64
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise AutopartError(f"devices must be at least 1, got {self.devices}")
+        if self.global_batch < 1:
+            raise AutopartError(
+                f"the global batch size must be at least 1, got {self.global_batch}"
+            )
+        if self.optimizer not in OPTIMIZER_FACTORS:
+            raise AutopartError(
+                f"unknown optimizer {self.optimizer!r}; use one of {sorted(OPTIMIZER_FACTORS)}"
+            )
+        if not 0 <= self.memory_margin < 1:
+            raise AutopartError(f"memory margin must be in [0, 1), got {self.memory_margin}")
+        if self.stages is not None and not 1 <= self.stages <= self.devices:
+            raise AutopartError(f"stages must be between 1 and {self.devices}, got {self.stages}")
+        if self.microbatches is not None and not 1 <= self.microbatches <= self.global_batch:
+            raise AutopartError(
+                f"microbatches must be between 1 and the global batch ({self.global_batch}), "
+                f"got {self.microbatches}"
+            )
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The planner's intermediate products, kept for tests and reports."""
+
+    components: list[Component]
+    blocks: list[Block]
+    block_nodes: list[list[str]]
+    coster: StageCoster
+    solution: Solution
+
+
+def make_plan(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Plan:
+    """Partition ``graph`` over ``options.devices`` devices; raise if nothing fits."""
+    return plan_from_partition(graph, cost_model, options, partition(graph, cost_model, options))
+
+
+def partition(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Partition:
+    spec = cost_model.device
+    capacity = (options.device_memory or spec.memory_bytes) * (1 - options.memory_margin)
+    memory = MemoryModel(OPTIMIZER_FACTORS[options.optimizer])
+    components = atomic_components(graph)
+    unit_of = {name: i for i, c in enumerate(components) for name in (c.anchor,)}
+    comp_traffic = RangeTraffic(graph, unit_of, len(components))
+
+    if options.split_points:
+        blocks = _manual_blocks(graph, components, options.split_points)
+    else:
+        blocks = _auto_blocks(
+            graph, components, comp_traffic, cost_model, memory, options, capacity
+        )
+    block_nodes = [_nodes_of(graph, components[b.start : b.end]) for b in blocks]
+    block_of = {c.anchor: b.index for b in blocks for c in components[b.start : b.end]}
+    traffic = RangeTraffic(graph, block_of, len(blocks))
+
+    unit = _replica_unit(options.devices)
+    replicas = np.arange(unit, options.devices + 1, unit)
+    coster = StageCoster(
+        graph,
+        block_nodes,
+        traffic,
+        cost_model,
+        memory,
+        capacity_bytes=capacity,
+        global_batch=options.global_batch,
+        devices=options.devices,
+        replicas=replicas,
+    )
+    stages = len(blocks) if options.split_points else options.stages
+    if stages is not None and stages > len(blocks):
+        raise AutopartError(
+            f"cannot make {stages} stages from a model with only {len(blocks)} blocks"
+        )
+    mb_options = _microbatch_options(options)
+    log.info(
+        "stage DP: %d blocks, %d devices (unit %d), M in %s",
+        len(blocks),
+        options.devices,
+        unit,
+        mb_options,
+    )
+    solution = search(
+        len(blocks), options.devices, coster, mb_options, stages=stages, replica_unit=unit
+    )
+    if solution is None:
+        raise InfeasiblePlanError(
+            _infeasible_message(graph, blocks, block_nodes, coster, options, capacity)
+        )
+    return Partition(components, blocks, block_nodes, coster, solution)
+
+
+def plan_from_partition(
+    graph: Graph, cost_model: CostModel, options: PlanOptions, part: Partition
+) -> Plan:
+    sol = part.solution
+    stages = []
+    next_rank = 0
+    for index, choice in enumerate(sol.stages):
+        nodes = _dedupe(n for b in part.block_nodes[choice.start : choice.end] for n in b)
+        rows = int(
+            part.coster.rows(sol.microbatches)[list(part.coster.replicas).index(choice.replicas)]
+        )
+        fwd, bwd = part.coster.seconds(choice.start, choice.end, rows)
+        stages.append(
+            StagePlan(
+                index=index,
+                ranks=list(range(next_rank, next_rank + choice.replicas)),
+                nodes=nodes,
+                module_paths=_dedupe(graph.node(n).module_path for n in nodes),
+                params=sorted(part.coster.stage_params(choice.start, choice.end)),
+                memory_bytes=int(choice.memory_bytes),
+                forward_seconds=fwd,
+                backward_seconds=bwd,
+                recompute=bool(choice.recompute),
+                microbatch_rows=rows,
+                allreduce_seconds=float(choice.allreduce_seconds),
+            )
+        )
+        next_rank += choice.replicas
+    spec = cost_model.device
+    return Plan(
+        fingerprint=graph.fingerprint,
+        global_batch_size=options.global_batch,
+        microbatches=sol.microbatches,
+        devices=options.devices,
+        device=asdict(spec),
+        optimizer=options.optimizer,
+        memory_capacity_bytes=int(part.coster.capacity),
+        stages=stages,
+        step_seconds=sol.step_seconds,
+        samples_per_second=options.global_batch / sol.step_seconds if sol.step_seconds else 0.0,
+        cost_source=type(cost_model).__name__,
+    )
+
+
+def _auto_blocks(graph, components, traffic, cost_model, memory, options, capacity) -> list[Block]:
+    ref_rows = max(1, options.global_batch // options.devices)
+    seconds = [
+        sum(cost_model.block_seconds([graph.node(n) for n in c.nodes], ref_rows))
+        for c in components
+    ]
+    params = [frozenset(p for n in c.nodes for p in graph.node(n).params) for c in components]
+    state = {
+        name: spec.nbytes
+        * (1.0 if spec.is_buffer or not spec.requires_grad else 2.0 + memory.optimizer_factor)
+        for name, spec in graph.params.items()
+    }
+    cuts = [traffic.cut_bytes(p) for p in range(len(components) + 1)]
+    return coarsen(
+        components,
+        seconds,
+        params,
+        state,
+        cuts,
+        target_blocks=options.target_blocks,
+        block_bytes_cap=capacity / 2,
+    )
+
+
+def _manual_blocks(
+    graph: Graph, components: Sequence[Component], split_points: Sequence[str]
+) -> list[Block]:
+    starts = [0]
+    for path in split_points:
+        prefix = path.rstrip(".")
+        first = next(
+            (
+                i
+                for i, c in enumerate(components)
+                if (mp := graph.node(c.anchor).module_path) == prefix or mp.startswith(prefix + ".")
+            ),
+            None,
+        )
+        if first is None:
+            known = _dedupe(graph.node(c.anchor).module_path for c in components)
+            raise AutopartError(
+                f"split point {path!r} matches no module with batch ops; "
+                f"module paths include: {', '.join(p for p in known[:12] if p)}"
+            )
+        if first <= starts[-1]:
+            raise AutopartError(
+                f"split point {path!r} does not come after the previous one; list split "
+                "points in the order the model runs them"
+            )
+        starts.append(first)
+    ends = [*starts[1:], len(components)]
+    return [
+        Block(index=i, start=s, end=e) for i, (s, e) in enumerate(zip(starts, ends, strict=True))
+    ]
+
+
+def _replica_unit(devices: int) -> int:
+    """Smallest divisor of ``devices`` that keeps the replica dimension at most MAX_REPLICA_STEPS."""
+    if devices <= MAX_REPLICA_STEPS:
+        return 1
+    for unit in range(2, devices + 1):
+        if devices % unit == 0 and devices // unit <= MAX_REPLICA_STEPS:
+            return unit
+    return 1
+
+
+def _microbatch_options(options: PlanOptions) -> list[int]:
+    if options.microbatches is not None:
+        return [options.microbatches]
+    limit = min(options.max_microbatches, options.global_batch)
+    return [2**k for k in range(int(math.log2(limit)) + 1)]
+
+
+def _nodes_of(graph: Graph, components: Sequence[Component]) -> list[str]:
+    names = {n for c in components for n in c.nodes}
+    return sorted(names, key=graph.index)
+
+
+def _dedupe(items) -> list:
+    return list(dict.fromkeys(items))
+
+
+def _infeasible_message(graph, blocks, block_nodes, coster: StageCoster, options, capacity) -> str:
+    """Say how far off the model is: its largest block, and what would fit."""
+    gib = 2**30
+    biggest = max(
+        range(len(blocks)), key=lambda b: coster.memory.state_bytes(coster.footprint(b, b + 1))
+    )
+    big_fp = coster.footprint(biggest, biggest + 1)
+    big_state = coster.memory.state_bytes(big_fp)
+    paths = _dedupe(graph.node(n).module_path for n in block_nodes[biggest])
+    where = ", ".join(p or "<top level>" for p in paths[:3]) + (" …" if len(paths) > 3 else "")
+    one_row = coster.memory.peak_bytes(big_fp, np.array([1]), 1, np.array([1]), recompute=True)[0]
+    total = sum(coster.memory.state_bytes(coster.footprint(b, b + 1)) for b in range(len(blocks)))
+    min_devices = math.ceil(total / capacity)
+    margin = options.memory_margin
+    lines = [
+        f"no partition of this model fits {options.devices} device(s) with "
+        f"{capacity / gib:.2f} GiB usable each ({margin:.0%} margin held back).",
+        f"The largest block ({where}) needs {big_state / gib:.2f} GiB of parameters, gradients "
+        f"and optimizer state, and at least {one_row / gib:.2f} GiB with one sample.",
+    ]
+    if one_row > capacity:
+        lines.append(
+            f"No device count helps: use devices with at least "
+            f"{one_row / (1 - margin) / gib:.2f} GiB, a lighter optimizer, or parameter offload."
+        )
+    else:
+        lines.append(
+            f"Use at least {max(min_devices, options.devices + 1)} devices of this size "
+            "(parameter state alone needs that many), or a smaller batch, or a lighter optimizer."
+        )
+    return " ".join(lines)

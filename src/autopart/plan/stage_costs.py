@@ -1,0 +1,140 @@
+"""Cost every candidate stage for the stage DP: time per microbatch slot, allreduce, memory.
+
+A candidate stage is a run of blocks ``[start, end)`` at ``M`` microbatches; the DP asks for all
+candidate replica counts at once, so everything here is vectorized over replicas.  Block times
+come from the cost model (analytic or measured) and are summed per stage, as RaNNC's fast mode
+does; they are computed once per distinct microbatch size and kept as prefix sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+
+import numpy as np
+
+from autopart.cost import CostModel, DeviceSpec, allreduce_seconds, p2p_seconds
+from autopart.ir import Graph
+from autopart.plan.memory import MemoryModel, StageFootprint
+from autopart.plan.stage_dp import StageCosts
+from autopart.plan.traffic import RangeTraffic
+
+
+class StageCoster:
+    """Callable ``(start, end, microbatches) -> StageCosts`` over the candidate replica counts."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        block_nodes: Sequence[Sequence[str]],
+        traffic: RangeTraffic,
+        cost_model: CostModel,
+        memory: MemoryModel,
+        *,
+        capacity_bytes: float,
+        global_batch: int,
+        devices: int,
+        replicas: np.ndarray,
+    ) -> None:
+        self.graph = graph
+        self.block_nodes = [[graph.node(n) for n in names] for names in block_nodes]
+        self.traffic = traffic
+        self.cost_model = cost_model
+        self.memory = memory
+        self.capacity = capacity_bytes
+        self.global_batch = global_batch
+        self.replicas = np.asarray(replicas, dtype=np.int64)
+        self.spec: DeviceSpec = cost_model.device
+        self.cross_node_p2p = devices > self.spec.devices_per_node
+        self._block_params = [
+            frozenset(p for node in nodes for p in node.params) for nodes in self.block_nodes
+        ]
+        self._prefix_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.footprint = cache(self._footprint)
+        self._costs = cache(self._stage_costs)
+
+    def __call__(self, start: int, end: int, microbatches: int) -> StageCosts:
+        return self._costs(start, end, microbatches)
+
+    def rows(self, microbatches: int) -> np.ndarray:
+        """Samples per replica per microbatch; 0 where a replica would get no sample."""
+        per_mb = -(-self.global_batch // microbatches)
+        rows = -(-per_mb // self.replicas)
+        return np.where(self.replicas * microbatches <= self.global_batch, rows, 0)
+
+    def seconds(self, start: int, end: int, rows: int) -> tuple[float, float]:
+        fwd, bwd = self._prefix(rows)
+        return float(fwd[end] - fwd[start]), float(bwd[end] - bwd[start])
+
+    def stage_params(self, start: int, end: int) -> frozenset[str]:
+        return frozenset().union(*self._block_params[start:end])
+
+    def _prefix(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        if rows not in self._prefix_cache:
+            times = np.array([self.cost_model.block_seconds(n, rows) for n in self.block_nodes])
+            zero = np.zeros((1, 2))
+            acc = np.cumsum(np.vstack([zero, times]), axis=0)
+            self._prefix_cache[rows] = (acc[:, 0], acc[:, 1])
+        return self._prefix_cache[rows]
+
+    def _footprint(self, start: int, end: int) -> StageFootprint:
+        params = [self.graph.params[p] for p in self.stage_params(start, end)]
+        nodes = [n for block in self.block_nodes[start:end] for n in block]
+        largest_ps = max(
+            (sum(t.nbytes(1) for t in n.outputs if t.is_batch) for n in nodes), default=0
+        )
+        largest_fx = max(
+            (sum(t.nbytes() for t in n.outputs if not t.is_batch) for n in nodes), default=0
+        )
+        t = self.traffic
+        return StageFootprint(
+            param_bytes=sum(p.nbytes for p in params),
+            trainable_bytes=sum(p.nbytes for p in params if p.requires_grad and not p.is_buffer),
+            saved_per_sample=sum(n.stats.saved_per_sample for n in nodes),
+            saved_fixed=sum(n.stats.saved_fixed for n in nodes),
+            recv_per_sample=float(t.recv[0, start, end]),
+            recv_fixed=float(t.recv[1, start, end]),
+            send_per_sample=float(t.send[0, start, end]),
+            send_fixed=float(t.send[1, start, end]),
+            largest_output_per_sample=float(largest_ps),
+            largest_output_fixed=float(largest_fx),
+        )
+
+    def _stage_costs(self, start: int, end: int, microbatches: int) -> StageCosts:
+        fp = self.footprint(start, end)
+        rows = self.rows(microbatches)
+        usable = rows > 0
+        fwd = np.zeros(len(rows))
+        bwd = np.zeros(len(rows))
+        comm = np.zeros(len(rows))
+        for k, r in enumerate(rows):
+            if r > 0:
+                fwd[k], bwd[k] = self.seconds(start, end, int(r))
+                moved = (
+                    self.traffic.recv_bytes(start, end, int(r)),
+                    self.traffic.send_bytes(start, end, int(r)),
+                )
+                comm[k] = 2 * sum(p2p_seconds(b, self.spec, self.cross_node_p2p) for b in moved)
+        plain = self.memory.peak_bytes(fp, rows, microbatches, self.replicas, recompute=False)
+        again = self.memory.peak_bytes(fp, rows, microbatches, self.replicas, recompute=True)
+        fits_plain = usable & (plain <= self.capacity)
+        fits_again = usable & (again <= self.capacity)
+        recompute = ~fits_plain & fits_again
+        slot = np.where(recompute, 2 * fwd + bwd, fwd + bwd) + comm
+        slot = np.where(fits_plain | fits_again, slot, np.inf)
+        grad_bytes = fp.trainable_bytes
+        allreduce = np.array(
+            [
+                allreduce_seconds(
+                    grad_bytes, int(r), self.spec, int(r) > self.spec.devices_per_node
+                )
+                for r in self.replicas
+            ]
+        )
+        return StageCosts(
+            replicas=self.replicas,
+            slot_seconds=slot,
+            allreduce_seconds=allreduce,
+            memory_bytes=np.where(recompute, again, plain).astype(np.int64),
+            recompute=recompute,
+        )

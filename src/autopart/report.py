@@ -1,0 +1,80 @@
+"""Render a plan for people: a table per stage and a one-line summary."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from autopart.plan.plan import Plan
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_seconds(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def _ranks(ranks: list[int]) -> str:
+    if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def _modules(paths: list[str], limit: int = 3) -> str:
+    named = [p for p in paths if p] or ["<top level>"]
+    if len(named) <= limit:
+        return ", ".join(named)
+    return f"{named[0]} … {named[-1]} ({len(named)} modules)"
+
+
+def plan_table(plan: Plan) -> Table:
+    device = plan.device.get("name", "?")
+    table = Table(
+        title=f"autopart plan: {plan.num_stages} stage(s) on {plan.devices} x {device}, "
+        f"batch {plan.global_batch_size} in {plan.microbatches} microbatch(es)"
+    )
+    for col, justify in (
+        ("stage", "right"),
+        ("ranks", "left"),
+        ("modules", "left"),
+        ("ops", "right"),
+        ("rows/mb", "right"),
+        ("fwd", "right"),
+        ("bwd", "right"),
+        ("allreduce", "right"),
+        ("memory", "right"),
+        ("recompute", "center"),
+    ):
+        table.add_column(col, justify=justify)
+    for s in plan.stages:
+        table.add_row(
+            str(s.index),
+            _ranks(s.ranks),
+            _modules(s.module_paths),
+            str(len(s.nodes)),
+            str(s.microbatch_rows),
+            format_seconds(s.forward_seconds),
+            format_seconds(s.backward_seconds),
+            format_seconds(s.allreduce_seconds),
+            format_bytes(s.memory_bytes),
+            "yes" if s.recompute else "no",
+        )
+    table.caption = (
+        f"predicted step {format_seconds(plan.step_seconds)}, "
+        f"{plan.samples_per_second:,.1f} samples/s; memory cap "
+        f"{format_bytes(plan.memory_capacity_bytes)} per device; costs: {plan.cost_source}"
+    )
+    return table
+
+
+def print_plan(plan: Plan, console: Console | None = None) -> None:
+    (console or Console()).print(plan_table(plan))
