@@ -1,0 +1,220 @@
+"""Costs measured by running blocks of the captured graph on a real device.
+
+Analytic costs miss what only running shows (kernel choice, fusion-less eager overheads, cache
+effects), so the planner can instead time every block it considers: the block is cut out of the
+captured module (`autopart.cost.subgraph`), fed random inputs at the requested batch, and run
+forward and backward ``warmup + iters`` times; the median of the last ``iters`` counts.  CUDA
+times come from events after a synchronize, CPU times from ``time.perf_counter``.  Peak memory
+comes from ``torch.cuda.max_memory_allocated`` on CUDA and is ``None`` on CPU.  Results are cached
+on disk (`autopart.cost.profiles`), so re-planning the same model measures nothing.
+
+The contract this module assumes of ``Graph.fx_module`` (what capture must provide):
+
+* It is a ``torch.fx.GraphModule`` captured by ``torch.export`` with the batch dimension
+  symbolic: either ``ExportedProgram.module()`` (parameters and buffers are ``get_attr`` nodes;
+  their real values are copied, recommended) or ``ExportedProgram.graph_module`` (parameters,
+  buffers and constants are placeholders; random values of their shape stand in).
+* Every IR node the planner passes has the name of an fx node of *that* module.  Note that
+  ``ExportedProgram.module()`` renames some placeholders (a user input ``input`` becomes
+  ``input_1``) and adds a ``_guards_fn`` node, so the IR must be built from the module stored.
+* IR ``INPUT`` nodes are named as the fx placeholders of the user inputs, and the dimension
+  ``outputs[0].batch_dim`` of their ``meta["val"]`` is a symbol: that symbol is the batch.  Other
+  symbols (a dynamic sequence length, say) are held at the example value of the capture.
+* Every fx node a block reads from outside, other than ``get_attr``, carries ``meta["val"]`` (a
+  fake tensor, a symbolic scalar, or a tuple of them), as ``torch.export`` records.
+* Blocks run on copies: the captured module is never modified or moved to the device.
+
+Backward differentiates with respect to every block input that depends on a parameter and to the
+parameters themselves, as a training step does, with ``torch.autograd.grad`` so that nothing
+accumulates between iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sympy
+import torch
+
+from autopart.cost.devices import local_device_spec
+from autopart.cost.profiles import BlockProfile, ProfileCache, ProfileKey
+from autopart.cost.spec import DeviceSpec
+from autopart.cost.subgraph import (
+    COMPUTE_OPS,
+    InputMaker,
+    differentiable_nodes,
+    extract_subgraph,
+)
+from autopart.errors import AutopartError
+from autopart.ir import Graph, Node, NodeKind
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("~/.cache/autopart/profiles")
+
+T = TypeVar("T")
+
+
+class MeasuredCostModel:
+    """Times node sets of ``graph.fx_module`` on ``device``; see the module docstring."""
+
+    source = "measured"
+
+    def __init__(
+        self,
+        graph: Graph,
+        device: torch.device | str = "cpu",
+        cache_dir: str | Path | None = None,
+        warmup: int = 1,
+        iters: int = 2,
+        spec: DeviceSpec | None = None,
+    ) -> None:
+        """``spec`` describes ``device`` to the planner (memory, links); by default it is the
+        matching built-in or a measurement (`autopart.cost.devices.local_device_spec`)."""
+        if graph.fx_module is None:
+            raise AutopartError(
+                "measured costs need a captured module, but graph.fx_module is None (the model "
+                "was not captured with torch.export, or the graph was loaded without it); use "
+                "analytic costs or capture the model in this process"
+            )
+        if warmup < 0 or iters < 1:
+            raise AutopartError(f"need warmup >= 0 and iters >= 1, got {warmup} and {iters}")
+        self.graph = graph
+        self.torch_device = _resolve(torch.device(device))
+        self.device = spec if spec is not None else local_device_spec(self.torch_device)
+        self.warmup = warmup
+        self.iters = iters
+        self.cache = ProfileCache(Path(cache_dir or DEFAULT_CACHE_DIR).expanduser())
+        self._module = graph.fx_module
+        self._fx_ops = {node.name: node.op for node in self._module.graph.nodes}
+        self._inputs = InputMaker(
+            self._module, _batch_symbols(graph, self._module), differentiable_nodes(self._module)
+        )
+        self._device_name = _device_name(self.torch_device)
+
+    def block_seconds(self, nodes: Sequence[Node], batch: int) -> tuple[float, float]:
+        profile = self.profile(nodes, batch)
+        return profile.forward_seconds, profile.backward_seconds
+
+    def profile(self, nodes: Sequence[Node], batch: int) -> BlockProfile:
+        """Seconds and peak memory of ``nodes`` at ``batch``, from the cache when present."""
+        names = [node.name for node in nodes]
+        if all(name in self._fx_ops and self._fx_ops[name] not in COMPUTE_OPS for name in names):
+            return BlockProfile(0.0, 0.0, None)  # only inputs and outputs: nothing runs
+        key = ProfileKey.of(self.graph.fingerprint, names, batch, self._device_name)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        profile = self._run(names, batch)
+        log.debug("measured %d nodes at batch %d: %s", len(names), batch, profile)
+        self.cache.put(key, profile)
+        return profile
+
+    def _run(self, names: list[str], batch: int) -> BlockProfile:
+        """Measure on the device, bypassing the cache."""
+        device = self.torch_device
+        subgraph = extract_subgraph(self._module, names)
+        cuda = device.type == "cuda"
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+            if cuda:
+                torch.cuda.synchronize(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                module = subgraph.module.to(device)
+                inputs, leaves = self._inputs.make(subgraph, batch, device)
+                leaves += [p for p in module.parameters() if p.requires_grad]
+                forward, backward = [], []
+                for i in range(self.warmup + self.iters):
+                    f, b = self._step(module, inputs, leaves)
+                    if i >= self.warmup:
+                        forward.append(f)
+                        backward.append(b)
+            except AutopartError:
+                raise
+            except Exception as err:
+                raise AutopartError(
+                    f"measuring {len(subgraph.names)} nodes ({subgraph.names[0]} .. "
+                    f"{subgraph.names[-1]}) at batch {batch} on {device} failed: {err}"
+                ) from err
+            peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+        return BlockProfile(statistics.median(forward), statistics.median(backward), peak)
+
+    def _step(
+        self, module: torch.nn.Module, inputs: list[Any], leaves: list[torch.Tensor]
+    ) -> tuple[float, float]:
+        with torch.enable_grad():
+            forward, outputs = self._timed(lambda: module(*inputs))
+        needs_grad = [t for t in _tensors(outputs) if t.requires_grad]
+        if not needs_grad:
+            return forward, 0.0
+        grads = [torch.randn_like(t) for t in needs_grad]
+        backward, _ = self._timed(
+            lambda: torch.autograd.grad(needs_grad, leaves, grads, allow_unused=True)
+        )
+        return forward, backward
+
+    def _timed(self, fn: Callable[[], T]) -> tuple[float, T]:
+        if self.torch_device.type != "cuda":
+            start = time.perf_counter()
+            result = fn()
+            return time.perf_counter() - start, result
+        torch.cuda.synchronize(self.torch_device)
+        start_event = torch.cuda.Event(enable_timing=True)
+        end_event = torch.cuda.Event(enable_timing=True)
+        start_event.record()
+        result = fn()
+        end_event.record()
+        end_event.synchronize()
+        return start_event.elapsed_time(end_event) / 1e3, result
+
+
+def _batch_symbols(graph: Graph, module: torch.fx.GraphModule) -> frozenset[sympy.Symbol]:
+    """The symbols of the batch dimension, read off the placeholders of the IR's inputs."""
+    fx_nodes = {node.name: node for node in module.graph.nodes}
+    symbols: set[sympy.Symbol] = set()
+    inputs = [n for n in graph.nodes if n.kind is NodeKind.INPUT]
+    for node in inputs:
+        fake = fx_nodes[node.name].meta.get("val") if node.name in fx_nodes else None
+        for spec in node.outputs[:1]:
+            dim = spec.batch_dim
+            if not isinstance(fake, torch.Tensor) or dim is None or dim >= fake.dim():
+                continue
+            size = fake.shape[dim]
+            if isinstance(size, torch.SymInt):
+                symbols |= size.node.expr.free_symbols
+    if not symbols:
+        raise AutopartError(
+            "measured costs need graph.fx_module captured by torch.export with a symbolic batch "
+            f"dimension, but none of the input nodes ({', '.join(n.name for n in inputs)}) has "
+            "one in the fx module; use analytic costs for this model"
+        )
+    return frozenset(symbols)
+
+
+def _resolve(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    """What a profile was measured on: the GPU model, or the CPU architecture and threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
