@@ -8,3 +8,7 @@ wrong and what to do about it.
 
 class AutopartError(Exception):
     """Base class of the errors autopart reports to users."""
+
+
+class CaptureError(AutopartError):
+    """A model could not be captured into the graph IR; the message names the op and module."""

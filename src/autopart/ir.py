@@ -12,6 +12,8 @@ capture managed it) for the parts that must execute the graph: measured costing 
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,7 +128,13 @@ class Node:
 
 @dataclass
 class Graph:
-    """A captured model: nodes in topological order, parameters, inputs and outputs."""
+    """A captured model: nodes in topological order, parameters, inputs and outputs.
+
+    ``inputs`` are the user-input nodes in call order; ``input_sources`` says where each comes
+    from in the user's call (``args[0]``, ``kwargs['attention_mask']``, ``args[1][0]``), so
+    the runtime can route a microbatch's arguments to them.  ``static_batch`` is None when
+    ``fx_module`` accepts any batch size, else the only batch size it was specialized to.
+    """
 
     nodes: list[Node]
     params: dict[str, ParamSpec]
@@ -135,6 +143,8 @@ class Graph:
     fingerprint: str
     capture_method: str
     fx_module: Any = field(default=None, repr=False, compare=False)
+    input_sources: dict[str, str] = field(default_factory=dict)
+    static_batch: int | None = None
 
     def __post_init__(self) -> None:
         self._index = {n.name: i for i, n in enumerate(self.nodes)}
@@ -155,3 +165,32 @@ class Graph:
     @property
     def param_bytes(self) -> int:
         return sum(p.nbytes for p in self.params.values())
+
+
+def structural_fingerprint(
+    nodes: list[Node], params: dict[str, ParamSpec], inputs: list[str], outputs: list[str]
+) -> str:
+    """A sha256 of what the planner's decisions depend on, so a saved plan can be matched to a
+    model: ops, edges, shapes and parameters; not the analytic stats, which may be refined."""
+    payload = {
+        "nodes": [
+            [
+                n.name,
+                n.op,
+                n.kind.value,
+                list(n.inputs),
+                list(n.params),
+                [[list(t.shape), t.dtype, t.batch_dim] for t in n.outputs],
+                n.module_path,
+            ]
+            for n in nodes
+        ],
+        "params": [
+            [p.name, list(p.shape), p.dtype, p.is_buffer, p.requires_grad, list(p.aliases)]
+            for p in sorted(params.values(), key=lambda p: p.name)
+        ],
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()

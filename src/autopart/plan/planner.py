@@ -77,7 +77,6 @@ class Partition:
 
     components: list[Component]
     blocks: list[Block]
-    block_nodes: list[list[str]]
     coster: StageCoster
     solution: Solution
 
@@ -87,43 +86,53 @@ def make_plan(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Plan
     return plan_from_partition(graph, cost_model, options, partition(graph, cost_model, options))
 
 
-def partition(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Partition:
-    spec = cost_model.device
-    capacity = (options.device_memory or spec.memory_bytes) * (1 - options.memory_margin)
+def prepare(
+    graph: Graph,
+    cost_model: CostModel,
+    options: PlanOptions,
+    blocks: Sequence[Block] | None = None,
+) -> tuple[list[Component], list[Block], StageCoster]:
+    """Components, blocks (automatic, manual from ``split_points``, or given) and their coster."""
+    capacity = (options.device_memory or cost_model.device.memory_bytes) * (
+        1 - options.memory_margin
+    )
     memory = MemoryModel(OPTIMIZER_FACTORS[options.optimizer])
     components = atomic_components(graph)
-    unit_of = {name: i for i, c in enumerate(components) for name in (c.anchor,)}
-    comp_traffic = RangeTraffic(graph, unit_of, len(components))
-
-    if options.split_points:
-        blocks = _manual_blocks(graph, components, options.split_points)
-    else:
+    if blocks is None and options.split_points:
+        blocks = manual_blocks(graph, components, options.split_points)
+    elif blocks is None:
+        unit_of = {c.anchor: i for i, c in enumerate(components)}
+        comp_traffic = RangeTraffic(graph, unit_of, len(components))
         blocks = _auto_blocks(
             graph, components, comp_traffic, cost_model, memory, options, capacity
         )
+    blocks = list(blocks)
     block_nodes = [_nodes_of(graph, components[b.start : b.end]) for b in blocks]
     block_of = {c.anchor: b.index for b in blocks for c in components[b.start : b.end]}
-    traffic = RangeTraffic(graph, block_of, len(blocks))
-
     unit = _replica_unit(options.devices)
-    replicas = np.arange(unit, options.devices + 1, unit)
     coster = StageCoster(
         graph,
         block_nodes,
-        traffic,
+        RangeTraffic(graph, block_of, len(blocks)),
         cost_model,
         memory,
         capacity_bytes=capacity,
         global_batch=options.global_batch,
         devices=options.devices,
-        replicas=replicas,
+        replicas=np.arange(unit, options.devices + 1, unit),
     )
+    return components, blocks, coster
+
+
+def partition(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Partition:
+    components, blocks, coster = prepare(graph, cost_model, options)
     stages = len(blocks) if options.split_points else options.stages
-    if stages is not None and stages > len(blocks):
+    if stages is not None and stages > min(len(blocks), options.devices):
         raise AutopartError(
-            f"cannot make {stages} stages from a model with only {len(blocks)} blocks"
+            f"cannot make {stages} stages from {len(blocks)} blocks on {options.devices} devices"
         )
-    mb_options = _microbatch_options(options)
+    mb_options = microbatch_options(options)
+    unit = _replica_unit(options.devices)
     log.info(
         "stage DP: %d blocks, %d devices (unit %d), M in %s",
         len(blocks),
@@ -135,10 +144,8 @@ def partition(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Part
         len(blocks), options.devices, coster, mb_options, stages=stages, replica_unit=unit
     )
     if solution is None:
-        raise InfeasiblePlanError(
-            _infeasible_message(graph, blocks, block_nodes, coster, options, capacity)
-        )
-    return Partition(components, blocks, block_nodes, coster, solution)
+        raise InfeasiblePlanError(_infeasible_message(graph, blocks, coster, options))
+    return Partition(components, blocks, coster, solution)
 
 
 def plan_from_partition(
@@ -148,7 +155,7 @@ def plan_from_partition(
     stages = []
     next_rank = 0
     for index, choice in enumerate(sol.stages):
-        nodes = _dedupe(n for b in part.block_nodes[choice.start : choice.end] for n in b)
+        nodes = _dedupe(n for b in part.coster.block_names[choice.start : choice.end] for n in b)
         rows = int(
             part.coster.rows(sol.microbatches)[list(part.coster.replicas).index(choice.replicas)]
         )
@@ -181,7 +188,7 @@ def plan_from_partition(
         stages=stages,
         step_seconds=sol.step_seconds,
         samples_per_second=options.global_batch / sol.step_seconds if sol.step_seconds else 0.0,
-        cost_source=type(cost_model).__name__,
+        cost_source=cost_model.source,
     )
 
 
@@ -209,7 +216,7 @@ def _auto_blocks(graph, components, traffic, cost_model, memory, options, capaci
     )
 
 
-def _manual_blocks(
+def manual_blocks(
     graph: Graph, components: Sequence[Component], split_points: Sequence[str]
 ) -> list[Block]:
     starts = [0]
@@ -251,7 +258,7 @@ def _replica_unit(devices: int) -> int:
     return 1
 
 
-def _microbatch_options(options: PlanOptions) -> list[int]:
+def microbatch_options(options: PlanOptions) -> list[int]:
     if options.microbatches is not None:
         return [options.microbatches]
     limit = min(options.max_microbatches, options.global_batch)
@@ -267,7 +274,7 @@ def _dedupe(items) -> list:
     return list(dict.fromkeys(items))
 
 
-def _infeasible_message(graph, blocks, block_nodes, coster: StageCoster, options, capacity) -> str:
+def _infeasible_message(graph, blocks, coster: StageCoster, options) -> str:
     """Say how far off the model is: its largest block, and what would fit."""
     gib = 2**30
     biggest = max(
@@ -275,7 +282,8 @@ def _infeasible_message(graph, blocks, block_nodes, coster: StageCoster, options
     )
     big_fp = coster.footprint(biggest, biggest + 1)
     big_state = coster.memory.state_bytes(big_fp)
-    paths = _dedupe(graph.node(n).module_path for n in block_nodes[biggest])
+    capacity = coster.capacity
+    paths = _dedupe(graph.node(n).module_path for n in coster.block_names[biggest])
     where = ", ".join(p or "<top level>" for p in paths[:3]) + (" …" if len(paths) > 3 else "")
     one_row = coster.memory.peak_bytes(big_fp, np.array([1]), 1, np.array([1]), recompute=True)[0]
     total = sum(coster.memory.state_bytes(coster.footprint(b, b + 1)) for b in range(len(blocks)))

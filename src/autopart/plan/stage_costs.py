@@ -13,7 +13,7 @@ from functools import cache
 
 import numpy as np
 
-from autopart.cost import CostModel, DeviceSpec, allreduce_seconds, p2p_seconds
+from autopart.cost import CostModel, DeviceSpec, allreduce_seconds_array, p2p_seconds_array
 from autopart.ir import Graph
 from autopart.plan.memory import MemoryModel, StageFootprint
 from autopart.plan.stage_dp import StageCosts
@@ -37,6 +37,7 @@ class StageCoster:
         replicas: np.ndarray,
     ) -> None:
         self.graph = graph
+        self.block_names = [list(names) for names in block_nodes]
         self.block_nodes = [[graph.node(n) for n in names] for names in block_nodes]
         self.traffic = traffic
         self.cost_model = cost_model
@@ -106,35 +107,26 @@ class StageCoster:
         usable = rows > 0
         fwd = np.zeros(len(rows))
         bwd = np.zeros(len(rows))
-        comm = np.zeros(len(rows))
         for k, r in enumerate(rows):
             if r > 0:
                 fwd[k], bwd[k] = self.seconds(start, end, int(r))
-                moved = (
-                    self.traffic.recv_bytes(start, end, int(r)),
-                    self.traffic.send_bytes(start, end, int(r)),
-                )
-                comm[k] = 2 * sum(p2p_seconds(b, self.spec, self.cross_node_p2p) for b in moved)
+        recv = fp.recv_per_sample * rows + fp.recv_fixed
+        send = fp.send_per_sample * rows + fp.send_fixed
+        # Activations go out in forward and their gradients come back in backward.
+        comm = 2 * (
+            p2p_seconds_array(recv, self.spec, self.cross_node_p2p)
+            + p2p_seconds_array(send, self.spec, self.cross_node_p2p)
+        )
         plain = self.memory.peak_bytes(fp, rows, microbatches, self.replicas, recompute=False)
         again = self.memory.peak_bytes(fp, rows, microbatches, self.replicas, recompute=True)
         fits_plain = usable & (plain <= self.capacity)
         fits_again = usable & (again <= self.capacity)
         recompute = ~fits_plain & fits_again
         slot = np.where(recompute, 2 * fwd + bwd, fwd + bwd) + comm
-        slot = np.where(fits_plain | fits_again, slot, np.inf)
-        grad_bytes = fp.trainable_bytes
-        allreduce = np.array(
-            [
-                allreduce_seconds(
-                    grad_bytes, int(r), self.spec, int(r) > self.spec.devices_per_node
-                )
-                for r in self.replicas
-            ]
-        )
         return StageCosts(
             replicas=self.replicas,
-            slot_seconds=slot,
-            allreduce_seconds=allreduce,
+            slot_seconds=np.where(fits_plain | fits_again, slot, np.inf),
+            allreduce_seconds=allreduce_seconds_array(fp.trainable_bytes, self.replicas, self.spec),
             memory_bytes=np.where(recompute, again, plain).astype(np.int64),
             recompute=recompute,
         )

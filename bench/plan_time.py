@@ -1,0 +1,115 @@
+"""Planning time on this machine: capture + analytic costs + search, models on meta.
+
+    .venv/bin/python bench/plan_time.py            # the two headline cases
+    .venv/bin/python bench/plan_time.py --sweep    # size x devices table
+
+Each case runs in a fresh subprocess so that one case's warm caches cannot flatter another;
+the reported time is the median of ``--repeats`` runs, measured inside the subprocess around
+``plan_model`` (capture included, interpreter start-up and imports excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, sys, time
+sys.path.insert(0, {root!r})
+from examples import models
+from autopart.plan.planner import PlanOptions
+from autopart.planning import plan_model
+from autopart.cost import parse_bytes
+
+model, args = getattr(models, {factory!r})(*{factory_args!r})
+memory = parse_bytes({memory!r})
+options = PlanOptions(devices={devices}, global_batch={batch}, device_memory=memory)
+t0 = time.perf_counter()
+graph, plan = plan_model(model, args, options=options, device_type={device!r})
+elapsed = time.perf_counter() - t0
+params = sum(p.nbytes for p in graph.params.values()) / 4
+print(json.dumps(dict(seconds=elapsed, params=params, stages=plan.num_stages,
+      replicas=[s.replicas for s in plan.stages], microbatches=plan.microbatches,
+      step=plan.step_seconds)))
+"""
+
+HEADLINE = [
+    ("GPT-3 175B", "gpt3_175b", (), 1024, 1536, "80GB", "a100-80gb", 60.0),
+    ("MLP 2.5B (RaNNC tutorial)", "mlp_2_5b", (), 8, 64, "40GB", "a100-40gb", 10.0),
+]
+
+SWEEP_MODELS = [
+    ("GPT 1.3B", (24, 2048)),
+    ("GPT 6.7B", (32, 4096)),
+    ("GPT 13B", (40, 5120)),
+    ("GPT 175B", (96, 12288)),
+]
+SWEEP_DEVICES = [8, 64, 1024]
+
+
+def run_case(factory, factory_args, devices, batch, memory, device) -> dict:
+    code = CHILD.format(
+        root=str(ROOT),
+        factory=factory,
+        factory_args=tuple(factory_args),
+        devices=devices,
+        batch=batch,
+        memory=memory,
+        device=device,
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_case(repeats: int, *case) -> dict:
+    runs = [run_case(*case) for _ in range(repeats)]
+    if any("error" in r for r in runs):
+        return next(r for r in runs if "error" in r)
+    result = dict(runs[0])
+    result["seconds"] = statistics.median(r["seconds"] for r in runs)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    if not args.sweep:
+        print("| Model | Devices | Median planning time (s) | Target (s) | Plan |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, factory, fargs, devices, batch, memory, device, target in HEADLINE:
+            r = median_case(args.repeats, factory, fargs, devices, batch, memory, device)
+            if "error" in r:
+                print(f"| {name} | {devices} x {memory} | error: {r['error']} | {target} | |")
+                continue
+            shape = f"{r['stages']} stages, M={r['microbatches']}, replicas {r['replicas']}"
+            print(f"| {name} | {devices} x {memory} | {r['seconds']:.2f} | {target} | {shape} |")
+        return
+    print("| Model | Params | " + " | ".join(f"{d} devices (s)" for d in SWEEP_DEVICES) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in SWEEP_DEVICES) + " |")
+    for name, fargs in SWEEP_MODELS:
+        cells = []
+        params = None
+        for devices in SWEEP_DEVICES:
+            r = median_case(
+                args.repeats, "gpt_sized", fargs, devices, 2 * devices, "80GB", "a100-80gb"
+            )
+            params = r.get("params", params)
+            cells.append(f"{r['seconds']:.2f}" if "seconds" in r else "infeasible")
+        size = f"{params / 1e9:.1f}B" if params else "?"
+        print(f"| {name} | {size} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

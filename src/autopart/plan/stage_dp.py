@@ -1,0 +1,438 @@
+"""Stage dynamic program: split the blocks into pipeline stages and give each its replicas.
+
+The model arrives coarsened into ``K`` blocks in topological order.  A plan cuts them into ``S``
+consecutive stages, gives stage ``s`` its own data-parallel replica count ``r_s`` with
+``sum(r_s) == D`` (every device is used), and picks the microbatch count ``M``.  Its simulated
+GPipe step time is
+
+    J = max_s [(M + S - 1) * slot_s + allreduce_s]
+
+(every stage is busy for ``M + S - 1`` slots of fill and drain, then allreduces its gradients).
+
+The fill factor ``M + S - 1`` depends on the final stage count, so the DP runs once per
+``(S, M)``.  Three things keep that affordable at ``K ~ 100`` blocks and 64 replica units:
+
+* stage costs are fetched once per ``(start, end, M)``, and a start stops growing its end as soon
+  as a stage fits no replica count, since memory only grows with the span;
+* every ``(S, M)`` is solved against the best step time found so far: stage options that are not
+  strictly faster are dropped, and ``(M + S - 1)`` times the slowest unavoidable slot ends the
+  search over ``S`` once it reaches the best;
+* before the exact DP, cheap min-plus passes over the surviving options bound how many replica
+  units any prefix and suffix can take; that rules ``(S, M)`` out outright or narrows the device
+  axis of the exact DP to the few counts that can still sum to ``D``.
+
+Candidates are visited in order of preference (fewer stages, then fewer microbatches), and only a
+strictly faster plan replaces the best one, so ties are broken that way and the result is
+deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import combinations, pairwise
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Costs of one candidate stage [start, end) at M microbatches, for every replica count."""
+
+    #: int64, the candidate replica counts (ascending), the same for every call.
+    replicas: np.ndarray
+    #: float64, per-microbatch forward+backward(+recompute)+p2p time of one replica;
+    #: ``inf`` where the stage does not fit memory.
+    slot_seconds: np.ndarray
+    #: float64, time of the gradient allreduce among r replicas (0 for r == 1).
+    allreduce_seconds: np.ndarray
+    #: int64, predicted peak bytes per device.
+    memory_bytes: np.ndarray
+    #: bool, whether the stage must recompute activations to fit.
+    recompute: np.ndarray
+
+
+class StageCoster(Protocol):
+    """Costs a candidate stage; may be expensive, so the search calls it once per triple."""
+
+    def __call__(self, start: int, end: int, microbatches: int) -> StageCosts: ...
+
+
+@dataclass(frozen=True)
+class StageChoice:
+    """One stage of a solution: blocks [start, end) on ``replicas`` devices."""
+
+    start: int
+    end: int
+    replicas: int
+    slot_seconds: float
+    allreduce_seconds: float
+    memory_bytes: int
+    recompute: bool
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The chosen stages (in order), the microbatch count and the resulting step time."""
+
+    stages: tuple[StageChoice, ...]
+    microbatches: int
+    step_seconds: float
+
+
+def step_seconds(stages: Sequence[StageChoice], microbatches: int) -> float:
+    """The objective: GPipe fill-drain of every stage, then its gradient allreduce."""
+    if not stages:
+        raise ValueError("a plan needs at least one stage")
+    fill = microbatches + len(stages) - 1
+    return max(fill * s.slot_seconds + s.allreduce_seconds for s in stages)
+
+
+def search(
+    num_blocks: int,
+    devices: int,
+    coster: StageCoster,
+    microbatch_options: Sequence[int],
+    *,
+    stages: int | None = None,
+    replica_unit: int = 1,
+) -> Solution | None:
+    """The fastest plan, or None when no plan fits memory.
+
+    Exact over the coster's replica counts, which must all be multiples of ``replica_unit``
+    (counts above ``devices`` are ignored).  ``stages`` forces the stage count; a single-element
+    ``microbatch_options`` forces the microbatch count.
+    """
+    options = _check(num_blocks, devices, microbatch_options, stages)
+    if replica_unit < 1 or devices % replica_unit:
+        raise ValueError(f"replica_unit {replica_unit} does not divide {devices} devices")
+    began = time.perf_counter()
+    tables = [_Table.build(num_blocks, coster, m, devices) for m in options]
+    replicas = tables[0].replicas
+    if np.any(replicas % replica_unit):
+        raise ValueError(f"replica counts {replicas.tolist()} are not multiples of {replica_unit}")
+    units = replicas // replica_unit
+    total = devices // replica_unit
+    usable = replicas <= devices
+    if not usable.any():
+        return None
+    most = min(num_blocks, total // int(units[usable].min()))
+    counts = range(1, most + 1) if stages is None else [stages] if stages <= most else []
+
+    best: Solution | None = None
+    bound = math.inf
+    solved = 0
+    for count in counts:
+        live = False
+        for table in tables:
+            if (table.microbatches + count - 1) * table.slowest_slot >= bound:
+                continue
+            live = True
+            if count < table.fewest_stages:
+                continue
+            solved += 1
+            found = _solve(table, count, units, total, bound)
+            if found is not None:
+                bound, picks = found
+                chosen = tuple(table.choice(p, k) for p, k in picks)
+                best = Solution(
+                    chosen, table.microbatches, step_seconds(chosen, table.microbatches)
+                )
+        if not live:
+            break
+    log.debug(
+        "stage DP: %d blocks, %d units, %d (S, M) solved, %d stage costs, %.2fs",
+        num_blocks,
+        total,
+        solved,
+        sum(t.calls for t in tables),
+        time.perf_counter() - began,
+    )
+    return best
+
+
+def exhaustive(
+    num_blocks: int,
+    devices: int,
+    coster: StageCoster,
+    microbatch_options: Sequence[int],
+    *,
+    stages: int | None = None,
+) -> Solution | None:
+    """Brute force over every split and replica composition; the reference for tests."""
+    options = _check(num_blocks, devices, microbatch_options, stages)
+    cache: dict[tuple[int, int, int], list[StageChoice]] = {}
+
+    def feasible(start: int, end: int, m: int) -> list[StageChoice]:
+        if (start, end, m) not in cache:
+            costs = coster(start, end, m)
+            cache[start, end, m] = [
+                StageChoice(
+                    start,
+                    end,
+                    int(costs.replicas[k]),
+                    float(costs.slot_seconds[k]),
+                    float(costs.allreduce_seconds[k]),
+                    int(costs.memory_bytes[k]),
+                    bool(costs.recompute[k]),
+                )
+                for k in range(len(costs.replicas))
+                if math.isfinite(costs.slot_seconds[k]) and costs.replicas[k] <= devices
+            ]
+        return cache[start, end, m]
+
+    counts = [stages] if stages is not None else range(1, min(num_blocks, devices) + 1)
+    best: Solution | None = None
+    for count in counts:
+        for m in options:
+            for cuts in combinations(range(1, num_blocks), count - 1):
+                bounds = (0, *cuts, num_blocks)
+                per_stage = [feasible(a, b, m) for a, b in pairwise(bounds)]
+                for plan in _compositions(per_stage, devices):
+                    seconds = step_seconds(plan, m)
+                    if best is None or seconds < best.step_seconds:
+                        best = Solution(plan, m, seconds)
+    return best
+
+
+def _compositions(
+    per_stage: Sequence[Sequence[StageChoice]], devices: int
+) -> Iterator[tuple[StageChoice, ...]]:
+    """Every pick of one choice per stage whose replicas add up to exactly ``devices``."""
+    if not per_stage:
+        if devices == 0:
+            yield ()
+        return
+    for choice in per_stage[0]:
+        if choice.replicas <= devices:
+            for rest in _compositions(per_stage[1:], devices - choice.replicas):
+                yield (choice, *rest)
+
+
+def _check(
+    num_blocks: int, devices: int, microbatch_options: Sequence[int], stages: int | None
+) -> list[int]:
+    """Validate the common arguments; return the microbatch options, deduplicated and sorted."""
+    if num_blocks < 1 or devices < 1:
+        raise ValueError(f"need at least one block and one device, got {num_blocks}, {devices}")
+    options = sorted(set(microbatch_options))
+    if not options or options[0] < 1:
+        raise ValueError(f"microbatch options must be positive, got {list(microbatch_options)}")
+    if stages is not None and stages < 1:
+        raise ValueError(f"stages must be positive, got {stages}")
+    return options
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Every stage that fits some replica count at one microbatch count, as (span, replica) arrays.
+
+    Spans are sorted by (end, start) and replicas ascend, so the nonzero entries of any
+    (span, replica) mask come out grouped by stage end, which the DP's reductions rely on.
+    """
+
+    num_blocks: int
+    microbatches: int
+    replicas: np.ndarray  # int64[R]
+    start: np.ndarray  # int64[P]
+    end: np.ndarray  # int64[P]
+    slot: np.ndarray  # float64[P, R]; inf where it does not fit or r > devices
+    allreduce: np.ndarray  # float64[P, R]
+    memory: np.ndarray  # int64[P, R]
+    recompute: np.ndarray  # bool[P, R]
+    #: Some stage must hold each block; the slowest of those blocks' fastest slots, a lower
+    #: bound on every plan's max slot.  ``inf`` when some block fits no stage at all.
+    slowest_slot: float
+    #: The fewest stages that cover every block with stages that fit (ignoring devices);
+    #: ``num_blocks + 1`` when none do.
+    fewest_stages: int
+    calls: int
+
+    @classmethod
+    def build(cls, num_blocks: int, coster: StageCoster, m: int, devices: int) -> _Table:
+        spans: list[tuple[int, int]] = []
+        costs: list[StageCosts] = []
+        replicas: np.ndarray | None = None
+        calls = 0
+        for start in range(num_blocks):
+            for end in range(start + 1, num_blocks + 1):
+                c = coster(start, end, m)
+                calls += 1
+                replicas = _check_costs(c, replicas)
+                if not np.isfinite(c.slot_seconds).any():
+                    break  # memory only grows with the span: no longer stage from here fits
+                spans.append((start, end))
+                costs.append(c)
+        assert replicas is not None  # num_blocks >= 1, so the coster was called
+        order = sorted(range(len(spans)), key=lambda p: (spans[p][1], spans[p][0]))
+        width = len(replicas)
+
+        def stack(field: str, dtype: type) -> np.ndarray:
+            rows = [getattr(costs[p], field) for p in order]
+            return np.array(rows, dtype=dtype).reshape(len(order), width)
+
+        start = np.array([spans[p][0] for p in order], dtype=np.int64)
+        end = np.array([spans[p][1] for p in order], dtype=np.int64)
+        slot = np.where(replicas <= devices, stack("slot_seconds", np.float64), np.inf)
+        blocks = np.arange(num_blocks)
+        holds = (start[:, None] <= blocks) & (blocks < end[:, None])
+        fastest = np.where(holds, slot.min(axis=1, initial=np.inf)[:, None], np.inf)
+        fewest = [0] + [num_blocks + 1] * num_blocks
+        for a, b in zip(start.tolist(), end.tolist(), strict=True):  # by end: fewest[a] is final
+            fewest[b] = min(fewest[b], fewest[a] + 1)
+        return cls(
+            num_blocks=num_blocks,
+            microbatches=m,
+            replicas=replicas,
+            start=start,
+            end=end,
+            slot=slot,
+            allreduce=stack("allreduce_seconds", np.float64),
+            memory=stack("memory_bytes", np.int64),
+            recompute=stack("recompute", np.bool_),
+            slowest_slot=float(fastest.min(axis=0, initial=np.inf).max()),
+            fewest_stages=fewest[num_blocks],
+            calls=calls,
+        )
+
+    def choice(self, p: int, k: int) -> StageChoice:
+        return StageChoice(
+            start=int(self.start[p]),
+            end=int(self.end[p]),
+            replicas=int(self.replicas[k]),
+            slot_seconds=float(self.slot[p, k]),
+            allreduce_seconds=float(self.allreduce[p, k]),
+            memory_bytes=int(self.memory[p, k]),
+            recompute=bool(self.recompute[p, k]),
+        )
+
+
+def _check_costs(costs: StageCosts, replicas: np.ndarray | None) -> np.ndarray:
+    """The replica axis every call must share; catches a coster that changes it mid-search."""
+    got = np.asarray(costs.replicas, dtype=np.int64)
+    if replicas is None:
+        if got.ndim != 1 or not len(got) or got[0] < 1 or np.any(np.diff(got) <= 0):
+            raise ValueError(f"replica counts must be positive and ascending, got {got}")
+        replicas = got
+    elif not np.array_equal(got, replicas):
+        raise ValueError("the coster returned different replica counts for different stages")
+    for name in ("slot_seconds", "allreduce_seconds", "memory_bytes", "recompute"):
+        if np.shape(getattr(costs, name)) != replicas.shape:
+            raise ValueError(f"{name} does not have one entry per replica count")
+    return replicas
+
+
+def _solve(
+    table: _Table, count: int, units: np.ndarray, total: int, bound: float
+) -> tuple[float, list[tuple[int, int]]] | None:
+    """The best ``count``-stage plan strictly faster than ``bound``: (J, [(span, replica)]).
+
+    ``V[s][i, d]`` is the least max stage cost of ``s`` stages covering blocks ``[0, i)`` on ``d``
+    replica units; a stage option enters only if it costs less than ``bound``.
+    """
+    k_blocks = table.num_blocks
+    cost = (table.microbatches + count - 1) * table.slot + table.allreduce
+    ok = cost < bound
+    window = _unit_windows(table, ok, count, units, total)
+    if window is None:
+        return None
+    low, high = window
+
+    e_p, e_r = np.nonzero(ok)  # grouped by stage end (see _Table)
+    e_j, e_i, e_u, e_c = table.start[e_p], table.end[e_p], units[e_r], cost[e_p, e_r]
+    first = np.full((k_blocks + 1, total + 1), np.inf)
+    first[0, 0] = -np.inf  # zero stages cost nothing; max(-inf, c) == c
+    layers = [first]
+    reached = np.zeros(k_blocks + 1, dtype=bool)
+    reached[0] = True
+    for s in range(1, count + 1):
+        valid = np.isfinite(low[s]) & (low[s] <= high[s])
+        sel = valid[e_i] & reached[e_j]
+        if not sel.any():
+            return None
+        j, i, u, c = e_j[sel], e_i[sel], e_u[sel], e_c[sel]
+        lo = np.where(valid, low[s], 0).astype(np.int64)
+        span = np.where(valid, high[s] - low[s], -1).astype(np.int64)
+        steps = np.arange(int(span.max()) + 1)
+        # Previous device counts d - u, clipped onto inf padding on either side.
+        prev = np.clip(lo[i][:, None] + steps - u[:, None], -1, total + 1) + 1
+        padded = np.full((k_blocks + 1, total + 3), np.inf)
+        padded[:, 1:-1] = layers[-1]
+        cand = np.maximum(padded[j[:, None], prev], c[:, None])
+        heads = np.flatnonzero(np.r_[True, i[1:] != i[:-1]])
+        best = np.minimum.reduceat(cand, heads, axis=0)
+        ends = i[heads]
+        g, t = np.nonzero(steps <= span[ends][:, None])
+        layer = np.full((k_blocks + 1, total + 1), np.inf)
+        layer[ends[g], lo[ends[g]] + t] = best[g, t]
+        layers.append(layer)
+        reached = np.isfinite(layer).any(axis=1)
+    seconds = float(layers[count][k_blocks, total])
+    if not seconds < bound:
+        return None
+
+    picks: list[tuple[int, int]] = []
+    i, d = k_blocks, total
+    for s in range(count, 0, -1):
+        a, b = np.searchsorted(e_i, [i, i + 1])
+        u = e_u[a:b]
+        fits = u <= d
+        prev = layers[s - 1][e_j[a:b], np.where(fits, d - u, 0)]
+        vals = np.where(fits, np.maximum(prev, e_c[a:b]), np.inf)
+        e = a + int(np.flatnonzero(vals == layers[s][i, d])[0])
+        picks.append((int(e_p[e]), int(e_r[e])))
+        i, d = int(e_j[e]), d - int(e_u[e])
+    return seconds, picks[::-1]
+
+
+def _unit_windows(
+    table: _Table, ok: np.ndarray, count: int, units: np.ndarray, total: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Bounds on the replica units that ``s`` stages ending at block ``i`` can hold in a plan.
+
+    From the fewest and most units each span can take among its allowed options, min-plus and
+    max-plus passes give the unit range of every prefix (``s`` stages up to ``i``) and suffix
+    (the other ``count - s`` stages from ``i``).  A prefix can only be part of a full plan if it
+    holds at least its own minimum and leaves room for the suffix's minimum (likewise maximum),
+    so ``low[s, i] <= d <= high[s, i]``.  None when no plan can sum to ``total`` units at all.
+    """
+    rows = np.flatnonzero(ok.any(axis=1))
+    if not len(rows):
+        return None
+    width = ok.shape[1]
+    fewest = units[ok[rows].argmax(axis=1)].astype(np.float64)
+    most = units[width - 1 - ok[rows, ::-1].argmax(axis=1)].astype(np.float64)
+    k_blocks = table.num_blocks
+    size = k_blocks + 1
+    span_min = np.full((size, size), np.inf)
+    span_max = np.full((size, size), -np.inf)
+    span_min[table.start[rows], table.end[rows]] = fewest
+    span_max[table.start[rows], table.end[rows]] = most
+
+    def passes(init: int, forward: bool) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.full((count + 1, size), np.inf)
+        hi = np.full((count + 1, size), -np.inf)
+        lo[0, init] = hi[0, init] = 0
+        for s in range(1, count + 1):
+            if forward:
+                lo[s] = (lo[s - 1][:, None] + span_min).min(axis=0)
+                hi[s] = (hi[s - 1][:, None] + span_max).max(axis=0)
+            else:
+                lo[s] = (span_min + lo[s - 1][None, :]).min(axis=1)
+                hi[s] = (span_max + hi[s - 1][None, :]).max(axis=1)
+        return lo, hi
+
+    fwd_lo, fwd_hi = passes(0, forward=True)
+    if not fwd_lo[count, k_blocks] <= total <= fwd_hi[count, k_blocks]:
+        return None
+    bwd_lo, bwd_hi = passes(k_blocks, forward=False)
+    # Row s of the reversed backward passes covers the count - s stages after the prefix.
+    low = np.maximum(fwd_lo, total - bwd_hi[::-1])
+    high = np.minimum(fwd_hi, total - bwd_lo[::-1])
+    return low, high
