@@ -132,7 +132,8 @@ def main() -> None:
     print("Predicted step time (ms); in brackets: baseline / autopart (higher is worse).")
     print()
     print(
-        "| Model | Devices | autopart | even split | DS uniform | DS balanced | exhaustive (K<=10) |"
+        "| Model | Devices | autopart | even split | DS uniform | DS balanced "
+        "| exhaustive (K<=10) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for label, factory in cases:

@@ -57,7 +57,8 @@ def call_factory(spec: str) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:
         raise FactoryError(f"{spec}() raised {type(err).__name__}: {err}") from err
     if not isinstance(result, tuple) or len(result) not in (2, 3):
         raise FactoryError(
-            f"{spec}() must return (model, args) or (model, args, kwargs), got {type(result).__name__}"
+            f"{spec}() must return (model, args) or (model, args, kwargs), "
+            f"got {type(result).__name__}"
         )
     model, args, *rest = result
     kwargs = rest[0] if rest else {}

@@ -5,14 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from autopart.cost.units import format_bytes
 from autopart.plan.plan import Plan
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def format_seconds(s: float) -> str:

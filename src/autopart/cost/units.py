@@ -53,3 +53,11 @@ def parse_bytes(value: int | str) -> int:
             "TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
         )
     return round(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    """Binary units, as memory tools report them."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"

@@ -61,10 +61,7 @@ class MemoryModel:
         saved = fp.saved_per_sample * rows + fp.saved_fixed
         recv = fp.recv_per_sample * rows + fp.recv_fixed
         send = fp.send_per_sample * rows + fp.send_fixed
-        if recompute:
-            activations = microbatches * recv + saved
-        else:
-            activations = microbatches * (saved + recv)
+        activations = microbatches * recv + saved if recompute else microbatches * (saved + recv)
         transient = 2.0 * (fp.largest_output_per_sample * rows + fp.largest_output_fixed)
         bucket = np.where(
             np.asarray(replicas) > 1, min(fp.trainable_bytes, ALLREDUCE_BUCKET_BYTES), 0.0

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from autopart.cost import CostModel
+from autopart.cost.units import format_bytes
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.atomic import Component, atomic_components
@@ -249,7 +250,7 @@ def manual_blocks(
 
 
 def _replica_unit(devices: int) -> int:
-    """Smallest divisor of ``devices`` that keeps the replica dimension at most MAX_REPLICA_STEPS."""
+    """Smallest divisor of ``devices`` keeping the replica dimension within MAX_REPLICA_STEPS."""
     if devices <= MAX_REPLICA_STEPS:
         return 1
     for unit in range(2, devices + 1):
@@ -275,34 +276,50 @@ def _dedupe(items) -> list:
 
 
 def _infeasible_message(graph, blocks, coster: StageCoster, options) -> str:
-    """Say how far off the model is: its largest block, and what would fit."""
-    gib = 2**30
-    biggest = max(
-        range(len(blocks)), key=lambda b: coster.memory.state_bytes(coster.footprint(b, b + 1))
-    )
-    big_fp = coster.footprint(biggest, biggest + 1)
-    big_state = coster.memory.state_bytes(big_fp)
-    capacity = coster.capacity
-    paths = _dedupe(graph.node(n).module_path for n in coster.block_names[biggest])
-    where = ", ".join(p or "<top level>" for p in paths[:3]) + (" …" if len(paths) > 3 else "")
-    one_row = coster.memory.peak_bytes(big_fp, np.array([1]), 1, np.array([1]), recompute=True)[0]
-    total = sum(coster.memory.state_bytes(coster.footprint(b, b + 1)) for b in range(len(blocks)))
-    min_devices = math.ceil(total / capacity)
+    """Say how far off the model is: the hardest block, and what would fit.
+
+    A greedy contiguous packing of blocks into single-replica stages (at any microbatch count
+    the search considers) gives a device count that is known to fit; a block that fits no
+    device even alone gives the device memory that is needed instead.
+    """
     margin = options.memory_margin
-    lines = [
+    mb_options = microbatch_options(options)
+
+    def fits(start: int, end: int) -> bool:
+        return any(np.isfinite(coster(start, end, m).slot_seconds[0]) for m in mb_options)
+
+    def least_bytes(b: int) -> float:
+        return min(float(coster(b, b + 1, m).memory_bytes[0]) for m in mb_options)
+
+    head = (
         f"no partition of this model fits {options.devices} device(s) with "
-        f"{capacity / gib:.2f} GiB usable each ({margin:.0%} margin held back).",
-        f"The largest block ({where}) needs {big_state / gib:.2f} GiB of parameters, gradients "
-        f"and optimizer state, and at least {one_row / gib:.2f} GiB with one sample.",
-    ]
-    if one_row > capacity:
-        lines.append(
-            f"No device count helps: use devices with at least "
-            f"{one_row / (1 - margin) / gib:.2f} GiB, a lighter optimizer, or parameter offload."
+        f"{format_bytes(coster.capacity)} usable each ({margin:.0%} margin held back) "
+        f"at a global batch of {options.global_batch}."
+    )
+    too_big = [b for b in range(len(blocks)) if not fits(b, b + 1)]
+    if too_big:
+        worst = max(too_big, key=least_bytes)
+        needed = max(least_bytes(b) for b in too_big) / (1 - margin)
+        return (
+            f"{head} Block {worst} ({_where(graph, coster, worst)}) alone needs "
+            f"{format_bytes(least_bytes(worst))} per device even with recomputation, so no "
+            f"device count helps. Use devices with at least {format_bytes(needed)}, "
+            "a smaller batch, a lighter optimizer (--optimizer sgd), or parameter offload."
         )
-    else:
-        lines.append(
-            f"Use at least {max(min_devices, options.devices + 1)} devices of this size "
-            "(parameter state alone needs that many), or a smaller batch, or a lighter optimizer."
-        )
-    return " ".join(lines)
+    stages, start = 0, 0
+    while start < len(blocks):
+        end = start + 1
+        while end < len(blocks) and fits(start, end + 1):
+            end += 1
+        stages, start = stages + 1, end
+    unit = int(coster.replicas[0])
+    return (
+        f"{head} Every block fits a device on its own, but the model needs more of them: "
+        f"a pipeline of {stages} stage(s) with {unit} replica(s) each fits, so use about "
+        f"{stages * unit} devices, or larger devices, or a lighter optimizer."
+    )
+
+
+def _where(graph: Graph, coster: StageCoster, block: int) -> str:
+    paths = _dedupe(graph.node(n).module_path for n in coster.block_names[block])
+    return ", ".join(p or "<top level>" for p in paths[:3]) + (" …" if len(paths) > 3 else "")
