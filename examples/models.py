@@ -9,22 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from autopart.models import gpt2
+
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, seq: int, vocab: int, device: str = "cpu"):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_positions=seq,
-        vocab_size=vocab,
-        use_cache=False,
-    )
-    with torch.device(device):
-        model = GPT2LMHeadModel(config)
-        input_ids = torch.zeros(1, seq, dtype=torch.long)
-    return model, (input_ids,)
+    return gpt2(n_layer=n_layer, n_embd=n_embd, n_head=n_head, seq=seq, vocab=vocab, device=device)
 
 
 def gpt2_tiny():

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autopart.models import gpt2
+
 Example = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
 
 SEQ = 16
@@ -64,24 +66,8 @@ def resnet_cnn() -> Example:
 
 
 def gpt2_tiny(n_layer: int = 2) -> Example:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=SEQ,
-        n_embd=32,
-        n_layer=n_layer,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        use_cache=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = GPT2LMHeadModel(config)
-    return model, (torch.randint(0, VOCAB, (1, SEQ)),), {}
+    model, args = gpt2(n_layer=n_layer, n_embd=32, n_head=4, seq=SEQ, vocab=VOCAB, dropout=0.0)
+    return model, args, {}
 
 
 def bert_tiny() -> Example:

@@ -8,34 +8,16 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from rich.console import Console
 
-from autopart.errors import AutopartError
+from autopart.models import gpt2
 from autopart.plan.planner import PlanOptions
 from autopart.planning import plan_model
 from autopart.report import print_plan
 
 
 def build_model(layers: int, hidden: int, seq: int, vocab: int = 256):
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError as err:
-        raise AutopartError(
-            "the demo needs `transformers`: pip install 'autopart[models]'"
-        ) from err
-    config = GPT2Config(
-        n_layer=layers,
-        n_embd=hidden,
-        n_head=max(1, hidden // 16),
-        n_positions=seq,
-        vocab_size=vocab,
-        use_cache=False,
-    )
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config)
-    input_ids = torch.randint(0, vocab, (1, seq))
-    return model, (input_ids,)
+    return gpt2(n_layer=layers, n_embd=hidden, n_head=max(1, hidden // 16), seq=seq, vocab=vocab)
 
 
 def run(args: argparse.Namespace) -> int:
