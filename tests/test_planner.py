@@ -1,0 +1,243 @@
+"""The planner end to end on the capture zoo: structural invariants, options and errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autopart.capture import capture
+from autopart.cost import AnalyticCostModel, get_device_spec
+from autopart.errors import AutopartError
+from autopart.ir import Graph, NodeKind
+from autopart.plan.plan import Plan, PlanError
+from autopart.plan.planner import InfeasiblePlanError, PlanOptions, make_plan
+from zoo import ZOO
+
+ALL = sorted(ZOO)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def graphs() -> dict[str, Graph]:
+    return {name: capture(*ZOO[name]()) for name in ALL}
+
+
+def _cost(memory: str | int | None = None) -> AnalyticCostModel:
+    return AnalyticCostModel(get_device_spec("h100", memory_bytes=memory))
+
+
+def assert_plan_invariants(graph: Graph, plan: Plan, devices: int) -> None:
+    """Every batch op in exactly one stage, values flow forward only, ranks and memory add up."""
+    stage_of: dict[str, int] = {}
+    for stage in plan.stages:
+        for name in stage.nodes:
+            node = graph.node(name)
+            if node.kind is NodeKind.PARAM_ONLY:
+                continue
+            assert node.kind is NodeKind.BATCH, f"{name} ({node.kind}) placed in a stage"
+            assert name not in stage_of, f"{name} is in stages {stage_of[name]} and {stage.index}"
+            stage_of[name] = stage.index
+    batch_ops = {n.name for n in graph.nodes if n.kind is NodeKind.BATCH}
+    assert set(stage_of) == batch_ops, f"unplaced ops: {sorted(batch_ops - set(stage_of))}"
+    for stage in plan.stages:
+        for name in stage.nodes:
+            for src in graph.node(name).inputs:
+                if src in stage_of:
+                    assert stage_of[src] <= stage.index, f"{src} -> {name} flows backwards"
+                elif graph.node(src).kind is NodeKind.PARAM_ONLY:
+                    assert src in stage.nodes, f"param-only {src} missing from stage {stage.index}"
+    ranks = sorted(r for s in plan.stages for r in s.ranks)
+    assert ranks == list(range(devices))
+    assert sum(s.replicas for s in plan.stages) == devices
+    for stage in plan.stages:
+        assert 0 < stage.memory_bytes <= plan.memory_capacity_bytes
+        assert stage.forward_seconds > 0 and stage.backward_seconds > 0
+    assert plan.step_seconds > 0
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("stages", [None, 3])
+def test_zoo_plans_satisfy_invariants(name, stages, graphs):
+    graph = graphs[name]
+    options = PlanOptions(devices=4, global_batch=8, stages=stages)
+    plan = make_plan(graph, _cost(), options)
+    assert_plan_invariants(graph, plan, devices=4)
+    if stages is not None:
+        assert plan.num_stages == stages
+
+
+def test_skip_connection_crosses_stages(graphs):
+    """The skip model's long residual must survive a cut between its ends."""
+    graph = graphs["skip"]
+    plan = make_plan(graph, _cost(), PlanOptions(devices=4, global_batch=4, stages=4))
+    assert_plan_invariants(graph, plan, devices=4)
+    stage_of = {n: s.index for s in plan.stages for n in s.nodes}
+    spans = [
+        stage_of[name] - stage_of[src]
+        for s in plan.stages
+        for name in s.nodes
+        for src in graph.node(name).inputs
+        if src in stage_of
+    ]
+    assert max(spans) >= 2, "expected a value that skips at least one stage"
+
+
+def test_tight_memory_forces_more_stages_and_fits(graphs):
+    graph = graphs["gpt2_tiny"]
+    roomy = make_plan(graph, _cost("80GB"), PlanOptions(devices=4, global_batch=8))
+    state = 4 * graph.param_bytes  # parameters, gradients and Adam's two moments
+    tight_bytes = int(state / 1.5)
+    tight = make_plan(graph, _cost(tight_bytes), PlanOptions(devices=4, global_batch=8))
+    assert roomy.num_stages == 1
+    assert tight.num_stages >= 2
+    assert_plan_invariants(graph, tight, devices=4)
+    assert max(s.memory_bytes for s in tight.stages) <= tight_bytes * 0.9
+
+
+def test_optimizer_changes_the_memory_charged(graphs):
+    graph = graphs["mlp"]
+    peaks = {
+        opt: make_plan(
+            graph, _cost(), PlanOptions(devices=1, global_batch=4, optimizer=opt)
+        ).stages[0]
+        for opt in ("sgd", "sgd-momentum", "adam")
+    }
+    trainable = sum(p.nbytes for p in graph.params.values() if not p.is_buffer)
+    assert peaks["sgd-momentum"].memory_bytes - peaks["sgd"].memory_bytes == trainable
+    assert peaks["adam"].memory_bytes - peaks["sgd"].memory_bytes == 2 * trainable
+
+
+def test_forced_microbatches_and_split_points(graphs):
+    graph = graphs["mlp"]
+    split = "2"  # the Sequential's second Linear
+    plan = make_plan(
+        graph,
+        _cost(),
+        PlanOptions(devices=2, global_batch=8, microbatches=4, split_points=(split,)),
+    )
+    assert plan.microbatches == 4
+    assert plan.num_stages == 2
+    assert any(p == split or p.startswith(split + ".") for p in plan.stages[1].module_paths)
+    assert all(not (p == split or p.startswith(split + ".")) for p in plan.stages[0].module_paths)
+    assert_plan_invariants(graph, plan, devices=2)
+
+
+def test_unknown_split_point_is_a_clear_error(graphs):
+    with pytest.raises(AutopartError, match="matches no module"):
+        make_plan(
+            graphs["mlp"], _cost(), PlanOptions(devices=2, global_batch=2, split_points=("nope",))
+        )
+
+
+def test_recompute_is_chosen_only_where_memory_requires_it(graphs):
+    graph = graphs["gpt2_tiny"]
+    roomy = make_plan(graph, _cost(), PlanOptions(devices=2, global_batch=64, microbatches=8))
+    assert not any(s.recompute for s in roomy.stages)
+    state = 4 * graph.param_bytes
+    best = roomy.stages[0].memory_bytes
+    # Room for the state plus a little activation memory: some stage must recompute.
+    squeezed = None
+    for fraction in (0.9, 0.8, 0.7, 0.6, 0.5):
+        cap = int((state + (best - state) * fraction) / 0.9)
+        try:
+            plan = make_plan(
+                graph, _cost(cap), PlanOptions(devices=2, global_batch=64, microbatches=8, stages=1)
+            )
+        except InfeasiblePlanError:
+            break
+        if any(s.recompute for s in plan.stages):
+            squeezed = plan
+            break
+    assert squeezed is not None, "no memory cap between roomy and infeasible made a stage recompute"
+    assert all(s.memory_bytes <= squeezed.memory_capacity_bytes for s in squeezed.stages)
+
+
+def test_infeasible_plan_names_the_block_and_the_memory_needed(graphs):
+    with pytest.raises(InfeasiblePlanError) as info:
+        make_plan(graphs["gpt2_tiny"], _cost("64KB"), PlanOptions(devices=2, global_batch=2))
+    message = str(info.value)
+    assert "no partition of this model fits 2 device(s)" in message
+    assert "Use devices with at least" in message
+    assert "Block" in message
+
+
+def test_infeasible_plan_suggests_a_device_count_that_fits(graphs):
+    graph = graphs["gpt2_tiny"]
+    cap = int(4 * graph.param_bytes / 3)
+    with pytest.raises(InfeasiblePlanError) as info:
+        make_plan(graph, _cost(cap), PlanOptions(devices=1, global_batch=2))
+    message = str(info.value)
+    suggested = int(message.split("so use about ")[1].split()[0])
+    plan = make_plan(graph, _cost(cap), PlanOptions(devices=suggested, global_batch=2))
+    assert_plan_invariants(graph, plan, devices=suggested)
+
+
+def test_plan_records_fingerprint_and_rejects_other_models(graphs, tmp_path):
+    plan = make_plan(graphs["mlp"], _cost(), PlanOptions(devices=2, global_batch=4))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan
+    loaded.validate_for(graphs["mlp"].fingerprint, world_size=2)
+    with pytest.raises(PlanError, match="different model"):
+        loaded.validate_for(graphs["skip"].fingerprint)
+    with pytest.raises(PlanError, match="2 devices but 3 ranks"):
+        loaded.validate_for(graphs["mlp"].fingerprint, world_size=3)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autopart", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_cli_plan_json_and_show(tmp_path):
+    out = tmp_path / "plan.json"
+    result = _cli(
+        "plan",
+        "examples/models.py:unbalanced",
+        "--devices",
+        "4",
+        "--device-memory",
+        "8GB",
+        "--batch-size",
+        "8",
+        "--optimizer",
+        "sgd",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    plan = Plan.load(out)
+    assert plan.devices == 4 and plan.global_batch_size == 8 and plan.optimizer == "sgd"
+    assert "predicted step" in result.stdout
+    shown = _cli("show", str(out))
+    assert shown.returncode == 0, shown.stderr
+    assert "predicted step" in shown.stdout
+    for stage in plan.stages:
+        assert stage.module_paths[0] in shown.stdout
+
+
+def test_cli_infeasible_plan_exits_1_with_one_message():
+    result = _cli(
+        "plan", "examples/models.py:unbalanced", "--devices", "2", "--device-memory", "1MB"
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("autopart: error: no partition")
+
+
+def test_cli_corrupt_plan_is_one_clear_error(tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"version": 1, "stages": [')
+    result = _cli("show", str(bad))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "not valid JSON" in result.stderr
