@@ -22,21 +22,32 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {root!r})
+import torch
 from examples import models
-from autopart.plan.planner import PlanOptions
-from autopart.planning import plan_model
-from autopart.cost import parse_bytes
+from autopart.capture import capture
+from autopart.cost import AnalyticCostModel, get_device_spec, parse_bytes
+from autopart.plan.planner import InfeasiblePlanError, PlanOptions, make_plan
 
 model, args = getattr(models, {factory!r})(*{factory_args!r})
+model = model.to(getattr(torch, {dtype!r}))
 memory = parse_bytes({memory!r})
 options = PlanOptions(devices={devices}, global_batch={batch}, device_memory=memory)
 t0 = time.perf_counter()
-graph, plan = plan_model(model, args, options=options, device_type={device!r})
+# plan_model() without its dtype-blind cost model: matmuls are costed at the model's dtype.
+graph = capture(model, args)
+cost = AnalyticCostModel(get_device_spec({device!r}, memory_bytes=memory), dtype={dtype!r})
+try:
+    plan = make_plan(graph, cost, options)
+except InfeasiblePlanError as error:
+    plan, reason = None, str(error)
 elapsed = time.perf_counter() - t0
-params = sum(p.nbytes for p in graph.params.values()) / 4
-print(json.dumps(dict(seconds=elapsed, params=params, stages=plan.num_stages,
-      replicas=[s.replicas for s in plan.stages], microbatches=plan.microbatches,
-      step=plan.step_seconds)))
+params = sum(p.numel() for p in model.parameters())
+if plan is None:
+    print(json.dumps(dict(seconds=elapsed, params=params, infeasible=reason)))
+else:
+    print(json.dumps(dict(seconds=elapsed, params=params, stages=plan.num_stages,
+          replicas=[s.replicas for s in plan.stages], microbatches=plan.microbatches,
+          step=plan.step_seconds)))
 """
 
 HEADLINE = [

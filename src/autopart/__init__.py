@@ -2,5 +2,18 @@
 
 from autopart.errors import AutopartError
 
-__all__ = ["AutopartError"]
+__all__ = ["AutopartError", "Module", "Plan"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Imported lazily so that `import autopart` (and the CLI's --help) stays fast.
+    if name == "Module":
+        from autopart.module import Module
+
+        return Module
+    if name == "Plan":
+        from autopart.plan.plan import Plan
+
+        return Plan
+    raise AttributeError(f"module 'autopart' has no attribute {name!r}")

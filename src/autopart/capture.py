@@ -772,7 +772,10 @@ def _spec(value: Any, other: Any, batch: int, other_batch: int) -> TensorSpec | 
     if type(value) in _SCALAR_DTYPES:
         varies = other is not None and other != value
         kind = _SCALAR_DTYPES[type(value)]
-        return TensorSpec((), f"sym{kind}" if varies else kind)
+        if not varies:
+            return TensorSpec((), kind)
+        per_sample = (other - value) / (other_batch - batch)
+        return TensorSpec((), f"sym{kind}", affine=(per_sample, value - per_sample * batch))
     return None
 
 

@@ -43,11 +43,17 @@ def dtype_bytes(dtype: str) -> int:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor value. ``shape`` is at one sample when ``batch_dim`` is set."""
+    """One tensor value. ``shape`` is at one sample when ``batch_dim`` is set.
+
+    A scalar that is shape arithmetic on the batch (dtype ``symint``) records ``affine``:
+    ``(per_sample, fixed)`` with value ``per_sample * rows + fixed``, so the runtime can
+    rebuild it for whatever rows a stage replica holds instead of shipping another replica's.
+    """
 
     shape: tuple[int, ...]
     dtype: str
     batch_dim: int | None = None
+    affine: tuple[float, float] | None = None
 
     @property
     def is_batch(self) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: Above this many devices, replica counts are searched in multiples of a unit (see _replica_unit).
 MAX_REPLICA_STEPS = 64
+
+#: How many times partition() doubles target_blocks when no plan fits the automatic blocks.
+MAX_REFINEMENTS = 2
 
 
 class InfeasiblePlanError(AutopartError):
@@ -126,6 +129,34 @@ def prepare(
 
 
 def partition(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Partition:
+    """Search the automatic (or manual) blocks; refine automatic ones if nothing fits.
+
+    Blocks are never split by the search, so blocks that are each too big for one stage (state
+    near the coarsening's memory cap plus their activations) can make a feasible model look
+    infeasible; doubling ``target_blocks`` (up to ``MAX_REFINEMENTS`` times, while it yields more
+    blocks) gives the search finer cuts before giving up.
+    """
+    part, blocks, coster = _partition_once(graph, cost_model, options)
+    tried = options
+    for _ in range(0 if options.split_points else MAX_REFINEMENTS):
+        if part is not None:
+            break
+        tried = replace(tried, target_blocks=2 * tried.target_blocks)
+        log.info(
+            "no plan on %d blocks; retrying with target_blocks=%d", len(blocks), tried.target_blocks
+        )
+        finer, finer_blocks, finer_coster = _partition_once(graph, cost_model, tried)
+        if len(finer_blocks) <= len(blocks):
+            break
+        part, blocks, coster = finer, finer_blocks, finer_coster
+    if part is None:
+        raise InfeasiblePlanError(_infeasible_message(graph, blocks, coster, options))
+    return part
+
+
+def _partition_once(
+    graph: Graph, cost_model: CostModel, options: PlanOptions
+) -> tuple[Partition | None, list[Block], StageCoster]:
     components, blocks, coster = prepare(graph, cost_model, options)
     stages = len(blocks) if options.split_points else options.stages
     if stages is not None and stages > min(len(blocks), options.devices):
@@ -145,8 +176,8 @@ def partition(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Part
         len(blocks), options.devices, coster, mb_options, stages=stages, replica_unit=unit
     )
     if solution is None:
-        raise InfeasiblePlanError(_infeasible_message(graph, blocks, coster, options))
-    return Partition(components, blocks, coster, solution)
+        return None, blocks, coster
+    return Partition(components, blocks, coster, solution), blocks, coster
 
 
 def plan_from_partition(
@@ -278,18 +309,36 @@ def _dedupe(items) -> list:
 def _infeasible_message(graph, blocks, coster: StageCoster, options) -> str:
     """Say how far off the model is: the hardest block, and what would fit.
 
-    A greedy contiguous packing of blocks into single-replica stages (at any microbatch count
-    the search considers) gives a device count that is known to fit; a block that fits no
-    device even alone gives the device memory that is needed instead.
+    A greedy contiguous packing of blocks into stages, each on the fewest replicas that fit it
+    (more replicas mean fewer rows per device, so less activation memory) at any microbatch count
+    the search considers, gives a device count that is about enough; a block that fits no replica
+    count even alone gives the device memory that is needed instead.
     """
     margin = options.memory_margin
     mb_options = microbatch_options(options)
 
+    def fewest_replicas(start: int, end: int) -> int | None:
+        counts = [
+            int(fit[0])
+            for m in mb_options
+            if len(fit := coster.replicas[np.isfinite(coster(start, end, m).slot_seconds)])
+        ]
+        return min(counts, default=None)
+
     def fits(start: int, end: int) -> bool:
-        return any(np.isfinite(coster(start, end, m).slot_seconds[0]) for m in mb_options)
+        return fewest_replicas(start, end) is not None
 
     def least_bytes(b: int) -> float:
-        return min(float(coster(b, b + 1, m).memory_bytes[0]) for m in mb_options)
+        """Peak bytes of block ``b`` alone with recomputation, at its best M and replicas."""
+        fp = coster.footprint(b, b + 1)
+        peaks = []
+        for m in mb_options:
+            rows = coster.rows(m)
+            usable = rows > 0
+            if usable.any():
+                peak = coster.memory.peak_bytes(fp, rows, m, coster.replicas, recompute=True)
+                peaks.append(float(peak[usable].min()))
+        return min(peaks)
 
     head = (
         f"no partition of this model fits {options.devices} device(s) with "
@@ -306,17 +355,17 @@ def _infeasible_message(graph, blocks, coster: StageCoster, options) -> str:
             f"device count helps. Use devices with at least {format_bytes(needed)}, "
             "a smaller batch, a lighter optimizer (--optimizer sgd), or parameter offload."
         )
-    stages, start = 0, 0
+    stages, start, needed = 0, 0, 0
     while start < len(blocks):
         end = start + 1
         while end < len(blocks) and fits(start, end + 1):
             end += 1
+        needed += fewest_replicas(start, end) or 0
         stages, start = stages + 1, end
-    unit = int(coster.replicas[0])
     return (
-        f"{head} Every block fits a device on its own, but the model needs more of them: "
-        f"a pipeline of {stages} stage(s) with {unit} replica(s) each fits, so use about "
-        f"{stages * unit} devices, or larger devices, or a lighter optimizer."
+        f"{head} Every block fits on its own, but the model needs more devices: "
+        f"a pipeline of {stages} stage(s) with {needed} replica(s) in all fits, so use about "
+        f"{needed} devices, or larger devices, or a lighter optimizer."
     )
 
 

@@ -1,0 +1,447 @@
+"""`autopart.Module`: one line turns a single-device model into a pipelined, replicated one.
+
+The wrapper plans on its first call, because only then does it know the inputs: it captures
+the model on this rank's batch, plans on rank 0 for the global batch and broadcasts the plan,
+then builds this rank's stage.  Every rank keeps the user's model object (its parameters are
+the ones the stages use), but only the parameters of its own stage are trained here; the
+optimizer is rewritten in place to hold exactly those.
+
+Autograd: the forward pass of every microbatch runs inside ``forward``; the outputs handed back
+are joined to one custom autograd node, whose backward runs the pipeline's backward for every
+microbatch and then sums gradients over the ranks holding each parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch import nn
+
+from autopart.capture import capture
+from autopart.cost import AnalyticCostModel, get_device_spec, local_device_spec
+from autopart.errors import AutopartError
+from autopart.ir import Graph
+from autopart.plan.plan import Plan
+from autopart.plan.planner import PlanOptions, make_plan
+from autopart.runtime import routing
+from autopart.runtime.distenv import ensure_initialized, local_device
+from autopart.runtime.gradients import Holders
+from autopart.runtime.layout import BatchLayout
+from autopart.runtime.schedule import GPipeSchedule, StepState
+from autopart.runtime.stage_module import build_stage_module, stage_ios
+
+log = logging.getLogger(__name__)
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer | None) -> str:
+    """The planner's name for how much state ``optimizer`` keeps per parameter."""
+    if optimizer is None:
+        return "none"
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum = max(g.get("momentum", 0.0) for g in optimizer.param_groups)
+        return "sgd-momentum" if momentum else "sgd"
+    return "adam"  # Adam, AdamW and most others keep two moments; plan for that much
+
+
+class Module(nn.Module):
+    """A model partitioned into pipeline stages × data-parallel replicas over all ranks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        stages: int | None = None,
+        microbatches: int | None = None,
+        split_points: list[str] | None = None,
+        device_memory: int | str | None = None,
+        plan: Plan | str | Path | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__()
+        ensure_initialized(timeout)
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.device = local_device()
+        # Kept out of the module tree: only this rank's parameters are reported as ours.
+        self.__dict__["model"] = model
+        self.__dict__["optimizer"] = optimizer
+        self._options = dict(
+            stages=stages,
+            microbatches=microbatches,
+            split_points=tuple(split_points) if split_points else None,
+            device_memory=device_memory,
+        )
+        self._given_plan = plan
+        self.plan: Plan | None = None
+        self.graph: Graph | None = None
+        self._sync = True
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._original_groups = (
+            [list(g["params"]) for g in optimizer.param_groups] if optimizer else []
+        )
+
+    # -- setup on the first call -------------------------------------------------------------
+
+    def _setup(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.graph = capture(self.model, args, kwargs)
+        if self.graph.static_batch is not None:
+            raise AutopartError(
+                "the model fixes its batch size (it could only be captured at one batch size), "
+                "so it cannot be cut into microbatches; remove the hard-coded batch size"
+            )
+        self.plan = self._agree_on_plan(self._local_batch(args, kwargs))
+        self.plan.validate_for(self.graph.fingerprint, self.world)
+        ios = stage_ios(self.graph, self.plan)
+        stage = self.plan.stage_of_rank(self.rank)
+        module = build_stage_module(self.graph, ios[stage.index]).to(self.device)
+        module.train(self.training)
+        self.__dict__["stage_module"] = module
+        self.schedule = GPipeSchedule(self.graph, self.plan, ios, module, self.rank, self.device)
+        self._names = _canonical_names(self.model, self.graph)
+        trainable = {
+            canonical: param
+            for name, param in self.model.named_parameters(remove_duplicate=False)
+            if (canonical := self._names.get(name)) is not None and param.requires_grad
+        }
+        self.holders = Holders(self.plan, self.rank, trainable, self.device)
+        self._local_ids = {id(trainable[n]) for n in self.holders.local}
+        self._restrict_optimizer()
+        log.info("rank %d runs stage %d of %d", self.rank, stage.index, self.plan.num_stages)
+
+    def _local_batch(self, args, kwargs) -> int:
+        first = next(
+            (t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None
+        )
+        if first is None or first.dim() == 0:
+            raise AutopartError("call the model with at least one tensor whose dim 0 is the batch")
+        return int(first.shape[0])
+
+    def _agree_on_plan(self, local_batch: int) -> Plan:
+        if self._given_plan is not None:
+            given = self._given_plan
+            return given if isinstance(given, Plan) else Plan.load(given)
+        sizes = _all_gather_ints(local_batch, self.device)
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = self._make_plan(sum(sizes)).to_json()
+            except AutopartError as err:
+                box[0] = err
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], AutopartError):
+            raise type(box[0])(str(box[0]))
+        return Plan.from_dict(json.loads(box[0]))
+
+    def _make_plan(self, global_batch: int) -> Plan:
+        memory = self._options["device_memory"]
+        if self.device.type == "cuda":
+            spec = local_device_spec(self.device)
+            if memory is not None:
+                spec = get_device_spec(spec.name, memory_bytes=memory)
+        else:
+            spec = get_device_spec("cpu", memory_bytes=memory)
+        options = PlanOptions(
+            devices=self.world,
+            global_batch=global_batch,
+            optimizer=optimizer_kind(self.optimizer),
+            stages=self._options["stages"],
+            microbatches=self._options["microbatches"],
+            split_points=self._options["split_points"],
+        )
+        return make_plan(self.graph, AnalyticCostModel(spec), options)
+
+    def _restrict_optimizer(self) -> None:
+        if self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) in self._local_ids]
+        for param in list(self.optimizer.state):
+            if id(param) not in self._local_ids:
+                del self.optimizer.state[param]
+
+    # -- the call ----------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.plan is None:
+            self._setup(args, kwargs)
+        local = self._route_inputs(args, kwargs)
+        sizes = _all_gather_ints(self._local_batch(args, kwargs), self.device)
+        layout = BatchLayout.of(sizes, self.plan.microbatches)
+        grad = torch.is_grad_enabled()
+        try:
+            state = self.schedule.forward(local, layout, grad)
+            outputs = self.schedule.gather_outputs(state)
+        except RuntimeError as err:
+            if isinstance(err, AutopartError):
+                raise
+            raise routing.RuntimeCommError(
+                f"rank {self.rank} failed in forward: {routing._first_line(err)}"
+            ) from err
+        return self._package(outputs, state if grad else None)
+
+    def _route_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        given = {
+            ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value
+            for path, value in pytree.tree_flatten_with_path((args, kwargs))[0]
+        }
+        local = {}
+        for name, source in self.graph.input_sources.items():
+            if source not in given:
+                raise AutopartError(
+                    f"this call has no {source}, but the model was captured with it; call the "
+                    "model with the same arguments on every step"
+                )
+            value = given[source]
+            spec = self.graph.node(name).outputs[0] if self.graph.node(name).outputs else None
+            if spec is not None and not routing.is_scalar(spec):
+                if not isinstance(value, torch.Tensor):
+                    raise AutopartError(
+                        f"{source} was a tensor when the model was captured, got "
+                        f"{type(value).__name__}"
+                    )
+                value = value.to(self.device)
+            local[name] = value
+        return local
+
+    def _package(self, outputs: dict[str, list[Any]], state: StepState | None) -> Any:
+        order = list(outputs)
+        flat = [leaf for name in order for leaf in outputs[name]]
+        if state is not None:
+            differentiable = [
+                i
+                for i, leaf in enumerate(flat)
+                if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+            ]
+            bridged = _Bridge.apply(
+                self, state, order, differentiable, self._anchor, *[flat[i] for i in differentiable]
+            )
+            for i, value in zip(differentiable, bridged, strict=True):
+                flat[i] = value
+        values = {}
+        position = 0
+        for name in order:
+            count = len(outputs[name])
+            values[name] = self.schedule.shapes[name].pack(flat[position : position + count])
+            position += count
+        return _restructure(self.graph, values)
+
+    def _backward(self, state: StepState, order, differentiable, grads) -> None:
+        per_value: dict[str, list[Any]] = {}
+        flat_grads: dict[int, torch.Tensor] = dict(zip(differentiable, grads, strict=True))
+        position = 0
+        for name in order:
+            count = len(self.schedule.shapes[name].leaves)
+            per_value[name] = [flat_grads.get(position + i) for i in range(count)]
+            position += count
+        try:
+            self.schedule.backward(state, per_value)
+            if self._sync:
+                self.holders.all_reduce_grads()
+        except RuntimeError as err:
+            if isinstance(err, AutopartError):
+                raise
+            raise routing.RuntimeCommError(
+                f"rank {self.rank} failed in backward: {routing._first_line(err)}"
+            ) from err
+
+    # -- DDP-style methods -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally; the next synced backward sums everything."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def train(self, mode: bool = True) -> Module:
+        self.training = mode
+        self.model.train(mode)
+        if "stage_module" in self.__dict__:
+            self.stage_module.train(mode)
+        return self
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate=True):
+        self._require_setup("named_parameters")
+        for name, param in self.model.named_parameters(
+            prefix=prefix, remove_duplicate=remove_duplicate
+        ):
+            if id(param) in self._local_ids:
+                yield name, param
+
+    def parameters(self, recurse: bool = True):
+        for _, param in self.named_parameters():
+            yield param
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip by the norm of the full gradient over all stages and ranks, and return it."""
+        self._require_setup("clip_grad_norm_")
+        total = self.holders.grad_norm(norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(coef.to(param.grad.device))
+        return total
+
+    def state_dict(self, *args, rank0_only: bool = False, **kwargs) -> dict[str, torch.Tensor]:
+        """The full model state dict, gathered from the ranks that train each part."""
+        self._require_setup("state_dict")
+        mine = {}
+        for key, value in self.model.state_dict().items():
+            canonical = self._names.get(key, key)
+            if self.holders.owner(canonical) == self.rank:
+                mine[key] = value.detach().cpu()
+        merged = _merge_objects(mine, self.world, rank0_only)
+        if merged is None:
+            return {}
+        full = self.model.state_dict()
+        return {key: merged.get(key, value.detach().cpu()) for key, value in full.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def optimizer_state_dict(self, rank0_only: bool = False) -> dict[str, Any]:
+        """The optimizer state as the unwrapped model's optimizer would write it."""
+        self._require_setup("optimizer_state_dict")
+        opt = self._require_optimizer()
+        index = {id(p): i for i, p in enumerate(p for g in self._original_groups for p in g)}
+        ids = self._param_names()
+        mine = {
+            index[id(param)]: {k: _to_cpu(v) for k, v in state.items()}
+            for param, state in opt.state.items()
+            if self.holders.owner(ids[id(param)]) == self.rank
+        }
+        merged = _merge_objects(mine, self.world, rank0_only)
+        if merged is None:
+            return {}
+        groups, start = [], 0
+        for group, original in zip(opt.param_groups, self._original_groups, strict=True):
+            settings = {k: v for k, v in group.items() if k != "params"}
+            groups.append({**settings, "params": list(range(start, start + len(original)))})
+            start += len(original)
+        return {"state": dict(sorted(merged.items())), "param_groups": groups}
+
+    def load_optimizer_state_dict(self, state_dict: dict[str, Any]) -> None:
+        opt = self._require_optimizer()
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self._original_groups):
+            raise AutopartError(
+                f"optimizer state has {len(groups)} parameter groups, the optimizer has "
+                f"{len(self._original_groups)}; it was saved for another optimizer"
+            )
+        flat = [p for g in self._original_groups for p in g]
+        for saved, group in zip(groups, opt.param_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        opt.state.clear()
+        for i, state in state_dict.get("state", {}).items():
+            param = flat[int(i)]
+            if id(param) in self._local_ids:
+                opt.state[param] = {
+                    k: v.to(param.device) if isinstance(v, torch.Tensor) else v
+                    for k, v in state.items()
+                }
+
+    def _param_names(self) -> dict[int, str]:
+        return {
+            id(p): self._names.get(n, n)
+            for n, p in self.model.named_parameters(remove_duplicate=False)
+        }
+
+    def _require_setup(self, what: str) -> None:
+        if self.plan is None:
+            raise AutopartError(
+                f"{what}() needs the partition, which is made on the first forward call; "
+                "run one forward pass first"
+            )
+
+    def _require_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            raise AutopartError("autopart.Module was created without an optimizer")
+        return self.optimizer
+
+
+class _Bridge(torch.autograd.Function):
+    """Joins the outputs of a pipelined forward to one node whose backward runs the pipeline."""
+
+    @staticmethod
+    def forward(ctx, owner, state, order, differentiable, anchor, *tensors):
+        ctx.owner, ctx.state, ctx.order, ctx.differentiable = owner, state, order, differentiable
+        return tuple(t.detach().clone() for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.owner._backward(ctx.state, ctx.order, ctx.differentiable, grads)
+        ctx.state = None
+        return (None, None, None, None, None, *[None] * len(grads))
+
+
+def _canonical_names(model: nn.Module, graph: Graph) -> dict[str, str]:
+    """Every parameter and buffer name of the model, mapped to the graph's canonical name."""
+    names = {}
+    for canonical, spec in graph.params.items():
+        names[canonical] = canonical
+        for alias in spec.aliases:
+            names[alias] = canonical
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        names.setdefault(name, name)
+    for name, _ in model.named_buffers(remove_duplicate=False):
+        names.setdefault(name, name)
+    return names
+
+
+def _restructure(graph: Graph, values: dict[str, Any]) -> Any:
+    """The model's own output structure (tensor, tuple, dict, ModelOutput) around ``values``."""
+    output = next(iter(graph.fx_module.graph.find_nodes(op="output")))
+    codegen = graph.fx_module.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.out_spec is not None:
+        leaves = [values[n.name] if isinstance(n, torch.fx.Node) else n for n in output.args[0]]
+        return pytree.tree_unflatten(leaves, info.out_spec)
+    return pytree.tree_map(
+        lambda n: values[n.name] if isinstance(n, torch.fx.Node) else n, output.args[0]
+    )
+
+
+def _all_gather_ints(value: int, device: torch.device) -> list[int]:
+    world = dist.get_world_size()
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    try:
+        dist.all_gather(every, mine)
+    except RuntimeError as err:
+        raise routing.RuntimeCommError(
+            f"rank {dist.get_rank()} could not reach every rank: {routing._first_line(err)}. "
+            "A rank has probably died or raised; see its own error"
+        ) from err
+    return [int(t.item()) for t in every]
+
+
+def _merge_objects(mine: dict, world: int, rank0_only: bool) -> dict | None:
+    if world == 1:
+        return dict(mine)
+    if rank0_only:
+        gathered = [None] * world if dist.get_rank() == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if gathered is None:
+            return None
+    else:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    merged: dict = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def _to_cpu(value: Any) -> Any:
+    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value

@@ -1,0 +1,1 @@
+"""Run a plan: stage modules, row routing between replicas, the GPipe schedule."""

@@ -1,0 +1,59 @@
+"""Join the process group the launcher set up: torchrun, mpirun, or a single process.
+
+torchrun exports ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; Open MPI exports
+``OMPI_COMM_WORLD_RANK``/``_SIZE``/``_LOCAL_RANK`` and nothing about a rendezvous, so the
+address defaults to this host (set ``MASTER_ADDR`` for several nodes).  A lone process with no
+launcher gets a one-rank group, so the same script runs unlaunched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+#: Seconds a rank waits on a peer before failing; short enough that a dead rank is noticed.
+DEFAULT_TIMEOUT_S = float(os.environ.get("AUTOPART_TIMEOUT", "300"))
+
+
+def _from_mpi() -> None:
+    mapping = {
+        "RANK": "OMPI_COMM_WORLD_RANK",
+        "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
+        "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK",
+    }
+    for ours, theirs in mapping.items():
+        if ours not in os.environ and theirs in os.environ:
+            os.environ[ours] = os.environ[theirs]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def ensure_initialized(timeout_s: float | None = None) -> None:
+    """Initialize ``torch.distributed`` from the environment unless the caller already did."""
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:
+        _from_mpi()
+    if "RANK" in os.environ:
+        log.info("joining process group (%s) as rank %s", backend, os.environ["RANK"])
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(
+            "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+
+
+def local_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")

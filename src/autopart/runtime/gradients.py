@@ -1,0 +1,84 @@
+"""Who holds which parameter, and summing gradients over the ranks that hold it.
+
+A parameter lives on every replica of each stage that reads it: usually one stage, but tied
+weights (an embedding reused as the LM head) and values computed from a parameter can be read
+by several.  After backward each holder has a partial gradient (its rows, its stage's use), and
+the full gradient is their sum over all holder ranks, so there is one process group per
+distinct set of holders.  Groups are created in the same order on every rank, as
+``torch.distributed.new_group`` requires.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from autopart.plan.plan import Plan
+
+
+class Holders:
+    """Parameter placement from a plan, with one process group per holder set."""
+
+    def __init__(
+        self, plan: Plan, rank: int, trainable: dict[str, torch.Tensor], device: torch.device
+    ) -> None:
+        self.rank = rank
+        self.device = device
+        ranks_of: dict[str, set[int]] = defaultdict(set)
+        for stage in plan.stages:
+            for name in stage.params:
+                ranks_of[name].update(stage.ranks)
+        self.ranks_of = {name: tuple(sorted(r)) for name, r in ranks_of.items()}
+        self.local = [n for n in plan.stage_of_rank(rank).params if n in trainable]
+        self.trainable = trainable
+        self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        for holders in sorted(set(self.ranks_of.values())):
+            if len(holders) > 1:
+                self.groups[holders] = dist.new_group(list(holders))
+
+    def owner(self, name: str) -> int:
+        """The one rank that speaks for a parameter in norms and state dicts."""
+        return self.ranks_of.get(name, (0,))[0]
+
+    def is_local(self, name: str) -> bool:
+        return self.rank in self.ranks_of.get(name, ())
+
+    def all_reduce_grads(self) -> None:
+        """Sum the partial gradients of this rank's parameters over their holders."""
+        buckets: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
+        for name in self.local:
+            holders = self.ranks_of[name]
+            if len(holders) > 1:
+                param = self.trainable[name]
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                buckets[holders].append(param.grad)
+        for holders in sorted(buckets):
+            grads = buckets[holders]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.groups[holders])
+            for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                grad.copy_(synced)
+
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """The norm of the full gradient, each parameter counted once over all ranks."""
+        own = [
+            self.trainable[n].grad
+            for n in self.local
+            if self.owner(n) == self.rank and self.trainable[n].grad is not None
+        ]
+        if norm_type == float("inf"):
+            local = max((g.abs().max() for g in own), default=torch.tensor(0.0, device=self.device))
+            total = local.double().reshape(1).to(self.device)
+            dist.all_reduce(total, op=dist.ReduceOp.MAX)
+            return total[0].float()
+        local = sum(
+            (g.double().abs().pow(norm_type).sum() for g in own),
+            torch.tensor(0.0, device=self.device),
+        )
+        total = local.double().reshape(1).to(self.device)
+        dist.all_reduce(total)
+        return total[0].pow(1.0 / norm_type).float()

@@ -1,0 +1,133 @@
+"""Move one graph value between ranks: slicing rows out, sending, receiving, and reassembling.
+
+A value is a tensor, a scalar, or a tuple/list of them (``split`` returns a list).  Each leaf
+moves by its kind:
+
+* a tensor with a batch dimension moves by rows (`layout.transfers`);
+* any other tensor, and a scalar that does not depend on the batch, is copied whole from one
+  holder to each needer;
+* a scalar that is shape arithmetic on the batch is not sent at all: each needer rebuilds it
+  from its own row count (`TensorSpec.affine`).
+
+Sends are asynchronous and collected in ``pending``; receives block.  Each message has a tag
+made of the phase, microbatch, value and leaf, so messages between the same two ranks never
+get mixed up whatever order they are posted in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from autopart.errors import AutopartError
+from autopart.ir import TensorSpec
+from autopart.runtime.layout import Rows, Transfer, transfers
+
+
+class RuntimeCommError(AutopartError):
+    """A peer rank stopped answering: it died, raised, or is running a different step."""
+
+
+@dataclass(frozen=True)
+class ValueShape:
+    """How to rebuild a value from its leaves."""
+
+    leaves: tuple[TensorSpec, ...]
+    container: type | None  # None: a single leaf
+
+    def pack(self, leaves: list):
+        return leaves[0] if self.container is None else self.container(leaves)
+
+    def unpack(self, value) -> list:
+        return [value] if self.container is None else list(value)
+
+
+def moves_for(
+    spec: TensorSpec, holders: dict[int, Rows], needers: dict[int, Rows]
+) -> list[Transfer]:
+    """Transfers for one leaf: by rows for batch tensors, whole otherwise."""
+    if spec.is_batch:
+        return transfers(holders, needers)
+    if spec.affine is not None:
+        return []
+    sources = sorted(holders)
+    return [
+        Transfer(dst if dst in holders else sources[dst % len(sources)], dst, (0, 0))
+        for dst in sorted(needers)
+    ]
+
+
+def take_rows(value, spec: TensorSpec, held: Rows, rows: Rows):
+    """Rows ``rows`` (global numbering) of a leaf that holds global rows ``held``."""
+    if not spec.is_batch:
+        return value
+    per = spec.shape[spec.batch_dim]
+    start, stop = (rows[0] - held[0]) * per, (rows[1] - held[0]) * per
+    return value.narrow(spec.batch_dim, start, stop - start)
+
+
+def empty_like_spec(spec: TensorSpec, rows: int, device: torch.device) -> torch.Tensor:
+    shape = list(spec.shape)
+    if spec.is_batch:
+        shape[spec.batch_dim] *= rows
+    return torch.empty(shape, dtype=torch_dtype(spec.dtype), device=device)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    base = name.removeprefix("torch.")
+    if base in ("symint", "int"):
+        return torch.int64
+    if base in ("symfloat", "float"):
+        return torch.float64
+    if base in ("symbool", "bool"):
+        return torch.bool
+    return getattr(torch, base)
+
+
+def is_scalar(spec: TensorSpec) -> bool:
+    return spec.dtype in ("int", "float", "bool", "symint", "symfloat", "symbool")
+
+
+def affine_value(spec: TensorSpec, rows: int):
+    per_sample, fixed = spec.affine
+    value = per_sample * rows + fixed
+    return int(round(value)) if spec.dtype == "symint" else value
+
+
+def tag(phase: int, microbatch: int, value: int, leaf: int) -> int:
+    return ((phase * 128 + microbatch) * 65536 + value) * 16 + leaf
+
+
+def send(tensor: torch.Tensor, dst: int, message: int, pending: list) -> None:
+    pending.append((dist.isend(tensor.contiguous(), dst, tag=message), tensor))
+
+
+def recv(buffer: torch.Tensor, src: int, message: int, what: str) -> torch.Tensor:
+    try:
+        dist.recv(buffer, src, tag=message)
+    except RuntimeError as err:
+        raise RuntimeCommError(
+            f"rank {dist.get_rank()} got no {what} from rank {src}: {_first_line(err)}. "
+            "That rank has probably died or raised; see its own error"
+        ) from err
+    return buffer
+
+
+def wait_all(pending: list) -> None:
+    try:
+        for work, _ in pending:
+            work.wait()
+    except RuntimeError as err:
+        raise RuntimeCommError(
+            f"rank {dist.get_rank()} could not deliver a message: {_first_line(err)}. "
+            "A peer rank has probably died or raised; see its own error"
+        ) from err
+    finally:
+        pending.clear()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

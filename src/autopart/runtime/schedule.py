@@ -1,0 +1,417 @@
+"""The GPipe schedule for one rank: all microbatches forward, then all backward.
+
+Each rank runs one replica of one stage.  Forward posts every send as soon as its value
+exists and blocks only on receives from earlier stages, so no rank ever waits on a later one;
+backward runs the microbatches in reverse and blocks only on gradients from later stages.
+That ordering is what makes the schedule deadlock-free without any barrier.
+
+Phases tag the messages:
+
+* ``INPUT``: the caller's rows, from the rank that owns them to the stages that read them;
+* ``ACT``: a stage's output, to the later stages that read it;
+* ``OUT``: a model output, back to the ranks that own those rows (batch outputs), or every
+  microbatch replica's value to every rank (scalars such as a loss, averaged over the batch);
+* ``GRAD`` / ``OUT_GRAD``: the gradients of ``ACT`` / ``OUT`` messages, back to their senders.
+
+Gradients follow DistributedDataParallel: every rank's output gradient is divided by the
+world size, so the sum that each stage's replica group all-reduces is the mean over ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import fx
+
+from autopart.ir import Graph, NodeKind, TensorSpec
+from autopart.plan.plan import Plan
+from autopart.runtime import routing
+from autopart.runtime.layout import BatchLayout, Rows
+from autopart.runtime.routing import ValueShape
+from autopart.runtime.stage_module import StageIO
+
+INPUT, ACT, OUT, GRAD, OUT_GRAD = range(5)
+
+
+@dataclass
+class _Microbatch:
+    """What backward needs of one microbatch's forward."""
+
+    rows: Rows
+    inputs: list[list[Any]]
+    outputs: list[list[Any]] | None  # None when the stage recomputes in backward
+    rng_state: torch.Tensor | None = None
+
+
+@dataclass
+class StepState:
+    """One forward call, kept until its backward."""
+
+    layout: BatchLayout
+    local_inputs: dict[str, Any]
+    microbatches: list[_Microbatch] = field(default_factory=list)
+    pending: list = field(default_factory=list)
+    mailbox: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+
+class GPipeSchedule:
+    """Runs this rank's stage replica under the GPipe schedule."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        plan: Plan,
+        ios: list[StageIO],
+        module: fx.GraphModule,
+        rank: int,
+        device: torch.device,
+    ) -> None:
+        self.graph = graph
+        self.plan = plan
+        self.module = module
+        self.rank = rank
+        self.device = device
+        self.world = plan.devices
+        self.stage = plan.stage_of_rank(rank)
+        self.io = ios[self.stage.index]
+        self.producer = {name: io.index for io in ios for name in io.outputs}
+        self.readers: dict[str, list[int]] = {}
+        for io in ios:
+            for name in io.inputs:
+                self.readers.setdefault(name, []).append(io.index)
+        self.outputs = list(dict.fromkeys(graph.outputs))
+        crossing = sorted({*self.producer, *self.readers, *self.outputs}, key=graph.index)
+        self.value_id = {name: i for i, name in enumerate(crossing)}
+        self.shapes = {name: value_shape(graph, name) for name in crossing}
+
+    # -- message plumbing --------------------------------------------------------------------
+
+    def _post(self, state, phase, m, name, li, dst, tensor) -> None:
+        if dst == self.rank:
+            state.mailbox[(phase, m, name, li, self.rank)] = tensor
+        else:
+            message = routing.tag(phase, m, self.value_id[name], li)
+            routing.send(tensor, dst, message, state.pending)
+
+    def _fetch(self, state, phase, m, name, li, src, spec: TensorSpec, count: int):
+        if src == self.rank:
+            return state.mailbox.pop((phase, m, name, li, src))
+        buffer = routing.empty_like_spec(spec, count, self.device)
+        message = routing.tag(phase, m, self.value_id[name], li)
+        return routing.recv(buffer, src, message, f"{_PHASES[phase]} of {name}")
+
+    def _holders(self, name: str, layout: BatchLayout, m: int) -> dict[int, Rows]:
+        if self.graph.node(name).kind is NodeKind.INPUT:
+            return layout.owners(m)
+        return layout.replicas(m, self.plan.stages[self.producer[name]].ranks)
+
+    def _readers(self, name: str, layout: BatchLayout, m: int) -> dict[int, Rows]:
+        needers: dict[int, Rows] = {}
+        for index in self.readers.get(name, []):
+            needers.update(layout.replicas(m, self.plan.stages[index].ranks))
+        return needers
+
+    def _every_rank(self) -> dict[int, Rows]:
+        return {r: (0, 0) for r in range(self.world)}
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, local_inputs: dict[str, Any], layout: BatchLayout, grad: bool) -> StepState:
+        """Run every microbatch through this rank's stage, posting sends as values appear."""
+        state = StepState(layout, local_inputs)
+        self._send_inputs(state)
+        recompute = self.stage.recompute and grad
+        for m in range(layout.microbatches):
+            rows = layout.replicas(m, self.stage.ranks)[self.rank]
+            if rows[0] == rows[1]:
+                raise routing.RuntimeCommError(
+                    f"microbatch {m} has fewer rows than stage {self.stage.index} has replicas; "
+                    f"use a global batch of at least {self.plan.microbatches * self.stage.replicas}"
+                )
+            inputs = [self._receive(state, name, m, rows) for name in self.io.inputs]
+            rng = torch.get_rng_state() if recompute else None
+            if grad and not recompute:
+                _track(self.graph, self.io.inputs, inputs)
+            with torch.set_grad_enabled(grad and not recompute):
+                outputs = self._run(inputs)
+            self._send_outputs(state, outputs, m, rows)
+            if grad:
+                state.microbatches.append(
+                    _Microbatch(rows, inputs, None if recompute else outputs, rng)
+                )
+        return state
+
+    def _run(self, inputs: list[list[Any]]) -> list[list[Any]]:
+        args = [self.shapes[n].pack(v) for n, v in zip(self.io.inputs, inputs, strict=True)]
+        results = self.module(*args)
+        return [self.shapes[n].unpack(v) for n, v in zip(self.io.outputs, results, strict=True)]
+
+    def _send_inputs(self, state: StepState) -> None:
+        layout = state.layout
+        held = layout.rows_of(self.rank)
+        for name in self.readers:
+            if self.graph.node(name).kind is not NodeKind.INPUT:
+                continue
+            spec = self.shapes[name].leaves[0]
+            if not spec.is_batch:
+                continue  # every rank passes its own copy of a non-batch input
+            value = state.local_inputs[name]
+            for m in range(layout.microbatches):
+                for move in routing.transfers(layout.owners(m), self._readers(name, layout, m)):
+                    if move.src == self.rank:
+                        piece = routing.take_rows(value, spec, held, move.rows).detach()
+                        self._post(state, INPUT, m, name, 0, move.dst, piece)
+
+    def _receive(self, state: StepState, name: str, m: int, rows: Rows) -> list[Any]:
+        is_input = self.graph.node(name).kind is NodeKind.INPUT
+        if is_input and not self.shapes[name].leaves[0].is_batch:
+            return [state.local_inputs[name]]
+        phase = INPUT if is_input else ACT
+        holders = self._holders(name, state.layout, m)
+        leaves = []
+        for li, spec in enumerate(self.shapes[name].leaves):
+            if spec.affine is not None:
+                leaves.append(routing.affine_value(spec, rows[1] - rows[0]))
+                continue
+            pieces = [
+                self._fetch(state, phase, m, name, li, move.src, spec, _count(move.rows))
+                for move in routing.moves_for(spec, holders, {self.rank: rows})
+            ]
+            leaves.append(_from_tensor(_join(pieces, spec), spec))
+        return leaves
+
+    def _send_outputs(self, state: StepState, outputs, m: int, rows: Rows) -> None:
+        layout = state.layout
+        for name, leaves in zip(self.io.outputs, outputs, strict=True):
+            holders = self._holders(name, layout, m)
+            for li, (spec, leaf) in enumerate(zip(self.shapes[name].leaves, leaves, strict=True)):
+                if spec.affine is not None:
+                    continue
+                tensor = _to_tensor(leaf, spec).detach()
+                targets = [(ACT, self._readers(name, layout, m))]
+                if name in self.outputs:
+                    targets.append((OUT, self._output_needers(spec, layout, m)))
+                for phase, needers in targets:
+                    if phase == OUT and not spec.is_batch:
+                        for dst in needers:
+                            self._post(state, OUT, m, name, li, dst, tensor)
+                        continue
+                    for move in routing.moves_for(spec, holders, needers):
+                        if move.src == self.rank:
+                            piece = routing.take_rows(tensor, spec, rows, move.rows)
+                            self._post(state, phase, m, name, li, move.dst, piece)
+
+    def _output_needers(self, spec: TensorSpec, layout: BatchLayout, m: int) -> dict[int, Rows]:
+        return layout.owners(m) if spec.is_batch else self._every_rank()
+
+    # -- the model's outputs on every rank ---------------------------------------------------
+
+    def gather_outputs(self, state: StepState) -> dict[str, list[Any]]:
+        """Each output for this rank: its own rows, or the batch mean of a non-batch value."""
+        layout = state.layout
+        own = layout.rows_of(self.rank)
+        result: dict[str, list[Any]] = {}
+        for name in self.outputs:
+            if self.graph.node(name).kind is NodeKind.INPUT:
+                result[name] = [state.local_inputs[name]]
+                continue
+            leaves = []
+            for li, spec in enumerate(self.shapes[name].leaves):
+                if spec.affine is not None:
+                    leaves.append(routing.affine_value(spec, _count(own)))
+                elif spec.is_batch:
+                    pieces = []
+                    for m in range(layout.microbatches):
+                        owned = layout.owners(m).get(self.rank)
+                        if owned is None:
+                            continue
+                        holders = self._holders(name, layout, m)
+                        pieces += [
+                            self._fetch(state, OUT, m, name, li, mv.src, spec, _count(mv.rows))
+                            for mv in routing.moves_for(spec, holders, {self.rank: owned})
+                        ]
+                    leaves.append(_join(pieces, spec))
+                else:
+                    parts = [
+                        (self._fetch(state, OUT, m, name, li, src, spec, 0), _count(rows))
+                        for m in range(layout.microbatches)
+                        for src, rows in self._holders(name, layout, m).items()
+                    ]
+                    leaves.append(_from_tensor(_batch_mean(parts, layout.global_batch), spec))
+            result[name] = leaves
+        routing.wait_all(state.pending)
+        return result
+
+    # -- backward ----------------------------------------------------------------------------
+
+    def backward(self, state: StepState, grads: dict[str, list[Any]]) -> None:
+        """Back-propagate every microbatch; ``grads`` are this rank's output gradients."""
+        layout = state.layout
+        mean_grads = self._send_output_grads(state, grads)
+        for m in reversed(range(layout.microbatches)):
+            mb = state.microbatches[m]
+            outputs = mb.outputs
+            if outputs is None:
+                outputs = self._recompute(mb)
+            tensors, tensor_grads = [], []
+            for name, leaves in zip(self.io.outputs, outputs, strict=True):
+                for li, (spec, leaf) in enumerate(
+                    zip(self.shapes[name].leaves, leaves, strict=True)
+                ):
+                    if not _differentiable(spec):
+                        continue
+                    total = self._output_grad(state, name, li, spec, leaf, m, mb.rows, mean_grads)
+                    if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                        tensors.append(leaf)
+                        tensor_grads.append(total)
+            if tensors:
+                torch.autograd.backward(tensors, tensor_grads)
+            self._send_input_grads(state, mb, m)
+            mb.outputs = None
+            mb.inputs = []
+        routing.wait_all(state.pending)
+
+    def _recompute(self, mb: _Microbatch) -> list[list[Any]]:
+        _track(self.graph, self.io.inputs, mb.inputs)
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(mb.rng_state)
+            with torch.enable_grad():
+                return self._run(mb.inputs)
+
+    def _send_output_grads(self, state: StepState, grads) -> dict[tuple[str, int], torch.Tensor]:
+        """Post this rank's output gradients to their producers; average the scalar ones."""
+        layout = state.layout
+        own = layout.rows_of(self.rank)
+        means: dict[tuple[str, int], torch.Tensor] = {}
+        for name in self.outputs:
+            if self.graph.node(name).kind is NodeKind.INPUT:
+                continue
+            for li, spec in enumerate(self.shapes[name].leaves):
+                if not _differentiable(spec):
+                    continue
+                grad = grads[name][li]
+                if not spec.is_batch:
+                    total = torch.as_tensor(grad, dtype=torch.float64, device=self.device).clone()
+                    dist.all_reduce(total)
+                    means[(name, li)] = total / self.world
+                    continue
+                grad = grad / self.world
+                for m in range(layout.microbatches):
+                    owned = layout.owners(m).get(self.rank)
+                    if owned is None:
+                        continue
+                    holders = self._holders(name, layout, m)
+                    for move in routing.moves_for(spec, holders, {self.rank: owned}):
+                        piece = routing.take_rows(grad, spec, own, move.rows).contiguous()
+                        self._post(state, OUT_GRAD, m, name, li, move.src, piece)
+        return means
+
+    def _output_grad(self, state, name, li, spec, leaf, m, rows, means) -> torch.Tensor:
+        """The summed gradient of one output leaf of this stage in microbatch ``m``."""
+        layout = state.layout
+        total = torch.zeros_like(leaf)
+        holders = self._holders(name, layout, m)
+        sources = [(GRAD, self._readers(name, layout, m))]
+        if name in self.outputs and spec.is_batch:
+            sources.append((OUT_GRAD, layout.owners(m)))
+        for phase, needers in sources:
+            for move in routing.moves_for(spec, holders, needers):
+                if move.src != self.rank:
+                    continue
+                piece = self._fetch(state, phase, m, name, li, move.dst, spec, _count(move.rows))
+                routing.take_rows(total, spec, rows, move.rows).add_(piece)
+        if (name, li) in means:
+            share = _count(rows) / layout.global_batch
+            total += (means[(name, li)] * share).to(total.dtype)
+        return total
+
+    def _send_input_grads(self, state: StepState, mb: _Microbatch, m: int) -> None:
+        for name, leaves in zip(self.io.inputs, mb.inputs, strict=True):
+            if self.graph.node(name).kind is NodeKind.INPUT:
+                continue
+            holders = self._holders(name, state.layout, m)
+            for li, (spec, leaf) in enumerate(zip(self.shapes[name].leaves, leaves, strict=True)):
+                if not _differentiable(spec):
+                    continue
+                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                for move in routing.moves_for(spec, holders, {self.rank: mb.rows}):
+                    piece = routing.take_rows(grad, spec, mb.rows, move.rows).contiguous()
+                    self._post(state, GRAD, m, name, li, move.src, piece)
+
+
+_PHASES = {
+    INPUT: "input rows",
+    ACT: "activation",
+    OUT: "output",
+    GRAD: "gradient",
+    OUT_GRAD: "output gradient",
+}
+
+
+def value_shape(graph: Graph, name: str) -> ValueShape:
+    """The leaves of a value and the container that holds them, from the captured graph."""
+    leaves = graph.node(name).outputs
+    container = None
+    for node in graph.fx_module.graph.nodes:
+        if node.name == name:
+            value = node.meta.get("val")
+            if isinstance(value, (list, tuple)):
+                container = type(value)
+            elif value is None and len(leaves) > 1:
+                container = tuple
+            break
+    if container is None and len(leaves) != 1:
+        raise routing.RuntimeCommError(
+            f"cannot send value {name} between stages: it has {len(leaves)} tensor leaves in "
+            "an unknown structure; re-plan with a split point away from it"
+        )
+    return ValueShape(tuple(leaves), container)
+
+
+def _differentiable(spec: TensorSpec) -> bool:
+    return not routing.is_scalar(spec) and routing.torch_dtype(spec.dtype).is_floating_point
+
+
+def _track(graph: Graph, names, inputs) -> None:
+    """Make received activations leaves that collect gradients for the sending stage."""
+    for name, leaves in zip(names, inputs, strict=True):
+        if graph.node(name).kind is NodeKind.INPUT:
+            continue
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+                leaf.requires_grad_()
+
+
+def _count(rows: Rows) -> int:
+    return rows[1] - rows[0]
+
+
+def _join(pieces: list[torch.Tensor], spec: TensorSpec) -> torch.Tensor:
+    if len(pieces) == 1:
+        return pieces[0]
+    if not spec.is_batch:
+        return pieces[0]
+    return torch.cat(pieces, dim=spec.batch_dim)
+
+
+def _to_tensor(leaf, spec: TensorSpec) -> torch.Tensor:
+    if isinstance(leaf, torch.Tensor):
+        return leaf
+    return torch.tensor(leaf, dtype=routing.torch_dtype(spec.dtype))
+
+
+def _from_tensor(value: torch.Tensor, spec: TensorSpec):
+    return value.item() if routing.is_scalar(spec) else value
+
+
+def _batch_mean(parts: list[tuple[torch.Tensor, int]], global_batch: int) -> torch.Tensor:
+    """Combine per-chunk values of a non-batch output: the row-weighted mean for floats (a
+    loss computed as a batch mean), the first chunk's value for anything else."""
+    first = parts[0][0]
+    if not first.is_floating_point():
+        return first
+    total = sum(value.double() * rows for value, rows in parts) / global_batch
+    return total.to(first.dtype)

@@ -1,0 +1,137 @@
+"""Cut the captured graph into one executable module per stage.
+
+A stage module is a ``torch.fx.GraphModule`` holding only the stage's nodes.  It takes the
+values the stage receives (user inputs and values made by earlier stages) as placeholders, in
+`StageIO.inputs` order, and returns a tuple of the values other stages or the caller need, in
+`StageIO.outputs` order.  Its parameters are the user's own ``nn.Parameter`` objects (fx
+copies attribute references from the captured module, which shares them with the model), so
+the user's optimizer keeps working on them.
+
+Export bakes the training flag into dropout and batch-norm calls; here those calls read the
+stage module's ``training`` attribute instead, so ``train()``/``eval()`` work on every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from autopart.errors import AutopartError
+from autopart.ir import Graph, NodeKind
+from autopart.plan.plan import Plan
+
+
+class StageBuildError(AutopartError):
+    """The plan cannot be turned into stage modules for this graph."""
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """What one stage receives and what it hands on, as graph value names."""
+
+    index: int
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def stage_ios(graph: Graph, plan: Plan) -> list[StageIO]:
+    """Inputs and outputs of every stage; each batch op belongs to exactly one stage."""
+    owner: dict[str, int] = {}
+    for stage in plan.stages:
+        for name in stage.nodes:
+            if graph.node(name).kind is NodeKind.BATCH:
+                if name in owner:
+                    raise StageBuildError(
+                        f"op {name} is in stages {owner[name]} and {stage.index}; the plan is "
+                        "corrupt, re-plan"
+                    )
+                owner[name] = stage.index
+    for name in graph.outputs:
+        kind = graph.node(name).kind
+        if kind is NodeKind.PARAM_ONLY:
+            raise StageBuildError(
+                f"the model returns {name}, which is computed from parameters only; return it "
+                "from a separate method, or make it depend on the input"
+            )
+    needed_later: dict[str, set[int]] = {}
+    ios = []
+    for stage in plan.stages:
+        members = set(stage.nodes)
+        inputs = []
+        for name in stage.nodes:
+            for src in graph.node(name).inputs:
+                if src not in members and src not in inputs:
+                    if graph.node(src).kind is NodeKind.PARAM_ONLY:
+                        raise StageBuildError(
+                            f"stage {stage.index} needs parameter-only value {src} but does not "
+                            "compute it; the plan is corrupt, re-plan"
+                        )
+                    inputs.append(src)
+                    needed_later.setdefault(src, set()).add(stage.index)
+        ios.append((stage, inputs))
+    graph_outputs = set(graph.outputs)
+    result = []
+    for stage, inputs in ios:
+        outputs = [
+            name
+            for name in stage.nodes
+            if owner.get(name) == stage.index
+            and (name in graph_outputs or needed_later.get(name, set()) - {stage.index})
+        ]
+        result.append(StageIO(stage.index, tuple(stage.nodes), tuple(inputs), tuple(outputs)))
+    return result
+
+
+def build_stage_module(graph: Graph, io: StageIO) -> fx.GraphModule:
+    """An executable module for one stage, sharing parameters with the captured model."""
+    source: fx.GraphModule = graph.fx_module
+    if source is None:
+        raise StageBuildError("the graph has no captured module to execute; capture it again")
+    members = set(io.nodes)
+    new = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for name in io.inputs:
+        env[name] = new.placeholder(name)
+    for node in source.graph.nodes:
+        if node.name in members:
+            for dep in node.all_input_nodes:
+                if dep.op == "get_attr" and dep.name not in env:
+                    env[dep.name] = new.node_copy(dep, lambda n: env[n.name])
+            env[node.name] = new.node_copy(node, lambda n: env[n.name])
+    new.output(tuple(env[name] for name in io.outputs))
+    module = fx.GraphModule(source, new)
+    _follow_training_flag(module)
+    module.recompile()
+    return module
+
+
+class _ModeAware:
+    """Calls ``op`` with its training argument taken from ``owner.training``."""
+
+    def __init__(self, op, index: int, owner: torch.nn.Module) -> None:
+        self.op = op
+        self.index = index
+        self.owner = owner
+        self.__name__ = f"autopart_mode_aware_{op.__name__.replace('.', '_')}"
+        self.__module__ = __name__
+
+    def __call__(self, *args):
+        args = list(args)
+        args[self.index] = self.owner.training
+        return self.op(*args)
+
+
+_TRAINING_ARG = {
+    torch.ops.aten.dropout.default: 2,
+    torch.ops.aten.batch_norm.default: 5,
+}
+
+
+def _follow_training_flag(module: fx.GraphModule) -> None:
+    for node in module.graph.nodes:
+        index = _TRAINING_ARG.get(node.target) if node.op == "call_function" else None
+        if index is not None and len(node.args) > index:
+            node.target = _ModeAware(node.target, index, module)

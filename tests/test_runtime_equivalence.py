@@ -1,0 +1,37 @@
+"""autopart.Module matches plain PyTorch (DDP semantics) on real processes over gloo."""
+
+import itertools
+
+import pytest
+
+from equivalence import Case, run_cases
+from multirank import run_ranks
+from zoo import ZOO
+
+pytestmark = pytest.mark.multirank
+
+MODELS = sorted(ZOO)
+# BatchNorm normalizes over the rows one replica runs in one microbatch; that equals DDP only
+# when those rows are exactly a rank's local batch: one stage, one microbatch.
+BATCH_STATISTICS = {"resnet_cnn"}
+
+
+def _covering_cases(world: int) -> list[Case]:
+    """Every zoo model once, rotating stage counts, microbatches and optimizers, plus the MLP
+    under every stage count and microbatch count."""
+    cases = []
+    for i, name in enumerate(MODELS):
+        stages = 1 + (i + world) % world
+        if name in BATCH_STATISTICS:
+            cases.append(Case(name, 1, 1, ("sgd", "adam")[i % 2]))
+            continue
+        cases.append(Case(name, stages, (1, 2, 4)[i % 3], ("sgd", "adam")[i % 2]))
+    for j, (stages, mb) in enumerate(itertools.product(range(1, world + 1), (1, 2, 4))):
+        cases.append(Case("mlp", stages, mb, ("sgd", "adam")[(j + world) % 2], steps=2))
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_matches_plain_pytorch(world):
+    run_ranks(world, run_cases, _covering_cases(world), timeout_s=120)
