@@ -1,11 +1,17 @@
 """Planning time on this machine: capture + analytic costs + search, models on meta.
 
-    .venv/bin/python bench/plan_time.py            # the two headline cases
-    .venv/bin/python bench/plan_time.py --sweep    # size x devices table
+    .venv/bin/python bench/plan_time.py            # the headline cases
+    .venv/bin/python bench/plan_time.py --sweep    # size x devices table (--dtype bfloat16)
 
 Each case runs in a fresh subprocess so that one case's warm caches cannot flatter another;
 the reported time is the median of ``--repeats`` runs, measured inside the subprocess around
-``plan_model`` (capture included, interpreter start-up and imports excluded).
+capture + analytic cost model + ``make_plan`` (what ``plan_model`` does, but with matmuls costed
+at the model's parameter dtype; interpreter start-up, imports and model construction excluded).
+A case where no plan fits is timed up to the planner's verdict and marked "no plan fits".
+
+GPT-3 175B appears twice: in float32 with Adam it cannot fit 1024 x 80GB under autopart's memory
+model (pipeline x data parallelism replicates a whole stage's parameter, gradient and optimizer
+state on every replica; see docs/benchmarks.md), so the bfloat16 row is the one that yields a plan.
 """
 
 from __future__ import annotations
@@ -51,8 +57,9 @@ else:
 """
 
 HEADLINE = [
-    ("GPT-3 175B", "gpt3_175b", (), 1024, 1536, "80GB", "a100-80gb", 60.0),
-    ("MLP 2.5B (RaNNC tutorial)", "mlp_2_5b", (), 8, 64, "40GB", "a100-40gb", 10.0),
+    ("GPT-3 175B", "gpt3_175b", (), "float32", 1024, 1536, "80GB", "a100-80gb", 60.0),
+    ("GPT-3 175B", "gpt3_175b", (), "bfloat16", 1024, 1536, "80GB", "a100-80gb", 60.0),
+    ("MLP 2.5B (RaNNC tutorial)", "mlp_2_5b", (), "float32", 8, 64, "40GB", "a100-40gb", 10.0),
 ]
 
 SWEEP_MODELS = [
@@ -64,11 +71,12 @@ SWEEP_MODELS = [
 SWEEP_DEVICES = [8, 64, 1024]
 
 
-def run_case(factory, factory_args, devices, batch, memory, device) -> dict:
+def run_case(factory, factory_args, dtype, devices, batch, memory, device) -> dict:
     code = CHILD.format(
         root=str(ROOT),
         factory=factory,
         factory_args=tuple(factory_args),
+        dtype=dtype,
         devices=devices,
         batch=batch,
         memory=memory,
@@ -88,24 +96,51 @@ def median_case(repeats: int, *case) -> dict:
         return next(r for r in runs if "error" in r)
     result = dict(runs[0])
     result["seconds"] = statistics.median(r["seconds"] for r in runs)
+    result["all_seconds"] = [r["seconds"] for r in runs]
     return result
 
 
+def cell(r: dict) -> str:
+    """Median seconds; an infeasible verdict is timed too, and marked."""
+    if "error" in r:
+        return f"error: {r['error']}"
+    return f"{r['seconds']:.2f}" + (" (no plan fits)" if "infeasible" in r else "")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="parameter dtype of the sweep's models (the headline cases fix their own)",
+    )
     args = parser.parse_args()
     if not args.sweep:
-        print("| Model | Devices | Median planning time (s) | Target (s) | Plan |")
-        print("| --- | --- | --- | --- | --- |")
-        for name, factory, fargs, devices, batch, memory, device, target in HEADLINE:
-            r = median_case(args.repeats, factory, fargs, devices, batch, memory, device)
-            if "error" in r:
-                print(f"| {name} | {devices} x {memory} | error: {r['error']} | {target} | |")
-                continue
-            shape = f"{r['stages']} stages, M={r['microbatches']}, replicas {r['replicas']}"
-            print(f"| {name} | {devices} x {memory} | {r['seconds']:.2f} | {target} | {shape} |")
+        print(
+            "| Model | dtype | Devices | Median planning time (s) | Runs (s) | Target (s) | Plan |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, factory, fargs, dtype, devices, batch, memory, device, target in HEADLINE:
+            r = median_case(args.repeats, factory, fargs, dtype, devices, batch, memory, device)
+            runs = ", ".join(f"{t:.2f}" for t in r.get("all_seconds", []))
+            if "error" in r or "infeasible" in r:
+                shape = r.get("infeasible", "")
+            else:
+                shape = (
+                    f"{r['stages']} stages, M={r['microbatches']}, replicas {r['replicas']}, "
+                    f"predicted step {r['step']:.3f} s"
+                )
+            missed = "" if "seconds" in r and r["seconds"] < target else " (missed)"
+            print(
+                f"| {name} | {dtype} | {devices} x {memory}, batch {batch} | {cell(r)} | {runs} "
+                f"| < {target:g}{missed} | {shape} |",
+                flush=True,
+            )
         return
     print("| Model | Params | " + " | ".join(f"{d} devices (s)" for d in SWEEP_DEVICES) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in SWEEP_DEVICES) + " |")
@@ -114,12 +149,19 @@ def main() -> None:
         params = None
         for devices in SWEEP_DEVICES:
             r = median_case(
-                args.repeats, "gpt_sized", fargs, devices, 2 * devices, "80GB", "a100-80gb"
+                args.repeats,
+                "gpt_sized",
+                fargs,
+                args.dtype,
+                devices,
+                2 * devices,
+                "80GB",
+                "a100-80gb",
             )
             params = r.get("params", params)
-            cells.append(f"{r['seconds']:.2f}" if "seconds" in r else "infeasible")
+            cells.append(cell(r))
         size = f"{params / 1e9:.1f}B" if params else "?"
-        print(f"| {name} | {size} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {size} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -43,10 +44,11 @@ def grow(value, batch: int, generator: torch.Generator):
     return torch.randint(0, max(high, 2), rows.shape, generator=generator).to(value.dtype)
 
 
-def take(value, lo: int, hi: int):
-    if isinstance(value, torch.Tensor) and value.dim() > 0:
-        return value[lo:hi]
-    return value
+def rows_of(call, lo: int, hi: int):
+    """Rows ``lo:hi`` of every batch tensor in ``(args, kwargs)``."""
+    return pytree.tree_map(
+        lambda v: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 else v, call
+    )
 
 
 def make_optimizer(kind: str, params):
@@ -79,16 +81,14 @@ def run_case(rank: int, world: int, case: Case) -> autopart.Module:
     b = case.local_batch
     for step in range(case.steps):
         gen = torch.Generator().manual_seed(100 + step)
-        full_args, full_kwargs = pytree.tree_map(lambda v: grow(v, b * world, gen), (args, kwargs))
-        mine = pytree.tree_map(
-            lambda v: take(v, rank * b, (rank + 1) * b), (full_args, full_kwargs)
-        )
+        full = pytree.tree_map(partial(grow, batch=b * world, generator=gen), (args, kwargs))
+        mine = rows_of(full, rank * b, (rank + 1) * b)
         out = wrapped(*mine[0], **mine[1])
         loss_of(out).backward()
 
         ref_outs = []
         for k in range(world):
-            a, kw = pytree.tree_map(lambda v: take(v, k * b, (k + 1) * b), (full_args, full_kwargs))
+            a, kw = rows_of(full, k * b, (k + 1) * b)
             ref_outs.append(reference(*a, **kw))
         (sum(loss_of(o) for o in ref_outs) / world).backward()
 

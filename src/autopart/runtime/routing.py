@@ -93,7 +93,7 @@ def is_scalar(spec: TensorSpec) -> bool:
 def affine_value(spec: TensorSpec, rows: int):
     per_sample, fixed = spec.affine
     value = per_sample * rows + fixed
-    return int(round(value)) if spec.dtype == "symint" else value
+    return round(value) if spec.dtype == "symint" else value
 
 
 def tag(phase: int, microbatch: int, value: int, leaf: int) -> int:
