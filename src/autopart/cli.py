@@ -112,8 +112,9 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--hidden", type=int, default=64, help="hidden size")
     demo.add_argument("--seq", type=int, default=32, help="sequence length")
     demo.add_argument("--batch-size", type=int, default=8, help="global batch size")
-    demo.add_argument("--steps", type=int, default=20, help="training steps")
+    demo.add_argument("--steps", type=int, default=40, help="training steps")
     demo.add_argument("--stages", type=int, help="force the number of pipeline stages")
+    demo.add_argument("--microbatches", type=int, help="force the number of microbatches")
     demo.set_defaults(handler=_demo)
 
 

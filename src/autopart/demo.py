@@ -1,44 +1,129 @@
-"""`autopart demo`: a small GPT from a `transformers` config, planned for local processes.
+"""`autopart demo`: train a small GPT auto-partitioned across local processes.
 
-The training half (spawning the processes and running the partitioned model) arrives with the
-runtime; until then the demo stops after printing the automatically chosen plan.
+The demo launches its own processes (a gloo group on this machine), so nothing but
+``autopart demo`` is needed.  The data is synthetic and learnable: each sequence counts up from
+a random token in a random stride, so the next token is predictable after two and the loss
+falls within a few dozen steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import statistics
+import time
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from autopart.errors import AutopartError
 from autopart.models import gpt2
-from autopart.plan.planner import PlanOptions
-from autopart.planning import plan_model
 from autopart.report import print_plan
 
+VOCAB = 256
 
-def build_model(layers: int, hidden: int, seq: int, vocab: int = 256):
+
+def build_model(layers: int, hidden: int, seq: int, vocab: int = VOCAB):
     return gpt2(n_layer=layers, n_embd=hidden, n_head=max(1, hidden // 16), seq=seq, vocab=vocab)
 
 
+def counting_batch(rows: int, seq: int, generator: torch.Generator) -> torch.Tensor:
+    """Token ids ``start + stride * t (mod VOCAB)``: learnable, and never the same twice."""
+    start = torch.randint(0, VOCAB, (rows, 1), generator=generator)
+    stride = torch.randint(1, 4, (rows, 1), generator=generator)
+    return (start + stride * torch.arange(seq)) % VOCAB
+
+
 def run(args: argparse.Namespace) -> int:
-    console = Console()
-    model, example = build_model(args.layers, args.hidden, args.seq)
-    options = PlanOptions(
-        devices=args.processes,
-        global_batch=args.batch_size,
-        optimizer="adam",
-        stages=args.stages,
-    )
-    _, plan = plan_model(
-        model,
-        example,
-        options=options,
-        device_type="cpu",
-        progress=console if console.is_terminal else None,
-    )
-    print_plan(plan, console)
-    console.print(
-        "[yellow]training across processes needs the autopart runtime, which has not landed "
-        "yet; the demo stops after planning.[/yellow]"
-    )
+    if args.batch_size % args.processes:
+        raise AutopartError(
+            f"--batch-size {args.batch_size} must be a multiple of --processes {args.processes}"
+        )
+    settings = {k: v for k, v in vars(args).items() if k != "handler"}
+    port = _free_port()
+    try:
+        mp.start_processes(
+            _worker, args=(settings, port), nprocs=args.processes, join=True, start_method="spawn"
+        )
+    except mp.ProcessRaisedException as err:
+        last = str(err).strip().splitlines()[-1]
+        raise AutopartError(f"a demo process failed: {last}") from None
     return 0
+
+
+def _worker(rank: int, settings: dict, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(settings["processes"]),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    try:
+        _train(rank, settings)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(rank: int, s: dict) -> None:
+    import autopart
+
+    console = Console()
+    world = s["processes"]
+    local = s["batch_size"] // world
+    model, _ = build_model(s["layers"], s["hidden"], s["seq"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model = autopart.Module(model, optimizer, stages=s["stages"], microbatches=s["microbatches"])
+    generator = torch.Generator().manual_seed(1234)
+    losses, rates = [], []
+    progress = Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:,.0f} samples/s"),
+        console=console,
+        disable=rank != 0,
+    )
+    with progress:
+        task = progress.add_task("train", total=s["steps"], loss=float("nan"), rate=0.0)
+        for step in range(s["steps"]):
+            tokens = counting_batch(s["batch_size"], s["seq"], generator)
+            ids = tokens[rank * local : (rank + 1) * local]
+            began = time.perf_counter()
+            logits = model(ids).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+            loss.backward()
+            model.clip_grad_norm_(1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            elapsed = time.perf_counter() - began
+            mean_loss = torch.tensor([loss.item()])
+            dist.all_reduce(mean_loss)
+            losses.append(mean_loss.item() / world)
+            rates.append(s["batch_size"] / elapsed)
+            if step == 0 and rank == 0:
+                print_plan(model.plan, console)
+            progress.update(task, advance=1, loss=losses[-1], rate=rates[-1])
+    if rank == 0:
+        window = max(1, len(losses) // 5)
+        first, last = statistics.mean(losses[:window]), statistics.mean(losses[-window:])
+        verdict = "fell" if last < first else "did not fall"
+        console.print(
+            f"loss {verdict}: {first:.3f} (first {window} steps) -> {last:.3f} (last {window}); "
+            f"median {statistics.median(rates[1:] or rates):,.0f} samples/s over {world} processes"
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

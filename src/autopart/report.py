@@ -71,4 +71,8 @@ def plan_table(plan: Plan) -> Table:
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:
-    (console or Console()).print(plan_table(plan))
+    console = console or Console()
+    # Logs and pipes get rich's 80 columns, too narrow for the module names.
+    if not console.is_terminal and console.width < 140:
+        console = Console(file=console.file, width=140)
+    console.print(plan_table(plan))
