@@ -40,3 +40,39 @@ def _entry(rank: int, world: int, port: int, timeout_s: float, fn, args) -> None
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
+
+
+def run_ranks_unjoined(world: int, fn, *args, timeout_s: float = 60.0) -> list[int | None]:
+    """Start ``fn(rank, world, *args)`` on ``world`` processes that set up their own process
+    group (through the launcher's environment variables, as under torchrun), and wait for all
+    of them without stopping the others when one dies.  Returns their exit codes (None: still
+    running at ``timeout_s`` and killed)."""
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [
+        context.Process(target=_entry_unjoined, args=(rank, world, port, fn, args))
+        for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    codes = []
+    for process in processes:
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            codes.append(None)
+        else:
+            codes.append(process.exitcode)
+    return codes
+
+
+def _entry_unjoined(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    fn(rank, world, *args)

@@ -195,6 +195,11 @@ class Module(nn.Module):
         }
         local = {}
         for name, source in self.graph.input_sources.items():
+            if source not in given and any(key.startswith(source) for key in given):
+                raise AutopartError(
+                    f"{source} was a tensor when the model was captured, got a container; "
+                    "pass the same kinds of arguments on every step"
+                )
             if source not in given:
                 raise AutopartError(
                     f"this call has no {source}, but the model was captured with it; call the "

@@ -1,0 +1,221 @@
+"""Per-rank bodies of the runtime feature tests (spawned processes import them from here)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import autopart
+from autopart.errors import AutopartError
+from autopart.runtime.routing import RuntimeCommError
+from equivalence import assert_close, grow, rows_of
+from zoo import ZOO, kwargs_mask
+
+LOCAL = 4
+
+
+def _batch(example, world: int, seed: int):
+    args, kwargs = example[1], example[2]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils._pytree.tree_map(lambda v: grow(v, LOCAL * world, gen), (args, kwargs))
+
+
+def _reference_loss(reference, full, world: int, loss_fn) -> torch.Tensor:
+    total = 0
+    for k in range(world):
+        a, kw = rows_of(full, k * LOCAL, (k + 1) * LOCAL)
+        total = total + loss_fn(reference(*a, **kw))
+    return total / world
+
+
+def _square(out) -> torch.Tensor:
+    return out.pow(2).mean()
+
+
+def accumulate_and_clip(rank: int, world: int) -> None:
+    """no_sync accumulation, then a global-norm clip, against the same on plain PyTorch."""
+    example = ZOO["skip"]()
+    model = example[0]
+    reference = copy.deepcopy(model)
+    wrapped = autopart.Module(model, stages=2, microbatches=2)
+    for seed in range(3):
+        full = _batch(example, world, seed)
+        mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
+        if seed < 2:
+            with wrapped.no_sync():
+                _square(wrapped(*mine[0], **mine[1])).backward()
+        else:
+            _square(wrapped(*mine[0], **mine[1])).backward()
+        _reference_loss(reference, full, world, _square).backward()
+    ref_params = dict(reference.named_parameters())
+    for name, param in wrapped.named_parameters():
+        assert_close(param.grad, ref_params[name].grad, f"accumulated grad of {name}")
+    norm = wrapped.clip_grad_norm_(0.05)
+    ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+    assert_close(norm, ref_norm, "global grad norm")
+    for name, param in wrapped.named_parameters():
+        assert_close(param.grad, ref_params[name].grad, f"clipped grad of {name}")
+
+
+def state_round_trip(rank: int, world: int, workdir: str) -> None:
+    """Full state and optimizer state gathered on every rank load into plain PyTorch."""
+    example = ZOO["tied"]()
+    model = example[0]
+    reference = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    wrapped = autopart.Module(model, opt, stages=2)
+    for seed in range(2):
+        full = _batch(example, world, seed)
+        mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
+        _square(wrapped(*mine[0], **mine[1])).backward()
+        opt.step()
+        opt.zero_grad()
+        _reference_loss(reference, full, world, _square).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    state = wrapped.state_dict()
+    expected = reference.state_dict()
+    assert list(state) == list(expected), (list(state), list(expected))
+    for key, value in expected.items():
+        assert_close(state[key], value, f"state_dict[{key}]")
+    only0 = wrapped.state_dict(rank0_only=True)
+    assert (len(only0) > 0) == (rank == 0)
+
+    opt_state = wrapped.optimizer_state_dict()
+    fresh = copy.deepcopy(reference)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    fresh_opt.load_state_dict(opt_state)
+    ref_sd = ref_opt.state_dict()
+    assert opt_state["param_groups"] == ref_sd["param_groups"]
+    for index, entry in ref_sd["state"].items():
+        for key, value in entry.items():
+            assert_close(opt_state["state"][index][key], value, f"optimizer state {index}.{key}")
+
+    # A new wrapper restored from the saved states continues exactly like the reference.
+    path = Path(workdir) / "plan.json"
+    if rank == 0:
+        wrapped.plan.save(path)
+    dist.barrier()
+    restored_model = copy.deepcopy(example[0])
+    restored_opt = torch.optim.Adam(restored_model.parameters(), lr=1e-2)
+    restored = autopart.Module(restored_model, restored_opt, plan=path)
+    restored.load_state_dict(state)
+    full = _batch(example, world, 7)
+    mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
+    _square(restored(*mine[0], **mine[1])).backward()
+    assert restored.plan == wrapped.plan
+    restored.load_optimizer_state_dict(opt_state)
+    restored_opt.step()
+    _reference_loss(reference, full, world, _square).backward()
+    ref_opt.step()
+    ref_params = dict(reference.named_parameters())
+    for name, param in restored.named_parameters():
+        assert_close(param.detach(), ref_params[name].detach(), f"restored {name}")
+
+
+class _Dropped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.drop = nn.Dropout(0.5)
+        self.b = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.drop(torch.relu(self.a(x))))
+
+
+def eval_and_no_grad(rank: int, world: int) -> None:
+    """eval() turns dropout off on every stage; no_grad keeps nothing for backward."""
+    torch.manual_seed(0)
+    model = _Dropped()
+    reference = copy.deepcopy(model).eval()
+    wrapped = autopart.Module(model, stages=2)
+    x = torch.randn(LOCAL * world, 16, generator=torch.Generator().manual_seed(3))
+    mine = x[rank * LOCAL : (rank + 1) * LOCAL]
+    train_out = wrapped(mine)
+    expected = reference(mine)
+    assert not torch.allclose(train_out, expected), "dropout did not act in training mode"
+    wrapped.eval()
+    assert_close(wrapped(mine).detach(), expected.detach(), "eval output")
+    with torch.no_grad():
+        out = wrapped(mine)
+    assert out.grad_fn is None and not out.requires_grad
+    assert_close(out, expected.detach(), "no_grad output")
+    wrapped.train()
+    again = wrapped(mine)
+    assert not torch.allclose(again, expected), "train() did not turn dropout back on"
+
+
+def recompute_dropout(rank: int, world: int) -> None:
+    """A recomputing stage replays the forward's dropout masks: gradients stay exact."""
+    torch.manual_seed(0)
+    model = _Dropped()
+    wrapped = autopart.Module(model, stages=2, microbatches=2)
+    x = torch.randn(LOCAL * world, 16, generator=torch.Generator().manual_seed(3))
+    mine = x[rank * LOCAL : (rank + 1) * LOCAL]
+    with torch.no_grad():
+        wrapped(mine)  # plans on the first call
+    wrapped.schedule.stage.recompute = True
+    torch.manual_seed(10 + rank)
+    out = wrapped(mine)
+    _square(out).backward()
+    grads = {n: p.grad.clone() for n, p in wrapped.named_parameters()}
+    # The same step without recomputation, with the same random draws.
+    for param in wrapped.parameters():
+        param.grad = None
+    wrapped.schedule.stage.recompute = False
+    torch.manual_seed(10 + rank)
+    out2 = wrapped(mine)
+    assert_close(out2.detach(), out.detach(), "output with the same seed")
+    _square(out2).backward()
+    for name, param in wrapped.named_parameters():
+        assert_close(param.grad, grads[name], f"grad of {name} with and without recompute")
+
+
+def bad_inputs(rank: int, world: int) -> None:
+    """Wrong calls fail on every rank with a message that says what is wrong."""
+    model, args, kwargs = kwargs_mask()
+    wrapped = autopart.Module(model, stages=2)
+    x = args[0].repeat(LOCAL, 1, 1)
+    mask = kwargs["mask"].repeat(LOCAL, 1)
+    wrapped(x, mask=mask)
+    try:
+        wrapped(x)
+    except AutopartError as err:
+        assert "kwargs['mask']" in str(err), err
+    else:
+        raise AssertionError("a missing keyword argument was accepted")
+    try:
+        wrapped(x, mask=[1.0] * 8)
+    except AutopartError as err:
+        assert "was a tensor" in str(err), err
+    else:
+        raise AssertionError("a list where a tensor was captured was accepted")
+
+
+def dies_after_one_step(rank: int, world: int, workdir: str) -> None:
+    """Rank 1 dies after the first step; the others must fail fast with a clear error."""
+    model, args, _ = ZOO["mlp"]()
+    wrapped = autopart.Module(model, stages=2, timeout=10)
+    x = args[0].repeat(LOCAL, 1)
+    _square(wrapped(x)).backward()
+    if rank == 1:
+        os._exit(17)
+    began = time.monotonic()
+    try:
+        _square(wrapped(x)).backward()
+        outcome = {"error": None}
+    except RuntimeCommError as err:
+        outcome = {"error": str(err)}
+    outcome["seconds"] = time.monotonic() - began
+    Path(workdir, f"rank{rank}.json").write_text(json.dumps(outcome))
+    os._exit(0)

@@ -1,0 +1,64 @@
+"""autopart.Module's DDP-style features, each on real processes over gloo."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import runtime_workers as workers
+from multirank import run_ranks, run_ranks_unjoined
+
+pytestmark = pytest.mark.multirank
+
+
+def test_no_sync_accumulation_and_global_clip():
+    run_ranks(2, workers.accumulate_and_clip)
+
+
+def test_state_dicts_round_trip_into_plain_pytorch_and_plan_reuse(tmp_path):
+    run_ranks(2, workers.state_round_trip, str(tmp_path))
+
+
+def test_eval_and_no_grad():
+    run_ranks(2, workers.eval_and_no_grad)
+
+
+def test_recompute_replays_dropout():
+    run_ranks(2, workers.recompute_dropout)
+
+
+def test_bad_inputs_fail_clearly_on_every_rank():
+    run_ranks(2, workers.bad_inputs)
+
+
+def test_a_dead_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    codes = run_ranks_unjoined(2, workers.dies_after_one_step, str(tmp_path), timeout_s=60)
+    assert codes[1] == 17
+    assert codes[0] == 0, f"rank 0 exited with {codes[0]} (None: it hung)"
+    outcome = json.loads((tmp_path / "rank0.json").read_text())
+    assert outcome["error"] is not None, "rank 0 trained on as if nothing happened"
+    assert "rank 1" in outcome["error"] or "died" in outcome["error"], outcome["error"]
+    assert outcome["seconds"] < 15
+
+
+def test_mpirun_environment_is_read():
+    code = (
+        "import torch.distributed as dist\n"
+        "from autopart.runtime.distenv import ensure_initialized\n"
+        "ensure_initialized(10)\n"
+        "print(dist.get_rank(), dist.get_world_size())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(
+        OMPI_COMM_WORLD_RANK="0",
+        OMPI_COMM_WORLD_SIZE="1",
+        OMPI_COMM_WORLD_LOCAL_RANK="0",
+        MASTER_PORT=str(__import__("multirank").free_port()),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "1"]
