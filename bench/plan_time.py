@@ -17,6 +17,7 @@ state on every replica; see docs/benchmarks.md), so the bfloat16 row is the one 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -100,6 +101,12 @@ def median_case(repeats: int, *case) -> dict:
     return result
 
 
+def runs_of(replicas: list[int]) -> str:
+    """``[16, 16, 16, 8]`` -> ``3x16, 8``."""
+    groups = [(r, len(list(g))) for r, g in itertools.groupby(replicas)]
+    return ", ".join(f"{n}x{r}" if n > 1 else str(r) for r, n in groups)
+
+
 def cell(r: dict) -> str:
     """Median seconds; an infeasible verdict is timed too, and marked."""
     if "error" in r:
@@ -132,7 +139,8 @@ def main() -> None:
                 shape = r.get("infeasible", "")
             else:
                 shape = (
-                    f"{r['stages']} stages, M={r['microbatches']}, replicas {r['replicas']}, "
+                    f"{r['stages']} stages, M={r['microbatches']}, "
+                    f"replicas {runs_of(r['replicas'])}, "
                     f"predicted step {r['step']:.3f} s"
                 )
             missed = "" if "seconds" in r and r["seconds"] < target else " (missed)"

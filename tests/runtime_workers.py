@@ -219,3 +219,30 @@ def dies_after_one_step(rank: int, world: int, workdir: str) -> None:
     outcome["seconds"] = time.monotonic() - began
     Path(workdir, f"rank{rank}.json").write_text(json.dumps(outcome))
     os._exit(0)
+
+
+def measured_stage_memory(rank: int, world: int, cases: list, workdir: str) -> None:
+    """Peak live bytes of this rank's stage over two training steps, next to the prediction."""
+    from autopart.memtrack import LiveBytes
+    from autopart.models import gpt2
+
+    results = []
+    for layers, seq, stages, microbatches, local in cases:
+        model, args = gpt2(n_layer=layers, n_embd=64, n_head=4, seq=seq, vocab=256, dropout=0.0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        wrapped = autopart.Module(model, opt, stages=stages, microbatches=microbatches)
+        ids = args[0].repeat(local, 1)
+        with torch.no_grad():
+            wrapped(ids)  # plan and build the stage outside the measurement
+        held = list(wrapped.parameters()) + list(wrapped.stage_module.buffers())
+        with LiveBytes(held) as tracker:
+            for _ in range(2):
+                wrapped(ids).logits.float().pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+        stage = wrapped.plan.stage_of_rank(rank)
+        state = sum(p.numel() * p.element_size() for p in wrapped.parameters()) * 4
+        results.append(
+            {"predicted": stage.memory_bytes, "measured": tracker.peak, "state": state}
+        )
+    Path(workdir, f"memory{rank}.json").write_text(json.dumps(results))
