@@ -155,8 +155,10 @@ def main() -> None:
         ("2 ranks, 1 stage x 2 replicas", "DDP", "ddp", 2, "<= 1.05"),
         ("2 ranks, 2 stages, GPipe, M=4", "pipelining ScheduleGPipe", "pipe", 2, "<= 1.00"),
     ]
-    print(f"model: {DEPTH} x Linear({WIDTH})+GELU, global batch {BATCH}, SGD; medians of "
-          f"{args.steps} alternating steps, median over {args.repeats} runs")
+    print(
+        f"model: {DEPTH} x Linear({WIDTH})+GELU, global batch {BATCH}, SGD; medians of "
+        f"{args.steps} alternating steps, median over {args.repeats} runs"
+    )
     print("| Setup | Baseline | autopart step | baseline step | ratio | target |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, base_name, pair, world, target in rows:

@@ -242,7 +242,5 @@ def measured_stage_memory(rank: int, world: int, cases: list, workdir: str) -> N
                 opt.zero_grad(set_to_none=False)
         stage = wrapped.plan.stage_of_rank(rank)
         state = sum(p.numel() * p.element_size() for p in wrapped.parameters()) * 4
-        results.append(
-            {"predicted": stage.memory_bytes, "measured": tracker.peak, "state": state}
-        )
+        results.append({"predicted": stage.memory_bytes, "measured": tracker.peak, "state": state})
     Path(workdir, f"memory{rank}.json").write_text(json.dumps(results))

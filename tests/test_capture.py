@@ -113,7 +113,7 @@ def test_shapes_are_per_sample(graphs):
     # Shape arithmetic on the batch is batch work; constant position tables are not.
     sizes = [n for n in graph.nodes if n.op == "aten.sym_size.int"]
     assert sizes and all(n.kind is NodeKind.BATCH for n in sizes)
-    assert all(n.outputs == (TensorSpec((), "symint", None),) for n in sizes)
+    assert all(n.outputs == (TensorSpec((), "symint", None, (1.0, 0.0)),) for n in sizes)
     positions = next(n for n in graph.nodes if n.op == "aten.arange.default")
     assert positions.kind is NodeKind.PARAM_ONLY and positions.outputs[0].batch_dim is None
 

@@ -31,11 +31,14 @@ def test_live_bytes_counts_allocations_and_frees():
 def test_predicted_stage_memory_is_within_15_percent_of_measured(tmp_path):
     run_ranks(2, measured_stage_memory, CASES, str(tmp_path))
     for rank in range(2):
-        for case, result in zip(CASES, json.loads((tmp_path / f"memory{rank}.json").read_text())):
+        results = json.loads((tmp_path / f"memory{rank}.json").read_text())
+        for case, result in zip(CASES, results, strict=True):
             predicted, measured = result["predicted"], result["measured"]
             assert measured - result["state"] > 0.3 * measured, f"{case}: not activation-heavy"
             error = abs(predicted - measured) / measured
-            print(f"rank {rank} {case}: predicted {predicted:,} measured {measured:,} ({error:.1%})")
+            print(
+                f"rank {rank} {case}: predicted {predicted:,} measured {measured:,} ({error:.1%})"
+            )
             assert error <= TOLERANCE, (
                 f"rank {rank} case {case}: predicted {predicted} vs measured {measured} "
                 f"({error:.1%} off)"

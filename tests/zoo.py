@@ -202,7 +202,50 @@ def param_derived() -> Example:
     return _ParamDerived(), (torch.randn(1, 16),), {}
 
 
+class _FanOut(nn.Module):
+    """One activation read by three branches at once, concatenated back."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Linear(width, width)
+        self.branches = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
+        self.head = nn.Linear(3 * width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        return self.head(torch.cat([torch.tanh(b(h)) for b in self.branches], dim=-1))
+
+
+def fan_out() -> Example:
+    torch.manual_seed(0)
+    return _FanOut(), (torch.randn(1, 16),), {}
+
+
+class _ForkJoin(nn.Module):
+    """A deep branch and a shallow branch from the same fork, joined by an add."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fork = nn.Linear(width, width)
+        self.deep = nn.Sequential(
+            nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()
+        )
+        self.shallow = nn.Linear(width, width)
+        self.join = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fork(x))
+        return self.join(self.deep(h) + self.shallow(h))
+
+
+def fork_join() -> Example:
+    torch.manual_seed(0)
+    return _ForkJoin(), (torch.randn(1, 16),), {}
+
+
 ZOO: dict[str, Callable[[], Example]] = {
+    "fan_out": fan_out,
+    "fork_join": fork_join,
     "mlp": mlp,
     "resnet_cnn": resnet_cnn,
     "gpt2_tiny": gpt2_tiny,

@@ -248,9 +248,11 @@ class Module(nn.Module):
             per_value[name] = [flat_grads.get(position + i) for i in range(count)]
             position += count
         try:
-            self.schedule.backward(state, per_value)
+            overlap = self._sync and self.holders.overlap is not None
+            arm = self.holders.arm_overlap if overlap else None
+            self.schedule.backward(state, per_value, before_last=arm)
             if self._sync:
-                self.holders.all_reduce_grads()
+                self.holders.all_reduce_grads(overlapped=overlap)
         except RuntimeError as err:
             if isinstance(err, AutopartError):
                 raise

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from autopart.plan.plan import Plan
+from autopart.runtime.overlap import OverlappedAllReduce
 
 
 class Holders:
@@ -33,11 +34,19 @@ class Holders:
                 ranks_of[name].update(stage.ranks)
         self.ranks_of = {name: tuple(sorted(r)) for name, r in ranks_of.items()}
         self.local = [n for n in plan.stage_of_rank(rank).params if n in trainable]
+        self.stage_ranks = plan.stage_of_rank(rank).ranks
         self.trainable = trainable
         self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for holders in sorted(set(self.ranks_of.values())):
             if len(holders) > 1:
                 self.groups[holders] = dist.new_group(list(holders))
+
+        replica_only = [
+            trainable[n] for n in self.local if self.ranks_of[n] == tuple(sorted(self.stage_ranks))
+        ]
+        group = self.groups.get(tuple(sorted(self.stage_ranks)))
+        self.overlap = OverlappedAllReduce(replica_only, group) if group is not None else None
+        self._overlapped = {id(p) for p in replica_only} if group is not None else set()
 
     def owner(self, name: str) -> int:
         """The one rank that speaks for a parameter in norms and state dicts."""
@@ -46,13 +55,23 @@ class Holders:
     def is_local(self, name: str) -> bool:
         return self.rank in self.ranks_of.get(name, ())
 
-    def all_reduce_grads(self) -> None:
-        """Sum the partial gradients of this rank's parameters over their holders."""
+    def arm_overlap(self) -> None:
+        """Call before the last microbatch's backward: replica sums start as grads finish."""
+        if self.overlap is not None:
+            self.overlap.arm()
+
+    def all_reduce_grads(self, overlapped: bool = False) -> None:
+        """Sum the partial gradients of this rank's parameters over their holders; with
+        ``overlapped``, the replica-only ones were launched by `arm_overlap` already."""
+        if overlapped and self.overlap is not None:
+            self.overlap.finish()
         buckets: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
         for name in self.local:
             holders = self.ranks_of[name]
+            param = self.trainable[name]
+            if overlapped and id(param) in self._overlapped:
+                continue
             if len(holders) > 1:
-                param = self.trainable[name]
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
                 buckets[holders].append(param.grad)

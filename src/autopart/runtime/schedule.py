@@ -19,6 +19,7 @@ world size, so the sum that each stage's replica group all-reduces is the mean o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,11 +248,19 @@ class GPipeSchedule:
 
     # -- backward ----------------------------------------------------------------------------
 
-    def backward(self, state: StepState, grads: dict[str, list[Any]]) -> None:
-        """Back-propagate every microbatch; ``grads`` are this rank's output gradients."""
+    def backward(
+        self,
+        state: StepState,
+        grads: dict[str, list[Any]],
+        before_last: Callable[[], None] | None = None,
+    ) -> None:
+        """Back-propagate every microbatch; ``grads`` are this rank's output gradients.
+        ``before_last`` runs before the last microbatch's backward, whose gradients are final."""
         layout = state.layout
         mean_grads = self._send_output_grads(state, grads)
         for m in reversed(range(layout.microbatches)):
+            if m == 0 and before_last is not None:
+                before_last()
             mb = state.microbatches[m]
             outputs = mb.outputs
             if outputs is None:
