@@ -103,7 +103,7 @@ def _worker(rank: int, world: int, port: int, steps: int, pair: str, out: str) -
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     import autopart
 
@@ -149,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["single", "ddp", "pipe"], help="run one pair")
     args = parser.parse_args()
     rows = [
         ("1 rank, 1 stage", "plain PyTorch", "single", 1, "<= 1.05"),
@@ -162,6 +163,8 @@ def main() -> None:
     print("| Setup | Baseline | autopart step | baseline step | ratio | target |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, base_name, pair, world, target in rows:
+        if args.only and pair != args.only:
+            continue
         runs = [_run(pair, world, args.steps) for _ in range(args.repeats)]
         ours = statistics.median(r[0] for r in runs)
         base = statistics.median(r[1] for r in runs)
