@@ -62,3 +62,7 @@ def test_mpirun_environment_is_read():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "1"]
+
+
+def test_bf16_autocast_matches_reference():
+    run_ranks(2, workers.bf16_matches_autocast_reference)

@@ -64,9 +64,11 @@ class Module(nn.Module):
         split_points: list[str] | None = None,
         device_memory: int | str | None = None,
         plan: Plan | str | Path | None = None,
+        precision: str | None = None,
         timeout: float | None = None,
     ) -> None:
         super().__init__()
+        self._autocast = _autocast_dtype(precision)
         ensure_initialized(timeout)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -105,7 +107,9 @@ class Module(nn.Module):
         module = build_stage_module(self.graph, ios[stage.index]).to(self.device)
         module.train(self.training)
         self.__dict__["stage_module"] = module
-        self.schedule = GPipeSchedule(self.graph, self.plan, ios, module, self.rank, self.device)
+        self.schedule = GPipeSchedule(
+            self.graph, self.plan, ios, module, self.rank, self.device, self._autocast
+        )
         self._names = _canonical_names(self.model, self.graph)
         trainable = {
             canonical: param
@@ -390,6 +394,20 @@ class _Bridge(torch.autograd.Function):
         ctx.owner._backward(ctx.state, ctx.order, ctx.differentiable, grads)
         ctx.state = None
         return (None, None, None, None, None, *[None] * len(grads))
+
+
+def _autocast_dtype(precision: str | None) -> torch.dtype | None:
+    """Mixed precision by native autocast; the parameters stay fp32 (they are the masters)."""
+    if precision in (None, "fp32", "float32"):
+        return None
+    if precision in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if precision in ("fp16", "float16"):
+        raise AutopartError(
+            "precision='fp16' needs loss scaling across stages, which autopart does not have "
+            "yet; use precision='bf16'"
+        )
+    raise AutopartError(f"unknown precision {precision!r}; use None (fp32) or 'bf16'")
 
 
 def _canonical_names(model: nn.Module, graph: Graph) -> dict[str, str]:

@@ -69,8 +69,10 @@ class GPipeSchedule:
         module: fx.GraphModule,
         rank: int,
         device: torch.device,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.graph = graph
+        self.autocast = autocast
         self.plan = plan
         self.module = module
         self.rank = rank
@@ -147,7 +149,10 @@ class GPipeSchedule:
 
     def _run(self, inputs: list[list[Any]]) -> list[list[Any]]:
         args = [self.shapes[n].pack(v) for n, v in zip(self.io.inputs, inputs, strict=True)]
-        results = self.module(*args)
+        with torch.autocast(
+            self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+        ):
+            results = self.module(*args)
         return [self.shapes[n].unpack(v) for n, v in zip(self.io.outputs, results, strict=True)]
 
     def _send_inputs(self, state: StepState) -> None:
@@ -191,7 +196,8 @@ class GPipeSchedule:
             for li, (spec, leaf) in enumerate(zip(self.shapes[name].leaves, leaves, strict=True)):
                 if spec.affine is not None:
                     continue
-                tensor = _to_tensor(leaf, spec).detach()
+                # Under autocast a value may be narrower than captured; it travels as captured.
+                tensor = _to_tensor(leaf, spec).detach().to(routing.torch_dtype(spec.dtype))
                 targets = [(ACT, self._readers(name, layout, m))]
                 if name in self.outputs:
                     targets.append((OUT, self._output_needers(spec, layout, m)))
