@@ -268,3 +268,50 @@ def bf16_matches_autocast_reference(rank: int, world: int) -> None:
     # The same step in fp32 differs by more than rounding: autocast really ran.
     fp32_out = copy.deepcopy(reference).float()(*mine[0], **mine[1])
     assert not torch.equal(out.float(), fp32_out.float())
+
+
+def _optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for state in opt.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
+
+
+def zero_matches_reference(rank: int, world: int, stages: int, workdir: str) -> None:
+    """zero=True trains exactly like plain PyTorch with Adam and splits the optimizer state."""
+    example = ZOO["fan_out"]()
+    model = example[0]
+    reference = copy.deepcopy(model)
+    plain_model = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-2)
+    wrapped = autopart.Module(model, opt, stages=stages, microbatches=2, zero=True)
+    plain = autopart.Module(plain_model, plain_opt, stages=stages, microbatches=2)
+    ref_params = dict(reference.named_parameters())
+    for seed in range(3):
+        full = _batch(example, world, seed)
+        mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
+        for module, optimizer in ((wrapped, opt), (plain, plain_opt)):
+            _square(module(*mine[0], **mine[1])).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        _reference_loss(reference, full, world, _square).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        for name, param in wrapped.named_parameters():
+            assert_close(param.detach(), ref_params[name].detach(), f"step {seed} {name}")
+    saved = wrapped.optimizer_state_dict()
+    expected = ref_opt.state_dict()
+    for index, entry in expected["state"].items():
+        for key, value in entry.items():
+            assert_close(saved["state"][index][key], value, f"optimizer state {index}.{key}")
+    result = {
+        "replicas": wrapped.plan.stage_of_rank(rank).replicas,
+        "zero": _optimizer_state_bytes(opt),
+        "plain": _optimizer_state_bytes(plain_opt),
+        "largest": max(p.numel() * p.element_size() for p in wrapped.parameters()) * 2,
+    }
+    Path(workdir, f"zero{rank}.json").write_text(json.dumps(result))

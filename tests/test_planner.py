@@ -241,3 +241,15 @@ def test_cli_corrupt_plan_is_one_clear_error(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "not valid JSON" in result.stderr
+
+
+def test_zero_splits_optimizer_state_over_replicas(graphs):
+    graph = graphs["mlp"]
+    base = PlanOptions(devices=4, global_batch=8, stages=1, optimizer="adam")
+    plain = make_plan(graph, _cost(), base).stages[0]
+    zero = make_plan(graph, _cost(), PlanOptions(**{**base.__dict__, "zero": True})).stages[0]
+    trainable = sum(p.nbytes for p in graph.params.values() if not p.is_buffer)
+    assert plain.replicas == zero.replicas == 4
+    assert plain.memory_bytes - zero.memory_bytes == pytest.approx(
+        2 * trainable * (1 - 1 / 4), abs=1
+    )

@@ -66,3 +66,14 @@ def test_mpirun_environment_is_read():
 
 def test_bf16_autocast_matches_reference():
     run_ranks(2, workers.bf16_matches_autocast_reference)
+
+
+@pytest.mark.parametrize("world,stages", [(2, 1), (3, 2)])
+def test_zero_matches_reference_and_splits_optimizer_state(world, stages, tmp_path):
+    run_ranks(world, workers.zero_matches_reference, stages, str(tmp_path))
+    for rank in range(world):
+        r = json.loads((tmp_path / f"zero{rank}.json").read_text())
+        # Whole tensors are assigned, so a share can exceed an even split by one tensor.
+        assert r["zero"] <= r["plain"] / r["replicas"] + r["largest"], (rank, r)
+        if r["replicas"] > 1:
+            assert r["zero"] < r["plain"], (rank, r)

@@ -42,6 +42,7 @@ def _plan(args: argparse.Namespace) -> int:
         microbatches=args.microbatches,
         split_points=split_points,
         target_blocks=args.blocks,
+        zero=args.zero,
     )
     _, plan = plan_model(
         model,
@@ -94,6 +95,11 @@ def _add_plan_parser(sub) -> None:
         "--optimizer", default="adam", choices=["adam", "adamw", "sgd", "sgd-momentum", "none"]
     )
     plan.add_argument("--stages", type=int, help="force the number of pipeline stages")
+    plan.add_argument(
+        "--zero",
+        action="store_true",
+        help="plan for ZeRO-1: optimizer state split over each stage's replicas",
+    )
     plan.add_argument("--microbatches", type=int, help="force the number of microbatches")
     plan.add_argument(
         "--split-points", help="comma-separated module paths where stages start (a manual plan)"

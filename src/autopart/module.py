@@ -37,6 +37,7 @@ from autopart.runtime.gradients import Holders
 from autopart.runtime.layout import BatchLayout
 from autopart.runtime.schedule import GPipeSchedule, StepState
 from autopart.runtime.stage_module import build_stage_module, stage_ios
+from autopart.runtime.zero import ShardedStep, assign_shards
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,11 @@ class Module(nn.Module):
         device_memory: int | str | None = None,
         plan: Plan | str | Path | None = None,
         precision: str | None = None,
+        zero: bool = False,
         timeout: float | None = None,
     ) -> None:
         super().__init__()
+        self._zero = zero
         self._autocast = _autocast_dtype(precision)
         ensure_initialized(timeout)
         self.rank = dist.get_rank()
@@ -118,6 +121,19 @@ class Module(nn.Module):
         }
         self.holders = Holders(self.plan, self.rank, trainable, self.device)
         self._local_ids = {id(trainable[n]) for n in self.holders.local}
+        self._state_owner = self._optimizer_state_owners(trainable)
+        self._stepped_ids = self._local_ids
+        if self._zero and self.optimizer is not None:
+            shards = assign_shards(stage, self.graph.params)
+            self._stepped_ids = {
+                id(trainable[n]) for n in self.holders.local if shards.get(n) == self.rank
+            }
+            step = ShardedStep(
+                shards,
+                {n: trainable[n] for n in self.holders.local},
+                self.holders.groups.get(tuple(stage.ranks)),
+            )
+            self.optimizer.register_step_post_hook(lambda *_: step.after_step())
         self._restrict_optimizer()
         log.info("rank %d runs stage %d of %d", self.rank, stage.index, self.plan.num_stages)
 
@@ -160,16 +176,29 @@ class Module(nn.Module):
             stages=self._options["stages"],
             microbatches=self._options["microbatches"],
             split_points=self._options["split_points"],
+            zero=self._zero,
         )
         return make_plan(self.graph, AnalyticCostModel(spec), options)
+
+    def _optimizer_state_owners(self, trainable: dict[str, torch.Tensor]) -> dict[int, int]:
+        """For each parameter (by id), the rank whose optimizer state speaks for it: the first
+        holder, or under ZeRO the owner of its shard in the first stage that holds it."""
+        owners: dict[int, int] = {}
+        for stage in sorted(self.plan.stages, key=lambda s: min(s.ranks), reverse=True):
+            shards = assign_shards(stage, self.graph.params) if self._zero else {}
+            for name in stage.params:
+                if name in trainable:
+                    owners[id(trainable[name])] = shards.get(name, min(stage.ranks))
+        return owners
 
     def _restrict_optimizer(self) -> None:
         if self.optimizer is None:
             return
+        keep = self._stepped_ids
         for group in self.optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) in self._local_ids]
+            group["params"] = [p for p in group["params"] if id(p) in keep]
         for param in list(self.optimizer.state):
-            if id(param) not in self._local_ids:
+            if id(param) not in keep:
                 del self.optimizer.state[param]
 
     # -- the call ----------------------------------------------------------------------------
@@ -326,11 +355,10 @@ class Module(nn.Module):
         self._require_setup("optimizer_state_dict")
         opt = self._require_optimizer()
         index = {id(p): i for i, p in enumerate(p for g in self._original_groups for p in g)}
-        ids = self._param_names()
         mine = {
             index[id(param)]: {k: _to_cpu(v) for k, v in state.items()}
             for param, state in opt.state.items()
-            if self.holders.owner(ids[id(param)]) == self.rank
+            if self._state_owner.get(id(param)) == self.rank
         }
         merged = _merge_objects(mine, self.world, rank0_only)
         if merged is None:
@@ -356,17 +384,11 @@ class Module(nn.Module):
         opt.state.clear()
         for i, state in state_dict.get("state", {}).items():
             param = flat[int(i)]
-            if id(param) in self._local_ids:
+            if id(param) in self._stepped_ids:
                 opt.state[param] = {
                     k: v.to(param.device) if isinstance(v, torch.Tensor) else v
                     for k, v in state.items()
                 }
-
-    def _param_names(self) -> dict[int, str]:
-        return {
-            id(p): self._names.get(n, n)
-            for n, p in self.model.named_parameters(remove_duplicate=False)
-        }
 
     def _require_setup(self, what: str) -> None:
         if self.plan is None:

@@ -3,7 +3,8 @@
 Per device, a stage holds:
 
 * its parameters and buffers, their gradients, and the optimizer state
-  (``optimizer_factor`` x trainable bytes: Adam/AdamW 2, SGD with momentum 1, plain SGD 0);
+  (``optimizer_factor`` x trainable bytes: Adam/AdamW 2, SGD with momentum 1, plain SGD 0),
+  the optimizer state split over the stage's replicas under ZeRO-1 (``zero``);
 * activations for every microbatch in flight.  Under the GPipe schedule all ``M`` microbatches
   are in flight at the end of the forward pass.  Without recomputation each keeps what autograd
   saves plus the stage's received inputs; with recomputation each keeps only its received inputs,
@@ -44,8 +45,10 @@ class StageFootprint:
 @dataclass(frozen=True)
 class MemoryModel:
     optimizer_factor: float
+    zero: bool = False
 
     def state_bytes(self, fp: StageFootprint) -> float:
+        """Parameters, gradients and the full optimizer state (no ZeRO split)."""
         return fp.param_bytes + fp.trainable_bytes * (1.0 + self.optimizer_factor)
 
     def peak_bytes(
@@ -66,4 +69,8 @@ class MemoryModel:
         bucket = np.where(
             np.asarray(replicas) > 1, min(fp.trainable_bytes, ALLREDUCE_BUCKET_BYTES), 0.0
         )
-        return self.state_bytes(fp) + activations + transient + recv + send + bucket
+        state = self.state_bytes(fp)
+        if self.zero:
+            optimizer = fp.trainable_bytes * self.optimizer_factor
+            state = state - optimizer + optimizer / np.asarray(replicas, dtype=float)
+        return state + activations + transient + recv + send + bucket

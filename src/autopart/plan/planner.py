@@ -52,6 +52,7 @@ class PlanOptions:
     split_points: tuple[str, ...] | None = None
     target_blocks: int = 32
     max_microbatches: int = 64
+    zero: bool = False
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -100,7 +101,7 @@ def prepare(
     capacity = (options.device_memory or cost_model.device.memory_bytes) * (
         1 - options.memory_margin
     )
-    memory = MemoryModel(OPTIMIZER_FACTORS[options.optimizer])
+    memory = MemoryModel(OPTIMIZER_FACTORS[options.optimizer], zero=options.zero)
     components = atomic_components(graph)
     if blocks is None and options.split_points:
         blocks = manual_blocks(graph, components, options.split_points)
