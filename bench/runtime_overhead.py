@@ -20,7 +20,6 @@ import argparse
 import copy
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from autopart.runtime.distenv import free_port, set_local_launch_env
 
 WIDTH, DEPTH, BATCH, MICROBATCHES = 512, 8, 64, 4
 
@@ -96,13 +97,7 @@ def _time_pair(steps: int, first, second) -> tuple[list[float], list[float]]:
 
 
 def _worker(rank: int, world: int, port: int, steps: int, pair: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    set_local_launch_env(rank, world, port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     import autopart
@@ -133,9 +128,7 @@ def _worker(rank: int, world: int, port: int, steps: int, pair: str, out: str) -
 
 
 def _run(pair: str, world: int, steps: int) -> tuple[float, float]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = Path(f"/tmp/autopart-bench-{os.getpid()}-{pair}")
     mp.start_processes(
         _worker, args=(world, port, steps, pair, str(out)), nprocs=world, start_method="spawn"

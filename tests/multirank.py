@@ -1,19 +1,17 @@
-"""Run a function on several real processes joined by a gloo process group."""
+"""Run a function on several real processes joined by a gloo process group.
+
+``free_port`` is re-exported for tests that start launchers themselves."""
 
 from __future__ import annotations
 
 import datetime
-import os
-import socket
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from autopart.runtime.distenv import free_port, set_local_launch_env
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["free_port", "run_ranks", "run_ranks_unjoined"]
 
 
 def run_ranks(world: int, fn, *args, timeout_s: float = 60.0) -> None:
@@ -28,13 +26,7 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 60.0) -> None:
 
 
 def _entry(rank: int, world: int, port: int, timeout_s: float, fn, args) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    set_local_launch_env(rank, world, port)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
@@ -68,11 +60,5 @@ def run_ranks_unjoined(world: int, fn, *args, timeout_s: float = 60.0) -> list[i
 
 
 def _entry_unjoined(rank: int, world: int, port: int, fn, args) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    set_local_launch_env(rank, world, port)
     fn(rank, world, *args)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import time
 
@@ -24,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from autopart.errors import AutopartError
 from autopart.models import gpt2
 from autopart.report import print_plan
+from autopart.runtime.distenv import free_port, set_local_launch_env
 
 VOCAB = 256
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             f"--batch-size {args.batch_size} must be a multiple of --processes {args.processes}"
         )
     settings = {k: v for k, v in vars(args).items() if k != "handler"}
-    port = _free_port()
+    port = free_port()
     try:
         mp.start_processes(
             _worker, args=(settings, port), nprocs=args.processes, join=True, start_method="spawn"
@@ -57,13 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _worker(rank: int, settings: dict, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(settings["processes"]),
-        LOCAL_RANK=str(rank),
-    )
+    set_local_launch_env(rank, settings["processes"], port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:
@@ -119,11 +113,3 @@ def _train(rank: int, s: dict) -> None:
             f"loss {verdict}: {first:.3f} (first {window} steps) -> {last:.3f} (last {window}); "
             f"median {statistics.median(rates[1:] or rates):,.0f} samples/s over {world} processes"
         )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
