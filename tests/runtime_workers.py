@@ -143,6 +143,10 @@ def eval_and_no_grad(rank: int, world: int) -> None:
     mine = x[rank * LOCAL : (rank + 1) * LOCAL]
     train_out = wrapped(mine)
     expected = reference(mine)
+    from autopart.cost import get_device_spec
+
+    default = get_device_spec("cpu").intra_node_bandwidth
+    assert wrapped.plan.device["intra_node_bandwidth"] != default, "links were not measured"
     assert not torch.allclose(train_out, expected), "dropout did not act in training mode"
     wrapped.eval()
     assert_close(wrapped(mine).detach(), expected.detach(), "eval output")

@@ -14,8 +14,10 @@ microbatch and then sums gradients over the ranks holding each parameter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,14 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from autopart.capture import capture
-from autopart.cost import AnalyticCostModel, get_device_spec, local_device_spec
+from autopart.cost import (
+    AnalyticCostModel,
+    DeviceSpec,
+    get_device_spec,
+    local_device_spec,
+    parse_bytes,
+)
+from autopart.cost.bandwidth import measure_links
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan
@@ -150,10 +159,11 @@ class Module(nn.Module):
             given = self._given_plan
             return given if isinstance(given, Plan) else Plan.load(given)
         sizes = _all_gather_ints(local_batch, self.device)
+        spec = self._measured_spec()
         box: list[Any] = [None]
         if self.rank == 0:
             try:
-                box[0] = self._make_plan(sum(sizes)).to_json()
+                box[0] = self._make_plan(sum(sizes), spec).to_json()
             except AutopartError as err:
                 box[0] = err
         dist.broadcast_object_list(box, src=0)
@@ -161,14 +171,22 @@ class Module(nn.Module):
             raise type(box[0])(str(box[0]))
         return Plan.from_dict(json.loads(box[0]))
 
-    def _make_plan(self, global_batch: int) -> Plan:
+    def _measured_spec(self) -> DeviceSpec:
+        """The device's spec with this job's own links measured (a collective, all ranks)."""
         memory = self._options["device_memory"]
         if self.device.type == "cuda":
             spec = local_device_spec(self.device)
             if memory is not None:
-                spec = get_device_spec(spec.name, memory_bytes=memory)
+                spec = dataclasses.replace(spec, memory_bytes=parse_bytes(memory))
         else:
             spec = get_device_spec("cpu", memory_bytes=memory)
+        if self.world < 2:
+            return spec
+        links = measure_links(sizes=(1 << 16, 1 << 20), iters=2)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        return links.apply(spec, cross_node=local_world < self.world)
+
+    def _make_plan(self, global_batch: int, spec: DeviceSpec) -> Plan:
         options = PlanOptions(
             devices=self.world,
             global_batch=global_batch,
