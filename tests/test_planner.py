@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from autopart.capture import capture
 from autopart.cost import AnalyticCostModel, get_device_spec
@@ -253,3 +254,13 @@ def test_zero_splits_optimizer_state_over_replicas(graphs):
     assert plain.memory_bytes - zero.memory_bytes == pytest.approx(
         2 * trainable * (1 - 1 / 4), abs=1
     )
+
+
+def test_analytic_costs_use_the_models_parameter_dtype():
+    from autopart.planning import compute_dtype, cost_model_for
+
+    model, args, kwargs = ZOO["mlp"]()
+    model = model.to(torch.bfloat16)
+    graph = capture(model, (args[0].to(torch.bfloat16),), kwargs)
+    assert compute_dtype(graph) == "torch.bfloat16"
+    assert cost_model_for(graph, "analytic", "h100", None).dtype == "bfloat16"

@@ -40,6 +40,7 @@ from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan
 from autopart.plan.planner import PlanOptions, make_plan
+from autopart.planning import compute_dtype
 from autopart.runtime import routing
 from autopart.runtime.distenv import ensure_initialized, local_device
 from autopart.runtime.gradients import Holders
@@ -196,7 +197,8 @@ class Module(nn.Module):
             split_points=self._options["split_points"],
             zero=self._zero,
         )
-        return make_plan(self.graph, AnalyticCostModel(spec), options)
+        dtype = "bfloat16" if self._autocast is not None else compute_dtype(self.graph)
+        return make_plan(self.graph, AnalyticCostModel(spec, dtype=dtype), options)
 
     def _optimizer_state_owners(self, trainable: dict[str, torch.Tensor]) -> dict[int, int]:
         """For each parameter (by id), the rank whose optimizer state speaks for it: the first

@@ -32,6 +32,15 @@ def _phase(console: Console | None, text: str) -> Iterator[None]:
         yield
 
 
+def compute_dtype(graph: Graph) -> str:
+    """The dtype most parameter bytes are in: the one matmuls run at, for the roofline."""
+    totals: dict[str, int] = {}
+    for spec in graph.params.values():
+        if "float" in spec.dtype and not spec.is_buffer:
+            totals[spec.dtype] = totals.get(spec.dtype, 0) + spec.nbytes
+    return max(totals, key=totals.get) if totals else "torch.float32"
+
+
 def cost_model_for(
     graph: Graph,
     cost: str,
@@ -40,7 +49,7 @@ def cost_model_for(
 ) -> CostModel:
     spec = get_device_spec(device_type, memory_bytes=device_memory)
     if cost == "analytic":
-        return AnalyticCostModel(spec)
+        return AnalyticCostModel(spec, dtype=compute_dtype(graph))
     if cost == "measured":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return MeasuredCostModel(graph, device, spec=spec)
