@@ -100,11 +100,15 @@ def _balanced_end(
 def _cheapest_cut(
     times: np.ndarray, cut_bytes: Sequence[float], start: int, end: int, target: float
 ) -> int:
-    """Move the cut back to where the least data crosses, without shrinking the block too far."""
+    """Move the cut back to where the least data crosses, without shrinking the block too far.
+
+    The window is a share of the block's own time when the memory cap ended it early, so that
+    memory-bound blocks (one huge layer each) still end at the layer's cheap boundary."""
     acc = np.cumsum(times[start:end])
+    reference = min(target, float(acc[-1]))
     best = end
     for pos in range(end - 1, start, -1):
-        if acc[pos - start - 1] < target * (1 - CUT_WINDOW):
+        if acc[pos - start - 1] < reference * (1 - CUT_WINDOW):
             break
         if cut_bytes[pos] < cut_bytes[best]:
             best = pos
