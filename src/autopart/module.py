@@ -227,7 +227,8 @@ class Module(nn.Module):
         if self.plan is None:
             self._setup(args, kwargs)
         local = self._route_inputs(args, kwargs)
-        sizes = _all_gather_ints(self._local_batch(args, kwargs), self.device)
+        local_batch = self._local_batch(args, kwargs)
+        sizes = [local_batch] if self.world == 1 else _all_gather_ints(local_batch, self.device)
         layout = BatchLayout.of(sizes, self.plan.microbatches)
         grad = torch.is_grad_enabled()
         try:

@@ -327,17 +327,21 @@ class GPipeSchedule:
     def _output_grad(self, state, name, li, spec, leaf, m, rows, means) -> torch.Tensor:
         """The summed gradient of one output leaf of this stage in microbatch ``m``."""
         layout = state.layout
-        total = torch.zeros_like(leaf)
         holders = self._holders(name, layout, m)
         sources = [(GRAD, self._readers(name, layout, m))]
         if name in self.outputs and spec.is_batch:
             sources.append((OUT_GRAD, layout.owners(m)))
-        for phase, needers in sources:
-            for move in routing.moves_for(spec, holders, needers):
-                if move.src != self.rank:
-                    continue
-                piece = self._fetch(state, phase, m, name, li, move.dst, spec, _count(move.rows))
-                routing.take_rows(total, spec, rows, move.rows).add_(piece)
+        pieces = [
+            (move.rows, self._fetch(state, phase, m, name, li, move.dst, spec, _count(move.rows)))
+            for phase, needers in sources
+            for move in routing.moves_for(spec, holders, needers)
+            if move.src == self.rank
+        ]
+        if len(pieces) == 1 and pieces[0][0] == rows and (name, li) not in means:
+            return pieces[0][1].to(leaf.dtype)  # one reader of every row: nothing to sum
+        total = torch.zeros_like(leaf)
+        for piece_rows, piece in pieces:
+            routing.take_rows(total, spec, rows, piece_rows).add_(piece)
         if (name, li) in means:
             share = _count(rows) / layout.global_batch
             total += (means[(name, li)] * share).to(total.dtype)
