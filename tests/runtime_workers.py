@@ -319,3 +319,27 @@ def zero_matches_reference(rank: int, world: int, stages: int, workdir: str) -> 
         "largest": max(p.numel() * p.element_size() for p in wrapped.parameters()) * 2,
     }
     Path(workdir, f"zero{rank}.json").write_text(json.dumps(result))
+
+
+def memory_report_by_category(rank: int, world: int, workdir: str) -> None:
+    """memory_report() splits this rank's bytes by category and sees activations grow."""
+    from autopart.models import gpt2
+
+    model, args = gpt2(n_layer=2, n_embd=64, n_head=4, seq=64, vocab=256, dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    wrapped = autopart.Module(model, opt, stages=2, microbatches=2, track_memory=True)
+    reports = []
+    for rows in (4, 8):
+        ids = args[0].repeat(rows, 1)
+        wrapped(ids).logits.pow(2).mean().backward()
+        opt.step()
+        reports.append(wrapped.memory_report())
+    held = sum(p.numel() * p.element_size() for p in wrapped.parameters())
+    first, second = reports
+    assert second["parameters"] >= held
+    assert second["gradients"] == held
+    assert second["optimizer_state"] >= 2 * held  # Adam: two moments (plus step counters)
+    assert second["activations"] > first["activations"] > 0
+    assert second["forward_peak"] >= second["forward_end"]
+    assert second["backward_peak"] >= second["forward_end"]
+    Path(workdir, f"report{rank}.json").write_text(json.dumps(reports))

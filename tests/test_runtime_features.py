@@ -77,3 +77,8 @@ def test_zero_matches_reference_and_splits_optimizer_state(world, stages, tmp_pa
         assert r["zero"] <= r["plain"] / r["replicas"] + r["largest"], (rank, r)
         if r["replicas"] > 1:
             assert r["zero"] < r["plain"], (rank, r)
+
+
+def test_memory_report_by_category(tmp_path):
+    run_ranks(2, workers.memory_report_by_category, str(tmp_path))
+    assert (tmp_path / "report1.json").exists()

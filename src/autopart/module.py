@@ -38,6 +38,7 @@ from autopart.cost import (
 from autopart.cost.bandwidth import measure_links
 from autopart.errors import AutopartError
 from autopart.ir import Graph
+from autopart.memtrack import LiveBytes, storage_bytes
 from autopart.plan.plan import Plan
 from autopart.plan.planner import PlanOptions, make_plan
 from autopart.planning import compute_dtype
@@ -77,9 +78,12 @@ class Module(nn.Module):
         plan: Plan | str | Path | None = None,
         precision: str | None = None,
         zero: bool = False,
+        track_memory: bool = False,
         timeout: float | None = None,
     ) -> None:
         super().__init__()
+        self._track_memory = track_memory
+        self._memory: dict[str, int] = {}
         self._zero = zero
         self._autocast = _autocast_dtype(precision)
         ensure_initialized(timeout)
@@ -231,16 +235,64 @@ class Module(nn.Module):
         sizes = [local_batch] if self.world == 1 else _all_gather_ints(local_batch, self.device)
         layout = BatchLayout.of(sizes, self.plan.microbatches)
         grad = torch.is_grad_enabled()
+        tracker = LiveBytes(self._resident()) if self._track_memory else contextlib.nullcontext()
         try:
-            state = self.schedule.forward(local, layout, grad)
-            outputs = self.schedule.gather_outputs(state)
+            with tracker:
+                state = self.schedule.forward(local, layout, grad)
+                outputs = self.schedule.gather_outputs(state)
         except RuntimeError as err:
             if isinstance(err, AutopartError):
                 raise
             raise routing.RuntimeCommError(
                 f"rank {self.rank} failed in forward: {routing._first_line(err)}"
             ) from err
+        if self._track_memory:
+            resident = storage_bytes(self._resident())
+            self._memory = {
+                "forward_peak": tracker.peak,
+                "forward_end": tracker.current,
+                "activations": max(tracker.current - resident, 0),
+            }
         return self._package(outputs, state if grad else None)
+
+    def _resident(self) -> list[torch.Tensor]:
+        """This rank's parameters, buffers, gradients and optimizer state."""
+        tensors = list(self.parameters()) + list(self.stage_module.buffers())
+        tensors += [p.grad for p in self.parameters() if p.grad is not None]
+        if self.optimizer is not None:
+            tensors += [
+                v
+                for st in self.optimizer.state.values()
+                for v in st.values()
+                if isinstance(v, torch.Tensor)
+            ]
+        return tensors
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds now by category, and the peaks of the last tracked step.
+
+        ``parameters`` (with buffers), ``gradients`` and ``optimizer_state`` are what is
+        resident now.  With ``track_memory=True``: ``forward_peak`` is the peak of live tensor
+        bytes during the last forward, ``activations`` what that forward left alive for
+        backward (``forward_end`` less the resident state), and ``backward_peak`` the bytes at
+        the end of forward plus the most that backward allocated on top (an upper bound: it
+        does not subtract the activations backward frees as it goes).
+        """
+        self._require_setup("memory_report")
+        params = list(self.parameters()) + list(self.stage_module.buffers())
+        report = {
+            "parameters": storage_bytes(params),
+            "gradients": storage_bytes(p.grad for p in self.parameters()),
+            "optimizer_state": storage_bytes(
+                v
+                for st in (self.optimizer.state.values() if self.optimizer else [])
+                for v in st.values()
+                if isinstance(v, torch.Tensor)
+            ),
+        }
+        if self._memory:
+            report.update(self._memory)
+        return report
 
     def _route_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         given = {
@@ -301,18 +353,22 @@ class Module(nn.Module):
             count = len(self.schedule.shapes[name].leaves)
             per_value[name] = [flat_grads.get(position + i) for i in range(count)]
             position += count
+        tracker = LiveBytes() if self._track_memory else contextlib.nullcontext()
         try:
             overlap = self._sync and self.holders.overlap is not None
             arm = self.holders.arm_overlap if overlap else None
-            self.schedule.backward(state, per_value, before_last=arm)
-            if self._sync:
-                self.holders.all_reduce_grads(overlapped=overlap)
+            with tracker:
+                self.schedule.backward(state, per_value, before_last=arm)
+                if self._sync:
+                    self.holders.all_reduce_grads(overlapped=overlap)
         except RuntimeError as err:
             if isinstance(err, AutopartError):
                 raise
             raise routing.RuntimeCommError(
                 f"rank {self.rank} failed in backward: {routing._first_line(err)}"
             ) from err
+        if self._track_memory and self._memory:
+            self._memory["backward_peak"] = self._memory["forward_end"] + tracker.peak
 
     # -- DDP-style methods -------------------------------------------------------------------
 
