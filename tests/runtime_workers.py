@@ -343,3 +343,31 @@ def memory_report_by_category(rank: int, world: int, workdir: str) -> None:
     assert second["forward_peak"] >= second["forward_end"]
     assert second["backward_peak"] >= second["forward_end"]
     Path(workdir, f"report{rank}.json").write_text(json.dumps(reports))
+
+
+def fp16_overflow_skips_everywhere(rank: int, world: int) -> None:
+    """An inf gradient on one rank's stage makes every rank skip the step and back off."""
+    torch.manual_seed(0)
+    model = _Dropped().eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = autopart.Module(model, opt, stages=2, precision="fp16")
+    scaler = autopart.GradScaler("cpu", init_scale=2.0**8)
+    x = torch.randn(LOCAL, 16, generator=torch.Generator().manual_seed(rank))
+    for step in range(2):
+        out = wrapped(x)
+        assert wrapped.schedule.autocast is torch.float16
+        scaler.scale(_square(out.float())).backward()
+        if step == 0 and rank == 1:
+            next(iter(wrapped.parameters())).grad[0] = float("inf")  # forced overflow
+        before = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        moved = any(not torch.equal(p, before[n]) for n, p in wrapped.named_parameters())
+        if step == 0:
+            assert not moved, f"rank {rank} stepped despite an overflow on rank 1"
+            assert scaler.get_scale() == scale * 0.5
+        else:
+            assert moved, f"rank {rank} skipped a clean step"
+            assert scaler.get_scale() == scale

@@ -82,3 +82,7 @@ def test_zero_matches_reference_and_splits_optimizer_state(world, stages, tmp_pa
 def test_memory_report_by_category(tmp_path):
     run_ranks(2, workers.memory_report_by_category, str(tmp_path))
     assert (tmp_path / "report1.json").exists()
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_all():
+    run_ranks(2, workers.fp16_overflow_skips_everywhere)

@@ -2,7 +2,7 @@
 
 from autopart.errors import AutopartError
 
-__all__ = ["AutopartError", "Module", "Plan"]
+__all__ = ["AutopartError", "GradScaler", "Module", "Plan"]
 __version__ = "0.1.0"
 
 
@@ -12,6 +12,10 @@ def __getattr__(name: str):
         from autopart.module import Module
 
         return Module
+    if name == "GradScaler":
+        from autopart.scaler import GradScaler
+
+        return GradScaler
     if name == "Plan":
         from autopart.plan.plan import Plan
 

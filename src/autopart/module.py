@@ -201,7 +201,7 @@ class Module(nn.Module):
             split_points=self._options["split_points"],
             zero=self._zero,
         )
-        dtype = "bfloat16" if self._autocast is not None else compute_dtype(self.graph)
+        dtype = str(self._autocast) if self._autocast is not None else compute_dtype(self.graph)
         return make_plan(self.graph, AnalyticCostModel(spec, dtype=dtype), options)
 
     def _optimizer_state_owners(self, trainable: dict[str, torch.Tensor]) -> dict[int, int]:
@@ -502,11 +502,8 @@ def _autocast_dtype(precision: str | None) -> torch.dtype | None:
     if precision in ("bf16", "bfloat16"):
         return torch.bfloat16
     if precision in ("fp16", "float16"):
-        raise AutopartError(
-            "precision='fp16' needs loss scaling across stages, which autopart does not have "
-            "yet; use precision='bf16'"
-        )
-    raise AutopartError(f"unknown precision {precision!r}; use None (fp32) or 'bf16'")
+        return torch.float16  # scale the loss with autopart.GradScaler
+    raise AutopartError(f"unknown precision {precision!r}; use None (fp32), 'bf16' or 'fp16'")
 
 
 def _canonical_names(model: nn.Module, graph: Graph) -> dict[str, str]:
