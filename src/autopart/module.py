@@ -244,7 +244,7 @@ class Module(nn.Module):
             if isinstance(err, AutopartError):
                 raise
             raise routing.RuntimeCommError(
-                f"rank {self.rank} failed in forward: {routing._first_line(err)}"
+                f"rank {self.rank} failed in forward: {routing.first_line(err)}"
             ) from err
         if self._track_memory:
             resident = storage_bytes(self._resident())
@@ -365,7 +365,7 @@ class Module(nn.Module):
             if isinstance(err, AutopartError):
                 raise
             raise routing.RuntimeCommError(
-                f"rank {self.rank} failed in backward: {routing._first_line(err)}"
+                f"rank {self.rank} failed in backward: {routing.first_line(err)}"
             ) from err
         if self._track_memory and self._memory:
             self._memory["backward_peak"] = self._memory["forward_end"] + tracker.peak
@@ -541,7 +541,7 @@ def _all_gather_ints(value: int, device: torch.device) -> list[int]:
         dist.all_gather(every, mine)
     except RuntimeError as err:
         raise routing.RuntimeCommError(
-            f"rank {dist.get_rank()} could not reach every rank: {routing._first_line(err)}. "
+            f"rank {dist.get_rank()} could not reach every rank: {routing.first_line(err)}. "
             "A rank has probably died or raised; see its own error"
         ) from err
     return [int(t.item()) for t in every]

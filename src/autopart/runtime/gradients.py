@@ -52,9 +52,6 @@ class Holders:
         """The one rank that speaks for a parameter in norms and state dicts."""
         return self.ranks_of.get(name, (0,))[0]
 
-    def is_local(self, name: str) -> bool:
-        return self.rank in self.ranks_of.get(name, ())
-
     def arm_overlap(self) -> None:
         """Call before the last microbatch's backward: replica sums start as grads finish."""
         if self.overlap is not None:

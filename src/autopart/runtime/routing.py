@@ -109,7 +109,7 @@ def recv(buffer: torch.Tensor, src: int, message: int, what: str) -> torch.Tenso
         dist.recv(buffer, src, tag=message)
     except RuntimeError as err:
         raise RuntimeCommError(
-            f"rank {dist.get_rank()} got no {what} from rank {src}: {_first_line(err)}. "
+            f"rank {dist.get_rank()} got no {what} from rank {src}: {first_line(err)}. "
             "That rank has probably died or raised; see its own error"
         ) from err
     return buffer
@@ -121,13 +121,13 @@ def wait_all(pending: list) -> None:
             work.wait()
     except RuntimeError as err:
         raise RuntimeCommError(
-            f"rank {dist.get_rank()} could not deliver a message: {_first_line(err)}. "
+            f"rank {dist.get_rank()} could not deliver a message: {first_line(err)}. "
             "A peer rank has probably died or raised; see its own error"
         ) from err
     finally:
         pending.clear()
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
