@@ -236,16 +236,9 @@ class Module(nn.Module):
         layout = BatchLayout.of(sizes, self.plan.microbatches)
         grad = torch.is_grad_enabled()
         tracker = LiveBytes(self._resident()) if self._track_memory else contextlib.nullcontext()
-        try:
-            with tracker:
-                state = self.schedule.forward(local, layout, grad)
-                outputs = self.schedule.gather_outputs(state)
-        except RuntimeError as err:
-            if isinstance(err, AutopartError):
-                raise
-            raise routing.RuntimeCommError(
-                f"rank {self.rank} failed in forward: {routing.first_line(err)}"
-            ) from err
+        with _comm_errors(self.rank, "forward"), tracker:
+            state = self.schedule.forward(local, layout, grad)
+            outputs = self.schedule.gather_outputs(state)
         if self._track_memory:
             resident = storage_bytes(self._resident())
             self._memory = {
@@ -354,19 +347,12 @@ class Module(nn.Module):
             per_value[name] = [flat_grads.get(position + i) for i in range(count)]
             position += count
         tracker = LiveBytes() if self._track_memory else contextlib.nullcontext()
-        try:
-            overlap = self._sync and self.holders.overlap is not None
-            arm = self.holders.arm_overlap if overlap else None
-            with tracker:
-                self.schedule.backward(state, per_value, before_last=arm)
-                if self._sync:
-                    self.holders.all_reduce_grads(overlapped=overlap)
-        except RuntimeError as err:
-            if isinstance(err, AutopartError):
-                raise
-            raise routing.RuntimeCommError(
-                f"rank {self.rank} failed in backward: {routing.first_line(err)}"
-            ) from err
+        overlap = self._sync and self.holders.overlap is not None
+        arm = self.holders.arm_overlap if overlap else None
+        with _comm_errors(self.rank, "backward"), tracker:
+            self.schedule.backward(state, per_value, before_last=arm)
+            if self._sync:
+                self.holders.all_reduce_grads(overlapped=overlap)
         if self._track_memory and self._memory:
             self._memory["backward_peak"] = self._memory["forward_end"] + tracker.peak
 
@@ -493,6 +479,19 @@ class _Bridge(torch.autograd.Function):
         ctx.owner._backward(ctx.state, ctx.order, ctx.differentiable, grads)
         ctx.state = None
         return (None, None, None, None, None, *[None] * len(grads))
+
+
+@contextlib.contextmanager
+def _comm_errors(rank: int, phase: str) -> Iterator[None]:
+    """Turn torch.distributed's errors (a peer died, a timeout) into one clear message."""
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, AutopartError):
+            raise
+        raise routing.RuntimeCommError(
+            f"rank {rank} failed in {phase}: {routing.first_line(err)}"
+        ) from err
 
 
 def _autocast_dtype(precision: str | None) -> torch.dtype | None:
