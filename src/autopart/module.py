@@ -235,12 +235,14 @@ class Module(nn.Module):
         sizes = [local_batch] if self.world == 1 else _all_gather_ints(local_batch, self.device)
         layout = BatchLayout.of(sizes, self.plan.microbatches)
         grad = torch.is_grad_enabled()
-        tracker = LiveBytes(self._resident()) if self._track_memory else contextlib.nullcontext()
+        tracker = (
+            LiveBytes(_flat(self._resident())) if self._track_memory else contextlib.nullcontext()
+        )
         with _comm_errors(self.rank, "forward"), tracker:
             state = self.schedule.forward(local, layout, grad)
             outputs = self.schedule.gather_outputs(state)
         if self._track_memory:
-            resident = storage_bytes(self._resident())
+            resident = storage_bytes(_flat(self._resident()))
             self._memory = {
                 "forward_peak": tracker.peak,
                 "forward_end": tracker.current,
@@ -248,18 +250,16 @@ class Module(nn.Module):
             }
         return self._package(outputs, state if grad else None)
 
-    def _resident(self) -> list[torch.Tensor]:
-        """This rank's parameters, buffers, gradients and optimizer state."""
-        tensors = list(self.parameters()) + list(self.stage_module.buffers())
-        tensors += [p.grad for p in self.parameters() if p.grad is not None]
-        if self.optimizer is not None:
-            tensors += [
-                v
-                for st in self.optimizer.state.values()
-                for v in st.values()
-                if isinstance(v, torch.Tensor)
-            ]
-        return tensors
+    def _resident(self) -> dict[str, list[torch.Tensor]]:
+        """This rank's resident tensors by category."""
+        state = self.optimizer.state.values() if self.optimizer is not None else []
+        return {
+            "parameters": list(self.parameters()) + list(self.stage_module.buffers()),
+            "gradients": [p.grad for p in self.parameters() if p.grad is not None],
+            "optimizer_state": [
+                v for st in state for v in st.values() if isinstance(v, torch.Tensor)
+            ],
+        }
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds now by category, and the peaks of the last tracked step.
@@ -272,17 +272,7 @@ class Module(nn.Module):
         does not subtract the activations backward frees as it goes).
         """
         self._require_setup("memory_report")
-        params = list(self.parameters()) + list(self.stage_module.buffers())
-        report = {
-            "parameters": storage_bytes(params),
-            "gradients": storage_bytes(p.grad for p in self.parameters()),
-            "optimizer_state": storage_bytes(
-                v
-                for st in (self.optimizer.state.values() if self.optimizer else [])
-                for v in st.values()
-                if isinstance(v, torch.Tensor)
-            ),
-        }
+        report = {kind: storage_bytes(tensors) for kind, tensors in self._resident().items()}
         if self._memory:
             report.update(self._memory)
         return report
@@ -479,6 +469,10 @@ class _Bridge(torch.autograd.Function):
         ctx.owner._backward(ctx.state, ctx.order, ctx.differentiable, grads)
         ctx.state = None
         return (None, None, None, None, None, *[None] * len(grads))
+
+
+def _flat(by_kind: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [t for tensors in by_kind.values() for t in tensors]
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ so stages with different replica counts exchange exactly the rows they must.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 Rows = tuple[int, int]
 
@@ -67,8 +68,12 @@ class BatchLayout:
         """The global rows of ``rank``'s local batch."""
         return self.offsets[rank], self.offsets[rank + 1]
 
+    @cached_property
+    def _microbatch_rows(self) -> list[Rows]:
+        return split_rows(0, self.global_batch, self.microbatches)
+
     def microbatch(self, m: int) -> Rows:
-        return split_rows(0, self.global_batch, self.microbatches)[m]
+        return self._microbatch_rows[m]
 
     def owners(self, m: int) -> dict[int, Rows]:
         """Each rank's own rows inside microbatch ``m`` (ranks with none are left out)."""
