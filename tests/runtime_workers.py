@@ -39,6 +39,20 @@ def _square(out) -> torch.Tensor:
     return out.pow(2).mean()
 
 
+def _train_step(wrapped_pairs, reference, ref_opt, example, rank: int, world: int, seed: int):
+    """One step of each (wrapped, optimizer) pair on this rank's rows, and of the reference
+    on every rank's rows, all on the batch drawn from ``seed``."""
+    full = _batch(example, world, seed)
+    mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
+    for module, optimizer in wrapped_pairs:
+        _square(module(*mine[0], **mine[1])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    _reference_loss(reference, full, world, _square).backward()
+    ref_opt.step()
+    ref_opt.zero_grad()
+
+
 def accumulate_and_clip(rank: int, world: int) -> None:
     """no_sync accumulation, then a global-norm clip, against the same on plain PyTorch."""
     example = ZOO["skip"]()
@@ -73,14 +87,7 @@ def state_round_trip(rank: int, world: int, workdir: str) -> None:
     ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
     wrapped = autopart.Module(model, opt, stages=2)
     for seed in range(2):
-        full = _batch(example, world, seed)
-        mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
-        _square(wrapped(*mine[0], **mine[1])).backward()
-        opt.step()
-        opt.zero_grad()
-        _reference_loss(reference, full, world, _square).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        _train_step([(wrapped, opt)], reference, ref_opt, example, rank, world, seed)
 
     state = wrapped.state_dict()
     expected = reference.state_dict()
@@ -296,15 +303,8 @@ def zero_matches_reference(rank: int, world: int, stages: int, workdir: str) -> 
     plain = autopart.Module(plain_model, plain_opt, stages=stages, microbatches=2)
     ref_params = dict(reference.named_parameters())
     for seed in range(3):
-        full = _batch(example, world, seed)
-        mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
-        for module, optimizer in ((wrapped, opt), (plain, plain_opt)):
-            _square(module(*mine[0], **mine[1])).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        _reference_loss(reference, full, world, _square).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        pairs = [(wrapped, opt), (plain, plain_opt)]
+        _train_step(pairs, reference, ref_opt, example, rank, world, seed)
         for name, param in wrapped.named_parameters():
             assert_close(param.detach(), ref_params[name].detach(), f"step {seed} {name}")
     saved = wrapped.optimizer_state_dict()
