@@ -31,6 +31,8 @@ class Case:
     optimizer: str  # "sgd" (with momentum) or "adam"
     local_batch: int = 4
     steps: int = 3
+    zero: bool = False
+    offload: bool | str = False
 
 
 def grow(value, batch: int, generator: torch.Generator):
@@ -76,7 +78,14 @@ def run_case(rank: int, world: int, case: Case) -> autopart.Module:
     reference = copy.deepcopy(model)
     opt = make_optimizer(case.optimizer, model.parameters())
     ref_opt = make_optimizer(case.optimizer, reference.parameters())
-    wrapped = autopart.Module(model, opt, stages=case.stages, microbatches=case.microbatches)
+    wrapped = autopart.Module(
+        model,
+        opt,
+        stages=case.stages,
+        microbatches=case.microbatches,
+        zero=case.zero,
+        offload=case.offload,
+    )
     ref_params = dict(reference.named_parameters(remove_duplicate=False))
     b = case.local_batch
     for step in range(case.steps):

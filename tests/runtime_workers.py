@@ -238,21 +238,30 @@ def measured_stage_memory(rank: int, world: int, cases: list, workdir: str) -> N
     from autopart.models import gpt2
 
     results = []
-    for layers, seq, stages, microbatches, local in cases:
+    for layers, seq, stages, microbatches, local, offload in cases:
         model, args = gpt2(n_layer=layers, n_embd=64, n_head=4, seq=seq, vocab=256, dropout=0.0)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        wrapped = autopart.Module(model, opt, stages=stages, microbatches=microbatches)
+        wrapped = autopart.Module(
+            model, opt, stages=stages, microbatches=microbatches, offload=offload
+        )
         ids = args[0].repeat(local, 1)
         with torch.no_grad():
             wrapped(ids)  # plan and build the stage outside the measurement
         held = list(wrapped.parameters()) + list(wrapped.stage_module.buffers())
+        if offload:
+            # Host memory is this machine's memory too: make the host-side gradients and
+            # optimizer state exist before measuring, then count only what the device holds.
+            wrapped(ids).logits.float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            held = list(wrapped.stage_module.buffers())
         with LiveBytes(held) as tracker:
             for _ in range(2):
                 wrapped(ids).logits.float().pow(2).mean().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=False)
         stage = wrapped.plan.stage_of_rank(rank)
-        state = sum(p.numel() * p.element_size() for p in wrapped.parameters()) * 4
+        state = 0 if offload else sum(p.numel() * p.element_size() for p in held) * 4
         results.append({"predicted": stage.memory_bytes, "measured": tracker.peak, "state": state})
     Path(workdir, f"memory{rank}.json").write_text(json.dumps(results))
 
@@ -371,3 +380,61 @@ def fp16_overflow_skips_everywhere(rank: int, world: int) -> None:
         else:
             assert moved, f"rank {rank} skipped a clean step"
             assert scaler.get_scale() == scale
+
+
+class _OnlyCopiesReadMasters(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails if any op other than the host-to-device copy reads a host master parameter."""
+
+    def __init__(self, masters: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.masters = {t.untyped_storage()._cdata for t in masters}
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        reads = [
+            t
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in self.masters
+        ]
+        if reads:
+            assert func in (torch.ops.aten._to_copy.default, torch.ops.aten.detach.default), func
+            self.copies += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+def offload_residency(rank: int, world: int, workdir: str) -> None:
+    """Parameter copies on the device stay within one op's parameters plus the prefetched ones."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(16):
+        layers += [nn.Linear(64, 64), nn.Tanh()]
+    base = nn.Sequential(*layers)
+    results = []
+    for depth in (0, 1, 2):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        wrapped = autopart.Module(
+            model, opt, stages=2, microbatches=2, offload=True, prefetch=depth
+        )
+        x = torch.randn(LOCAL, 64, generator=torch.Generator().manual_seed(rank))
+        wrapped(x).pow(2).mean().backward()  # plan and build
+        opt.step()
+        opt.zero_grad()
+        held = list(wrapped.parameters())
+        with _OnlyCopiesReadMasters(held) as watch:
+            wrapped(x).pow(2).mean().backward()
+        opt.step()
+        sizes = [p.numel() * p.element_size() for p in held]
+        results.append(
+            {
+                "depth": depth,
+                "peak": wrapped.offload.peak,
+                "after": wrapped.offload.current,
+                "stage_total": sum(sizes),
+                "largest_param": max(sizes),
+                "largest_group": 64 * 64 * 4 + 64 * 4,  # one Linear: weight and bias
+                "copies": watch.copies,
+                "report": wrapped.memory_report(),
+            }
+        )
+    Path(workdir, f"residency{rank}.json").write_text(json.dumps(results))

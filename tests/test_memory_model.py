@@ -11,8 +11,14 @@ from runtime_workers import measured_stage_memory
 
 TOLERANCE = 0.15
 
-# (layers, sequence, stages, microbatches, local batch): activation-heavy GPT-2 shapes.
-CASES = [(2, 64, 1, 2, 8), (4, 64, 2, 2, 8), (4, 128, 2, 4, 8)]
+# (layers, sequence, stages, microbatches, local batch, offload): activation-heavy GPT-2
+# shapes; with offload the device holds only the parameters in flight.
+CASES = [
+    (2, 64, 1, 2, 8, False),
+    (4, 64, 2, 2, 8, False),
+    (4, 128, 2, 4, 8, False),
+    (4, 64, 2, 2, 8, True),
+]
 
 
 def test_live_bytes_counts_allocations_and_frees():

@@ -39,13 +39,14 @@ from autopart.cost.bandwidth import measure_links
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.memtrack import LiveBytes, storage_bytes
-from autopart.plan.plan import Plan
+from autopart.plan.plan import Plan, offload_option
 from autopart.plan.planner import PlanOptions, make_plan
 from autopart.planning import compute_dtype
 from autopart.runtime import routing
 from autopart.runtime.distenv import ensure_initialized, local_device
 from autopart.runtime.gradients import Holders
 from autopart.runtime.layout import BatchLayout
+from autopart.runtime.offload import ParamOffload, StepOnDevice
 from autopart.runtime.schedule import GPipeSchedule, StepState
 from autopart.runtime.stage_module import build_stage_module, stage_ios
 from autopart.runtime.zero import ShardedStep, assign_shards
@@ -78,10 +79,17 @@ class Module(nn.Module):
         plan: Plan | str | Path | None = None,
         precision: str | None = None,
         zero: bool = False,
+        offload: bool | str = False,
+        prefetch: int = 1,
         track_memory: bool = False,
         timeout: float | None = None,
     ) -> None:
         super().__init__()
+        self._offload = offload_option(offload)
+        if prefetch < 0:
+            raise AutopartError(f"prefetch must be 0 or more parameters ahead, got {prefetch}")
+        self._prefetch = prefetch
+        self.offload: ParamOffload | None = None
         self._track_memory = track_memory
         self._memory: dict[str, int] = {}
         self._zero = zero
@@ -121,11 +129,16 @@ class Module(nn.Module):
         self.plan.validate_for(self.graph.fingerprint, self.world)
         ios = stage_ios(self.graph, self.plan)
         stage = self.plan.stage_of_rank(self.rank)
-        module = build_stage_module(self.graph, ios[stage.index]).to(self.device)
+        module = build_stage_module(self.graph, ios[stage.index])
+        if stage.offload != "none":
+            self.offload = ParamOffload(module, self.device, self._prefetch)
+            _move_buffers(module, self.device)
+        else:
+            module.to(self.device)
         module.train(self.training)
         self.__dict__["stage_module"] = module
         self.schedule = GPipeSchedule(
-            self.graph, self.plan, ios, module, self.rank, self.device, self._autocast
+            self.graph, self.plan, ios, module, self.rank, self.device, self._autocast, self.offload
         )
         self._names = _canonical_names(self.model, self.graph)
         trainable = {
@@ -149,6 +162,9 @@ class Module(nn.Module):
             )
             self.optimizer.register_step_post_hook(lambda *_: step.after_step())
         self._restrict_optimizer()
+        if stage.offload == "params" and self.optimizer is not None:
+            stepped = [p for p in self.offload.parameters() if id(p) in self._stepped_ids]
+            StepOnDevice(self.optimizer, stepped, self.device)
         log.info("rank %d runs stage %d of %d", self.rank, stage.index, self.plan.num_stages)
 
     def _local_batch(self, args, kwargs) -> int:
@@ -200,6 +216,8 @@ class Module(nn.Module):
             microbatches=self._options["microbatches"],
             split_points=self._options["split_points"],
             zero=self._zero,
+            offload=self._offload,
+            prefetch=self._prefetch,
         )
         dtype = str(self._autocast) if self._autocast is not None else compute_dtype(self.graph)
         return make_plan(self.graph, AnalyticCostModel(spec, dtype=dtype), options)
@@ -235,14 +253,16 @@ class Module(nn.Module):
         sizes = [local_batch] if self.world == 1 else _all_gather_ints(local_batch, self.device)
         layout = BatchLayout.of(sizes, self.plan.microbatches)
         grad = torch.is_grad_enabled()
+        if self.offload is not None:
+            self.offload.reset_peak()
         tracker = (
-            LiveBytes(_flat(self._resident())) if self._track_memory else contextlib.nullcontext()
+            LiveBytes(_flat(self._on_device())) if self._track_memory else contextlib.nullcontext()
         )
         with _comm_errors(self.rank, "forward"), tracker:
             state = self.schedule.forward(local, layout, grad)
             outputs = self.schedule.gather_outputs(state)
         if self._track_memory:
-            resident = storage_bytes(_flat(self._resident()))
+            resident = storage_bytes(_flat(self._on_device()))
             self._memory = {
                 "forward_peak": tracker.peak,
                 "forward_end": tracker.current,
@@ -251,15 +271,30 @@ class Module(nn.Module):
         return self._package(outputs, state if grad else None)
 
     def _resident(self) -> dict[str, list[torch.Tensor]]:
-        """This rank's resident tensors by category."""
-        state = self.optimizer.state.values() if self.optimizer is not None else []
-        return {
-            "parameters": list(self.parameters()) + list(self.stage_module.buffers()),
-            "gradients": [p.grad for p in self.parameters() if p.grad is not None],
-            "optimizer_state": [
-                v for st in state for v in st.values() if isinstance(v, torch.Tensor)
-            ],
+        """This rank's resident tensors by category; what offload keeps in host memory is
+        under ``host_parameters``, ``host_gradients`` and ``host_optimizer_state``."""
+        offloaded = {id(p) for p in self.offload.parameters()} if self.offload else set()
+        state_on_host = self.plan.stage_of_rank(self.rank).offload == "params+optimizer"
+        found: dict[str, list[torch.Tensor]] = {
+            "parameters": list(self.stage_module.buffers()),
+            "gradients": [],
+            "optimizer_state": [],
         }
+        if self.offload is not None:
+            found.update(host_parameters=[], host_gradients=[], host_optimizer_state=[])
+        for param in self.parameters():
+            where = "host_" if id(param) in offloaded else ""
+            found[where + "parameters"].append(param)
+            if param.grad is not None:
+                found[where + "gradients"].append(param.grad)
+        state = self.optimizer.state.values() if self.optimizer is not None else []
+        found["host_optimizer_state" if state_on_host else "optimizer_state"] += [
+            v for st in state for v in st.values() if isinstance(v, torch.Tensor)
+        ]
+        return found
+
+    def _on_device(self) -> dict[str, list[torch.Tensor]]:
+        return {k: v for k, v in self._resident().items() if not k.startswith("host_")}
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds now by category, and the peaks of the last tracked step.
@@ -270,9 +305,14 @@ class Module(nn.Module):
         backward (``forward_end`` less the resident state), and ``backward_peak`` the bytes at
         the end of forward plus the most that backward allocated on top (an upper bound: it
         does not subtract the activations backward frees as it goes).
+
+        With offload, ``host_*`` count what lives in host memory, and ``offload_peak`` is the
+        peak of parameter copies on the device since the last forward began.
         """
         self._require_setup("memory_report")
         report = {kind: storage_bytes(tensors) for kind, tensors in self._resident().items()}
+        if self.offload is not None:
+            report["offload_peak"] = self.offload.peak
         if self._memory:
             report.update(self._memory)
         return report
@@ -469,6 +509,14 @@ class _Bridge(torch.autograd.Function):
         ctx.owner._backward(ctx.state, ctx.order, ctx.differentiable, grads)
         ctx.state = None
         return (None, None, None, None, None, *[None] * len(grads))
+
+
+def _move_buffers(module: nn.Module, device: torch.device) -> None:
+    """Buffers go to the device; offloaded parameters stay where `ParamOffload` put them."""
+    for sub in module.modules():
+        for name, buffer in sub._buffers.items():
+            if buffer is not None:
+                sub._buffers[name] = buffer.to(device)
 
 
 def _flat(by_kind: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:

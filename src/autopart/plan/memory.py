@@ -12,6 +12,14 @@ Per device, a stage holds:
 * transient working memory: the largest single op output and its gradient;
 * communication buffers: one microbatch of sent and received values, and one gradient bucket
   for the allreduce when the stage has replicas.
+
+With parameter offload (``offload``: see `autopart.plan.plan.OFFLOAD_MODES`) the parameters live
+in host memory and only the in-flight working set is on the device: the op running now (its
+parameters and their gradients, ``largest_group_bytes`` at most) and ``prefetch`` parameters
+copied ahead.  Buffers stay.  Gradients are summed on the host, so no allreduce bucket.  Under
+``"params"`` the optimizer state stays on the device and the step runs there, with the stage's
+parameters and gradients brought back for it: that is a second peak, after the activations are
+gone.  Under ``"params+optimizer"`` the device holds no optimizer state at all.
 """
 
 from __future__ import annotations
@@ -40,12 +48,16 @@ class StageFootprint:
     send_fixed: float
     largest_output_per_sample: float
     largest_output_fixed: float
+    buffer_bytes: float = 0.0
+    largest_group_bytes: float = 0.0
+    largest_param_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
 class MemoryModel:
     optimizer_factor: float
     zero: bool = False
+    prefetch: int = 1
 
     def state_bytes(self, fp: StageFootprint) -> float:
         """Parameters, gradients and the full optimizer state (no ZeRO split)."""
@@ -58,6 +70,7 @@ class MemoryModel:
         microbatches: int,
         replicas: np.ndarray,
         recompute: bool,
+        offload: str = "none",
     ) -> np.ndarray:
         """Predicted peak bytes per device, vectorized over candidate (rows, replicas)."""
         rows = np.asarray(rows, dtype=float)
@@ -66,11 +79,17 @@ class MemoryModel:
         send = fp.send_per_sample * rows + fp.send_fixed
         activations = microbatches * recv + saved if recompute else microbatches * (saved + recv)
         transient = 2.0 * (fp.largest_output_per_sample * rows + fp.largest_output_fixed)
-        bucket = np.where(
-            np.asarray(replicas) > 1, min(fp.trainable_bytes, ALLREDUCE_BUCKET_BYTES), 0.0
-        )
-        state = self.state_bytes(fp)
+        optimizer = fp.trainable_bytes * self.optimizer_factor
         if self.zero:
-            optimizer = fp.trainable_bytes * self.optimizer_factor
-            state = state - optimizer + optimizer / np.asarray(replicas, dtype=float)
-        return state + activations + transient + recv + send + bucket
+            optimizer = optimizer / np.asarray(replicas, dtype=float)
+        running = activations + transient + recv + send
+        if offload == "none":
+            bucket = np.where(
+                np.asarray(replicas) > 1, min(fp.trainable_bytes, ALLREDUCE_BUCKET_BYTES), 0.0
+            )
+            return fp.param_bytes + fp.trainable_bytes + optimizer + running + bucket
+        working = 2.0 * fp.largest_group_bytes + self.prefetch * fp.largest_param_bytes
+        if offload == "params+optimizer":
+            return fp.buffer_bytes + working + running
+        step = fp.param_bytes + fp.trainable_bytes + optimizer
+        return np.maximum(fp.buffer_bytes + working + optimizer + running, step)

@@ -18,6 +18,23 @@ from autopart.errors import AutopartError
 
 PLAN_FORMAT_VERSION = 1
 
+#: Where a stage keeps its parameters (and optimizer state): on the device, or in host memory.
+OFFLOAD_MODES = ("none", "params", "params+optimizer")
+
+
+def offload_option(value: bool | str | None) -> str:
+    """The canonical name of an ``offload=`` argument: ``True`` offloads parameters and
+    optimizer state, ``"auto"`` lets the planner offload only the stages that need it."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "params+optimizer"
+    if value in OFFLOAD_MODES or value == "auto":
+        return value
+    raise AutopartError(
+        f"unknown offload {value!r}; use False, True, 'params', 'params+optimizer' or 'auto'"
+    )
+
 
 class PlanError(AutopartError):
     """A plan file that is corrupt, from another version, or made for another model."""
@@ -38,6 +55,7 @@ class StagePlan:
     recompute: bool
     microbatch_rows: int
     allreduce_seconds: float = 0.0
+    offload: str = "none"
 
     @property
     def replicas(self) -> int:
@@ -118,6 +136,12 @@ class Plan:
             )
         if self.microbatches < 1 or self.global_batch_size < 1:
             raise PlanError("plan has a non-positive batch size or microbatch count")
+        for stage in self.stages:
+            if stage.offload not in OFFLOAD_MODES:
+                raise PlanError(
+                    f"stage {stage.index} has offload {stage.offload!r}, not one of "
+                    f"{', '.join(OFFLOAD_MODES)}; the file is corrupt or was edited by hand"
+                )
 
     def validate_for(self, fingerprint: str, world_size: int | None = None) -> None:
         """Fail unless this plan was made for the graph with ``fingerprint`` (and world size)."""

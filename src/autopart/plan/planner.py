@@ -22,7 +22,7 @@ from autopart.ir import Graph
 from autopart.plan.atomic import Component, atomic_components
 from autopart.plan.blocks import Block, coarsen
 from autopart.plan.memory import OPTIMIZER_FACTORS, MemoryModel
-from autopart.plan.plan import Plan, StagePlan
+from autopart.plan.plan import OFFLOAD_MODES, Plan, StagePlan
 from autopart.plan.stage_costs import StageCoster
 from autopart.plan.stage_dp import Solution, search
 from autopart.plan.traffic import RangeTraffic
@@ -53,6 +53,10 @@ class PlanOptions:
     target_blocks: int = 32
     max_microbatches: int = 64
     zero: bool = False
+    #: "none", "params", "params+optimizer" (every stage), or "auto" (where it is needed).
+    offload: str = "none"
+    #: Parameters an offloaded stage copies ahead of use (the runtime's prefetch depth).
+    prefetch: int = 1
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -65,6 +69,12 @@ class PlanOptions:
             raise AutopartError(
                 f"unknown optimizer {self.optimizer!r}; use one of {sorted(OPTIMIZER_FACTORS)}"
             )
+        if self.offload not in (*OFFLOAD_MODES, "auto"):
+            raise AutopartError(
+                f"unknown offload {self.offload!r}; use one of {', '.join(OFFLOAD_MODES)} or auto"
+            )
+        if self.prefetch < 0:
+            raise AutopartError(f"prefetch depth must be at least 0, got {self.prefetch}")
         if not 0 <= self.memory_margin < 1:
             raise AutopartError(f"memory margin must be in [0, 1), got {self.memory_margin}")
         if self.stages is not None and not 1 <= self.stages <= self.devices:
@@ -101,7 +111,9 @@ def prepare(
     capacity = (options.device_memory or cost_model.device.memory_bytes) * (
         1 - options.memory_margin
     )
-    memory = MemoryModel(OPTIMIZER_FACTORS[options.optimizer], zero=options.zero)
+    memory = MemoryModel(
+        OPTIMIZER_FACTORS[options.optimizer], zero=options.zero, prefetch=options.prefetch
+    )
     components = atomic_components(graph)
     if blocks is None and options.split_points:
         blocks = manual_blocks(graph, components, options.split_points)
@@ -125,6 +137,7 @@ def prepare(
         global_batch=options.global_batch,
         devices=options.devices,
         replicas=np.arange(unit, options.devices + 1, unit),
+        offload=options.offload,
     )
     return components, blocks, coster
 
@@ -206,6 +219,7 @@ def plan_from_partition(
                 recompute=bool(choice.recompute),
                 microbatch_rows=rows,
                 allreduce_seconds=float(choice.allreduce_seconds),
+                offload=OFFLOAD_MODES[choice.offload],
             )
         )
         next_rank += choice.replicas
@@ -233,8 +247,7 @@ def _auto_blocks(graph, components, traffic, cost_model, memory, options, capaci
     ]
     params = [frozenset(p for n in c.nodes for p in graph.node(n).params) for c in components]
     state = {
-        name: spec.nbytes
-        * (1.0 if spec.is_buffer or not spec.requires_grad else 2.0 + memory.optimizer_factor)
+        name: spec.nbytes * _state_factor(spec, memory, offloaded=options.offload != "none")
         for name, spec in graph.params.items()
     }
     cuts = [traffic.cut_bytes(p) for p in range(len(components) + 1)]
@@ -247,6 +260,15 @@ def _auto_blocks(graph, components, traffic, cost_model, memory, options, capaci
         target_blocks=options.target_blocks,
         block_bytes_cap=capacity / 2,
     )
+
+
+def _state_factor(spec, memory: MemoryModel, offloaded: bool) -> float:
+    """Device bytes per parameter byte between steps; offloaded parameters need none."""
+    if spec.is_buffer:
+        return 1.0
+    if offloaded:
+        return 0.0
+    return 2.0 + memory.optimizer_factor if spec.requires_grad else 1.0
 
 
 def manual_blocks(
@@ -337,8 +359,11 @@ def _infeasible_message(graph, blocks, coster: StageCoster, options) -> str:
             rows = coster.rows(m)
             usable = rows > 0
             if usable.any():
-                peak = coster.memory.peak_bytes(fp, rows, m, coster.replicas, recompute=True)
-                peaks.append(float(peak[usable].min()))
+                for mode in coster.offload_modes:
+                    peak = coster.memory.peak_bytes(
+                        fp, rows, m, coster.replicas, recompute=True, offload=mode
+                    )
+                    peaks.append(float(peak[usable].min()))
         return min(peaks)
 
     head = (
@@ -354,7 +379,8 @@ def _infeasible_message(graph, blocks, coster: StageCoster, options) -> str:
             f"{head} Block {worst} ({_where(graph, coster, worst)}) alone needs "
             f"{format_bytes(least_bytes(worst))} per device even with recomputation, so no "
             f"device count helps. Use devices with at least {format_bytes(needed)}, "
-            "a smaller batch, a lighter optimizer (--optimizer sgd), or parameter offload."
+            "a smaller batch, a lighter optimizer (--optimizer sgd)"
+            + (", or parameter offload (--offload auto)." if options.offload == "none" else ".")
         )
     stages, start, needed = 0, 0, 0
     while start < len(blocks):

@@ -4,6 +4,13 @@ A candidate stage is a run of blocks ``[start, end)`` at ``M`` microbatches; the
 candidate replica counts at once, so everything here is vectorized over replicas.  Block times
 come from the cost model (analytic or measured) and are summed per stage, as RaNNC's fast mode
 does; they are computed once per distinct microbatch size and kept as prefix sums.
+
+Each candidate is tried in every way it may run: with or without recomputation, and, where
+offload is allowed, with its parameters (and optimizer state) in host memory.  The fastest that
+fits wins; on a tie, the earlier of (on device, then offloaded; no recomputation first).  An
+offloaded stage copies its parameters to the device in every microbatch's forward, again in its
+recomputation and its backward, and sends each microbatch's gradients back: the copies to the
+device overlap compute (side stream), the gradients going back do not.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import numpy as np
 from autopart.cost import CostModel, DeviceSpec, allreduce_seconds_array, p2p_seconds_array
 from autopart.ir import Graph
 from autopart.plan.memory import MemoryModel, StageFootprint
+from autopart.plan.plan import OFFLOAD_MODES
 from autopart.plan.stage_dp import StageCosts
 from autopart.plan.traffic import RangeTraffic
 
@@ -35,6 +43,7 @@ class StageCoster:
         global_batch: int,
         devices: int,
         replicas: np.ndarray,
+        offload: str = "none",
     ) -> None:
         self.graph = graph
         self.block_names = [list(names) for names in block_nodes]
@@ -47,6 +56,10 @@ class StageCoster:
         self.replicas = np.asarray(replicas, dtype=np.int64)
         self.spec: DeviceSpec = cost_model.device
         self.cross_node_p2p = devices > self.spec.devices_per_node
+        if offload == "auto":
+            self.offload_modes = OFFLOAD_MODES
+        else:
+            self.offload_modes = (offload,)
         self._block_params = [
             frozenset(p for node in nodes for p in node.params) for nodes in self.block_nodes
         ]
@@ -88,6 +101,7 @@ class StageCoster:
             (sum(t.nbytes() for t in n.outputs if not t.is_batch) for n in nodes), default=0
         )
         t = self.traffic
+        groups = [sum(self.graph.params[p].nbytes for p in n.params) for n in nodes]
         return StageFootprint(
             param_bytes=sum(p.nbytes for p in params),
             trainable_bytes=sum(p.nbytes for p in params if p.requires_grad and not p.is_buffer),
@@ -99,6 +113,9 @@ class StageCoster:
             send_fixed=float(t.send[1, start, end]),
             largest_output_per_sample=float(largest_ps),
             largest_output_fixed=float(largest_fx),
+            buffer_bytes=sum(p.nbytes for p in params if p.is_buffer),
+            largest_group_bytes=float(max(groups, default=0)),
+            largest_param_bytes=float(max((p.nbytes for p in params), default=0)),
         )
 
     def _stage_costs(self, start: int, end: int, microbatches: int) -> StageCosts:
@@ -117,16 +134,30 @@ class StageCoster:
             p2p_seconds_array(recv, self.spec, self.cross_node_p2p)
             + p2p_seconds_array(send, self.spec, self.cross_node_p2p)
         )
-        plain = self.memory.peak_bytes(fp, rows, microbatches, self.replicas, recompute=False)
-        again = self.memory.peak_bytes(fp, rows, microbatches, self.replicas, recompute=True)
-        fits_plain = usable & (plain <= self.capacity)
-        fits_again = usable & (again <= self.capacity)
-        recompute = ~fits_plain & fits_again
-        slot = np.where(recompute, 2 * fwd + bwd, fwd + bwd) + comm
+        compute = {False: fwd + bwd, True: 2 * fwd + bwd}
+        weights = fp.param_bytes - fp.buffer_bytes
+        link = self.spec.host_link_bandwidth
+        ways = []  # (slot seconds, peak bytes, recompute, offload code), in order of preference
+        for mode in self.offload_modes:
+            code = OFFLOAD_MODES.index(mode)
+            for recompute in (False, True):
+                peak = self.memory.peak_bytes(
+                    fp, rows, microbatches, self.replicas, recompute=recompute, offload=mode
+                )
+                slot = compute[recompute]
+                if code:
+                    copies = (3 if recompute else 2) * weights / link
+                    slot = np.maximum(slot, copies) + fp.trainable_bytes / link
+                fits = usable & (peak <= self.capacity)
+                ways.append((np.where(fits, slot + comm, np.inf), peak, recompute, code))
+        slots = np.stack([w[0] for w in ways])
+        best = np.argmin(slots, axis=0)  # the first of equals: the order of preference
+        pick = np.arange(len(rows))
         return StageCosts(
             replicas=self.replicas,
-            slot_seconds=np.where(fits_plain | fits_again, slot, np.inf),
+            slot_seconds=slots[best, pick],
             allreduce_seconds=allreduce_seconds_array(fp.trainable_bytes, self.replicas, self.spec),
-            memory_bytes=np.where(recompute, again, plain).astype(np.int64),
-            recompute=recompute,
+            memory_bytes=np.stack([w[1] for w in ways])[best, pick].astype(np.int64),
+            recompute=np.array([ways[b][2] for b in best], dtype=bool),
+            offload=np.array([ways[b][3] for b in best], dtype=np.int8),
         )

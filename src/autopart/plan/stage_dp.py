@@ -56,6 +56,12 @@ class StageCosts:
     memory_bytes: np.ndarray
     #: bool, whether the stage must recompute activations to fit.
     recompute: np.ndarray
+    #: int, where the stage keeps its parameters: an index into ``OFFLOAD_MODES`` (0: device).
+    offload: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.offload is None:
+            object.__setattr__(self, "offload", np.zeros(np.shape(self.replicas), dtype=np.int8))
 
 
 class StageCoster(Protocol):
@@ -75,6 +81,7 @@ class StageChoice:
     allreduce_seconds: float
     memory_bytes: int
     recompute: bool
+    offload: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,7 @@ def exhaustive(
                     float(costs.allreduce_seconds[k]),
                     int(costs.memory_bytes[k]),
                     bool(costs.recompute[k]),
+                    int(costs.offload[k]),
                 )
                 for k in range(len(costs.replicas))
                 if math.isfinite(costs.slot_seconds[k]) and costs.replicas[k] <= devices
@@ -246,6 +254,7 @@ class _Table:
     allreduce: np.ndarray  # float64[P, R]
     memory: np.ndarray  # int64[P, R]
     recompute: np.ndarray  # bool[P, R]
+    offload: np.ndarray  # int8[P, R]
     #: Some stage must hold each block; the slowest of those blocks' fastest slots, a lower
     #: bound on every plan's max slot.  ``inf`` when some block fits no stage at all.
     slowest_slot: float
@@ -296,6 +305,7 @@ class _Table:
             allreduce=stack("allreduce_seconds", np.float64),
             memory=stack("memory_bytes", np.int64),
             recompute=stack("recompute", np.bool_),
+            offload=stack("offload", np.int8),
             slowest_slot=float(fastest.min(axis=0, initial=np.inf).max()),
             fewest_stages=fewest[num_blocks],
             calls=calls,
@@ -310,6 +320,7 @@ class _Table:
             allreduce_seconds=float(self.allreduce[p, k]),
             memory_bytes=int(self.memory[p, k]),
             recompute=bool(self.recompute[p, k]),
+            offload=int(self.offload[p, k]),
         )
 
 
@@ -322,7 +333,7 @@ def _check_costs(costs: StageCosts, replicas: np.ndarray | None) -> np.ndarray:
         replicas = got
     elif not np.array_equal(got, replicas):
         raise ValueError("the coster returned different replica counts for different stages")
-    for name in ("slot_seconds", "allreduce_seconds", "memory_bytes", "recompute"):
+    for name in ("slot_seconds", "allreduce_seconds", "memory_bytes", "recompute", "offload"):
         if np.shape(getattr(costs, name)) != replicas.shape:
             raise ValueError(f"{name} does not have one entry per replica count")
     return replicas

@@ -19,6 +19,7 @@ world size, so the sum that each stage's replica group all-reduces is the mean o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from autopart.ir import Graph, NodeKind, TensorSpec
 from autopart.plan.plan import Plan
 from autopart.runtime import routing
 from autopart.runtime.layout import BatchLayout, Rows
+from autopart.runtime.offload import ParamOffload
 from autopart.runtime.routing import ValueShape
 from autopart.runtime.stage_module import StageIO
 
@@ -70,9 +72,11 @@ class GPipeSchedule:
         rank: int,
         device: torch.device,
         autocast: torch.dtype | None = None,
+        offload: ParamOffload | None = None,
     ) -> None:
         self.graph = graph
         self.autocast = autocast
+        self.offload = offload
         self.plan = plan
         self.module = module
         self.rank = rank
@@ -149,9 +153,10 @@ class GPipeSchedule:
 
     def _run(self, inputs: list[list[Any]]) -> list[list[Any]]:
         args = [self.shapes[n].pack(v) for n, v in zip(self.io.inputs, inputs, strict=True)]
-        with torch.autocast(
+        cast = torch.autocast(
             self.device.type, dtype=self.autocast, enabled=self.autocast is not None
-        ):
+        )
+        with cast, self.offload.forward() if self.offload else contextlib.nullcontext():
             results = self.module(*args)
         return [self.shapes[n].unpack(v) for n, v in zip(self.io.outputs, results, strict=True)]
 
@@ -283,7 +288,8 @@ class GPipeSchedule:
                         tensors.append(leaf)
                         tensor_grads.append(total)
             if tensors:
-                torch.autograd.backward(tensors, tensor_grads)
+                with self.offload.backward() if self.offload else contextlib.nullcontext():
+                    torch.autograd.backward(tensors, tensor_grads)
             self._send_input_grads(state, mb, m)
             mb.outputs = None
             mb.inputs = []

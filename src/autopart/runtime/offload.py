@@ -1,0 +1,278 @@
+"""Parameter offload: a stage's parameters live in host memory and visit the device per op.
+
+The stage module is rewritten so that every op reading an offloaded parameter reads a fresh
+device copy instead, made by a fetch op placed just before it; the copy dies after the op (fx
+drops values after their last use).  Autograd would keep the copies alive until backward when
+an op saves its weight, so while a stage runs, saved-tensor hooks replace a saved copy (or a
+view of one) by a handle, and backward fetches it again when it unpacks the handle.  Each
+copy's gradient goes straight back to the host parameter, where it accumulates.
+
+Copies are prefetched ``depth`` fetches ahead, in the order the fetch ops run in forward and
+in the reverse of the order weights were saved in backward.  On CUDA the host side is pinned
+and copies run on a side stream, so they overlap compute; elsewhere they are plain copies.
+
+Buffers (batch-norm statistics) stay on the device: ops update them in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """A saved tensor that was (a view of) a parameter copy: enough to rebuild it."""
+
+    key: str
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+@dataclass(frozen=True)
+class _Live:
+    """A device copy, known by its storage so that any alias of it can be found again."""
+
+    sid: int
+    storage: weakref.ref
+    size: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class ParamOffload:
+    """Host-resident parameters of one stage module and their short-lived device copies."""
+
+    def __init__(self, module: fx.GraphModule, device: torch.device, depth: int = 1) -> None:
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be at least 0, got {depth}")
+        self.device = device
+        self.depth = depth
+        self.host: dict[str, nn.Parameter] = {}
+        pin = device.type == "cuda"
+        for node in module.graph.find_nodes(op="get_attr"):
+            value = _attr(module, node.target)
+            if isinstance(value, nn.Parameter) and node.target not in self.host:
+                if value.device.type != "cpu" or (pin and not value.is_pinned()):
+                    host = value.detach().cpu()
+                    value.data = host.pin_memory() if pin else host
+                self.host[node.target] = value
+        self.forward_order = _insert_fetches(module, self)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._live: dict[int, str] = {}  # storage id of a live copy -> its parameter
+        self._sizes: dict[int, int] = {}
+        self._copies: dict[str, _Live] = {}  # parameter -> its live copy
+        self._inflight: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self._order: list[str] = []
+        self._cursor = 0
+        self._saved_order: list[str] = []
+        self.current = 0
+        self.peak = 0
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.host.values())
+
+    # -- the two phases ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        """Run a stage forward (or a recomputation): fetch in graph order, save handles."""
+        self._begin(self.forward_order)
+        self._saved_order = []
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._end()
+
+    @contextlib.contextmanager
+    def backward(self) -> Iterator[None]:
+        """Run a stage backward: handles unpack in about the reverse of the order saved."""
+        self._begin(list(reversed(self._saved_order)))
+        try:
+            yield
+        finally:
+            self._end()
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def _begin(self, order: list[str]) -> None:
+        self._order, self._cursor = order, 0
+        self._prefetch(order[: self.depth])
+
+    def _end(self) -> None:
+        self._inflight.clear()
+        self._order, self._cursor = [], 0
+
+    # -- copies ------------------------------------------------------------------------------
+
+    def take(self, key: str) -> torch.Tensor:
+        """The device copy of parameter ``key``: still alive, prefetched, or made now."""
+        try:
+            position = self._order.index(key, self._cursor)
+        except ValueError:
+            position = None
+        pending = self._inflight.pop(key, None)
+        copy = self._alive(key)
+        if copy is None and pending is not None:
+            copy, event = pending
+            if event is not None:
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(event)
+                copy.record_stream(stream)
+        if copy is None:
+            copy = self._copy(key)[0]
+        if position is not None:
+            self._cursor = position + 1
+            self._prefetch(self._order[self._cursor : self._cursor + self.depth])
+        return copy
+
+    def _alive(self, key: str) -> torch.Tensor | None:
+        """A new tensor on the live copy's storage, if some alias still keeps it alive."""
+        live = self._copies.get(key)
+        storage = live.storage() if live is not None else None
+        if storage is None:
+            return None
+        empty = torch.empty(0, dtype=live.dtype, device=self.device)
+        return empty.set_(storage, 0, live.size, live.stride)
+
+    def _prefetch(self, keys: list[str]) -> None:
+        for key in keys:
+            if key not in self._inflight and key not in self._copies:
+                self._inflight[key] = self._copy(key)
+
+    def _copy(self, key: str) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        host = self.host[key].detach()
+        event = None
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                copy = host.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        else:
+            copy = host.to(self.device, copy=True)
+        storage = copy.untyped_storage()
+        sid = storage._cdata
+        self._copies[key] = _Live(sid, weakref.ref(storage), copy.size(), copy.stride(), copy.dtype)
+        self._live[sid] = key
+        self._sizes[sid] = storage.nbytes()
+        self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._freed, sid, key)
+        return copy, event
+
+    def _freed(self, sid: int, key: str) -> None:
+        self._live.pop(sid, None)
+        self.current -= self._sizes.pop(sid, 0)
+        if key in self._copies and self._copies[key].sid == sid:
+            del self._copies[key]
+
+    def to_host(self, grad: torch.Tensor, key: str) -> torch.Tensor:
+        return grad.to(self.host[key].device)
+
+    # -- saved tensors -----------------------------------------------------------------------
+
+    def _pack(self, tensor: torch.Tensor):
+        key = None if tensor.is_meta else self._live.get(tensor.untyped_storage()._cdata)
+        if key is None:
+            return tensor
+        self._saved_order.append(key)
+        return _Saved(key, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+    def _unpack(self, packed):
+        if not isinstance(packed, _Saved):
+            return packed
+        return self.take(packed.key).as_strided(packed.size, packed.stride, packed.offset)
+
+
+class _Fetch(torch.autograd.Function):
+    """Host parameter -> device copy; the copy's gradient goes back to the host parameter."""
+
+    @staticmethod
+    def forward(ctx, host, offload: ParamOffload, key: str):
+        ctx.offload, ctx.key = offload, key
+        return offload.take(key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.offload.to_host(grad, ctx.key), None, None
+
+
+class _FetchOp:
+    """The callable a fetch node of the stage graph runs."""
+
+    def __init__(self, offload: ParamOffload, key: str) -> None:
+        self.offload = offload
+        self.key = key
+        self.__name__ = "autopart_fetch_" + key.replace(".", "_")
+        self.__module__ = __name__
+
+    def __call__(self, host: torch.Tensor) -> torch.Tensor:
+        return _Fetch.apply(host, self.offload, self.key)
+
+
+def _insert_fetches(module: fx.GraphModule, offload: ParamOffload) -> list[str]:
+    """Give every op that reads an offloaded parameter its own fetch, placed just before it;
+    return the parameters in the order the fetches run."""
+    order = []
+    for node in list(module.graph.nodes):
+        if node.op in ("get_attr", "placeholder", "output"):
+            continue
+        for dep in dict.fromkeys(node.all_input_nodes):
+            if dep.op == "get_attr" and dep.target in offload.host:
+                with module.graph.inserting_before(node):
+                    fetch = module.graph.call_function(_FetchOp(offload, dep.target), (dep,))
+                node.replace_input_with(dep, fetch)
+                order.append(dep.target)
+    module.recompile()
+    return order
+
+
+def _attr(module: nn.Module, target: str):
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+class StepOnDevice:
+    """``offload="params"``: the optimizer state stays on the device, so the step runs there.
+
+    The stage's parameters and gradients visit the device for the step (after backward, when
+    the activations are gone) and the new values go back to the host copies.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], device: torch.device
+    ) -> None:
+        self.params = params
+        self.device = device
+        self._host: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
+        optimizer.register_step_pre_hook(lambda *_: self._to_device())
+        optimizer.register_step_post_hook(lambda *_: self._to_host())
+
+    def _to_device(self) -> None:
+        self._host = []
+        for param in self.params:
+            host, grad = param.data, param.grad
+            param.grad = None
+            param.data = host.to(self.device, non_blocking=True)
+            if grad is not None:
+                param.grad = grad.to(self.device, non_blocking=True)
+            self._host.append((param, host, grad))
+
+    def _to_host(self) -> None:
+        for param, host, grad in self._host:
+            host.copy_(param.data)
+            param.grad = None
+            param.data = host
+            param.grad = grad
+        self._host = []
