@@ -438,3 +438,31 @@ def offload_residency(rank: int, world: int, workdir: str) -> None:
             }
         )
     Path(workdir, f"residency{rank}.json").write_text(json.dumps(results))
+
+
+def mixed_offload_plan(rank: int, world: int) -> None:
+    """A plan that offloads one stage and not the other trains exactly like plain PyTorch,
+    and its state dicts still gather every parameter."""
+    from autopart.capture import capture
+    from autopart.cost import AnalyticCostModel, get_device_spec
+    from autopart.plan.planner import PlanOptions, make_plan
+
+    example = ZOO["mlp"]()
+    model = example[0]
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    graph = capture(model, *_batch(example, 1, 0))
+    options = PlanOptions(devices=world, global_batch=LOCAL * world, stages=2, microbatches=2)
+    plan = make_plan(graph, AnalyticCostModel(get_device_spec("cpu")), options)
+    plan.stages[1].offload = "params+optimizer"
+    wrapped = autopart.Module(model, opt, plan=plan)
+    ref_params = dict(reference.named_parameters())
+    for seed in range(3):
+        _train_step([(wrapped, opt)], reference, ref_opt, example, rank, world, seed)
+        for name, param in wrapped.named_parameters():
+            assert_close(param.detach(), ref_params[name].detach(), f"step {seed} {name}")
+    assert (wrapped.offload is not None) == (rank == 1)
+    full = wrapped.state_dict()
+    for name, value in reference.state_dict().items():
+        assert_close(full[name], value, f"state_dict {name}")

@@ -50,3 +50,7 @@ def test_offloaded_parameters_on_device_are_bounded_by_what_is_in_flight(tmp_pat
             assert report["host_parameters"] == r["stage_total"], report
             assert report["host_gradients"] == r["stage_total"], report
             assert report["offload_peak"] == r["peak"], report
+
+
+def test_a_plan_offloading_one_stage_only_trains_exactly():
+    run_ranks(2, workers.mixed_offload_plan)

@@ -264,3 +264,54 @@ def test_analytic_costs_use_the_models_parameter_dtype():
     graph = capture(model, (args[0].to(torch.bfloat16),), kwargs)
     assert compute_dtype(graph) == "torch.bfloat16"
     assert cost_model_for(graph, "analytic", "h100", None).dtype == "bfloat16"
+
+
+def _wide_then_narrow() -> Graph:
+    """One huge layer followed by many small ones: only the huge one needs host memory."""
+    layers = [torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 64)]
+    for _ in range(6):
+        layers += [torch.nn.Linear(64, 64), torch.nn.ReLU()]
+    return capture(torch.nn.Sequential(*layers), (torch.randn(1, 2048),))
+
+
+def test_auto_offload_turns_on_only_where_a_stage_does_not_fit():
+    graph = _wide_then_narrow()
+    cap = 60 * 2**20  # the huge layer with its gradient and Adam state is 64 MiB
+    options = dict(devices=2, global_batch=8, stages=2, device_memory=cap)
+    with pytest.raises(InfeasiblePlanError, match="offload"):
+        make_plan(graph, _cost(), PlanOptions(**options))
+    plan = make_plan(graph, _cost(), PlanOptions(**options, offload="auto"))
+    assert_plan_invariants(graph, plan, 2)
+    modes = [s.offload for s in plan.stages]
+    huge = next(s for s in plan.stages if any(p.startswith("0.") for p in s.params))
+    assert huge.offload in ("params", "params+optimizer"), modes
+    assert "none" in modes, modes  # the small stage keeps its parameters on the device
+
+
+def test_auto_offload_stays_off_when_everything_fits(graphs):
+    plan = make_plan(graphs["mlp"], _cost(), PlanOptions(devices=2, global_batch=8, offload="auto"))
+    assert all(s.offload == "none" for s in plan.stages)
+
+
+def test_forced_offload_charges_the_working_set_and_the_host_link():
+    graph = _wide_then_narrow()
+    options = dict(devices=1, global_batch=8, microbatches=2)
+    plain = make_plan(graph, _cost(), PlanOptions(**options))
+    offloaded = make_plan(graph, _cost(), PlanOptions(**options, offload="params+optimizer"))
+    stage, base = offloaded.stages[0], plain.stages[0]
+    assert stage.offload == "params+optimizer"
+    weights = sum(p.nbytes for p in graph.params.values())
+    assert base.memory_bytes >= 4 * weights  # weights, gradients and two Adam moments
+    # Offloaded: the huge layer's weight and bias with their gradients, and one weight ahead.
+    group = 2048 * 2048 * 4 + 2048 * 4
+    working = 2 * group + 2048 * 2048 * 4
+    assert working <= stage.memory_bytes < working + 2**20, stage.memory_bytes
+    # Every microbatch copies every weight in forward and backward and sends gradients back.
+    link = _cost().device.host_link_bandwidth
+    assert offloaded.step_seconds >= 2 * (2 * weights + weights) / link
+    assert offloaded.step_seconds > plain.step_seconds
+
+
+def test_offload_option_is_checked():
+    with pytest.raises(AutopartError, match="unknown offload"):
+        PlanOptions(devices=1, global_batch=1, offload="disk")

@@ -43,6 +43,8 @@ def _plan(args: argparse.Namespace) -> int:
         split_points=split_points,
         target_blocks=args.blocks,
         zero=args.zero,
+        offload=args.offload,
+        prefetch=args.prefetch,
     )
     _, plan = plan_model(
         model,
@@ -99,6 +101,16 @@ def _add_plan_parser(sub) -> None:
         "--zero",
         action="store_true",
         help="plan for ZeRO-1: optimizer state split over each stage's replicas",
+    )
+    plan.add_argument(
+        "--offload",
+        default="none",
+        choices=["none", "params", "params+optimizer", "auto"],
+        help="keep parameters (and optimizer state) in host memory: on every stage, or auto: "
+        "only on the stages that do not fit otherwise",
+    )
+    plan.add_argument(
+        "--prefetch", type=int, default=1, help="parameters an offloaded stage copies ahead"
     )
     plan.add_argument("--microbatches", type=int, help="force the number of microbatches")
     plan.add_argument(

@@ -47,6 +47,7 @@ def plan_table(plan: Plan) -> Table:
         ("allreduce", "right"),
         ("memory", "right"),
         ("recompute", "center"),
+        ("offload", "center"),
     ):
         table.add_column(col, justify=justify)
     for s in plan.stages:
@@ -61,6 +62,7 @@ def plan_table(plan: Plan) -> Table:
             format_seconds(s.allreduce_seconds),
             format_bytes(s.memory_bytes),
             "yes" if s.recompute else "no",
+            "no" if s.offload == "none" else s.offload,
         )
     table.caption = (
         f"predicted step {format_seconds(plan.step_seconds)}, "
