@@ -321,11 +321,17 @@ def zero_matches_reference(rank: int, world: int, stages: int, workdir: str) -> 
     for index, entry in expected["state"].items():
         for key, value in entry.items():
             assert_close(saved["state"][index][key], value, f"optimizer state {index}.{key}")
+    full = _batch(example, world, 99)
+    mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
+    for module in (wrapped, plain):
+        _square(module(*mine[0], **mine[1])).backward()
     result = {
         "replicas": wrapped.plan.stage_of_rank(rank).replicas,
         "zero": _optimizer_state_bytes(opt),
         "plain": _optimizer_state_bytes(plain_opt),
         "largest": max(p.numel() * p.element_size() for p in wrapped.parameters()) * 2,
+        "zero_grads": wrapped.memory_report()["gradients"],
+        "plain_grads": plain.memory_report()["gradients"],
     }
     Path(workdir, f"zero{rank}.json").write_text(json.dumps(result))
 

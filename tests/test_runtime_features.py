@@ -69,14 +69,17 @@ def test_bf16_autocast_matches_reference():
 
 
 @pytest.mark.parametrize("world,stages", [(2, 1), (3, 2)])
-def test_zero_matches_reference_and_splits_optimizer_state(world, stages, tmp_path):
+def test_zero_matches_reference_and_splits_optimizer_state_and_gradients(world, stages, tmp_path):
     run_ranks(world, workers.zero_matches_reference, stages, str(tmp_path))
     for rank in range(world):
         r = json.loads((tmp_path / f"zero{rank}.json").read_text())
         # Whole tensors are assigned, so a share can exceed an even split by one tensor.
         assert r["zero"] <= r["plain"] / r["replicas"] + r["largest"], (rank, r)
+        # Gradients at rest are split the same way (ZeRO-2); "largest" is two tensors' worth.
+        assert r["zero_grads"] <= r["plain_grads"] / r["replicas"] + r["largest"] / 2, (rank, r)
         if r["replicas"] > 1:
             assert r["zero"] < r["plain"], (rank, r)
+            assert r["zero_grads"] < r["plain_grads"], (rank, r)
 
 
 def test_memory_report_by_category(tmp_path):

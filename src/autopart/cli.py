@@ -100,7 +100,7 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument(
         "--zero",
         action="store_true",
-        help="plan for ZeRO-1: optimizer state split over each stage's replicas",
+        help="plan for ZeRO: optimizer state and gradients split over each stage's replicas",
     )
     plan.add_argument(
         "--offload",

@@ -146,12 +146,12 @@ class Module(nn.Module):
             for name, param in self.model.named_parameters(remove_duplicate=False)
             if (canonical := self._names.get(name)) is not None and param.requires_grad
         }
-        self.holders = Holders(self.plan, self.rank, trainable, self.device)
+        shards = assign_shards(stage, self.graph.params) if self._zero else None
+        self.holders = Holders(self.plan, self.rank, trainable, self.device, shards)
         self._local_ids = {id(trainable[n]) for n in self.holders.local}
         self._state_owner = self._optimizer_state_owners(trainable)
         self._stepped_ids = self._local_ids
-        if self._zero and self.optimizer is not None:
-            shards = assign_shards(stage, self.graph.params)
+        if shards is not None and self.optimizer is not None:
             self._stepped_ids = {
                 id(trainable[n]) for n in self.holders.local if shards.get(n) == self.rank
             }

@@ -4,7 +4,9 @@ Per device, a stage holds:
 
 * its parameters and buffers, their gradients, and the optimizer state
   (``optimizer_factor`` x trainable bytes: Adam/AdamW 2, SGD with momentum 1, plain SGD 0),
-  the optimizer state split over the stage's replicas under ZeRO-1 (``zero``);
+  the optimizer state split over the stage's replicas under ZeRO (``zero``).  ZeRO also splits
+  the gradients, but only once backward has summed them: during backward every replica holds
+  its whole partial gradient, so that is what the peak charges;
 * activations for every microbatch in flight.  Under the GPipe schedule all ``M`` microbatches
   are in flight at the end of the forward pass.  Without recomputation each keeps what autograd
   saves plus the stage's received inputs; with recomputation each keeps only its received inputs,

@@ -40,7 +40,8 @@ def ensure_initialized(timeout_s: float | None = None) -> None:
     if dist.is_initialized():
         return
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # Gloo as well on GPUs: offloaded stages sum their gradients in host memory.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:
         _from_mpi()
     if "RANK" in os.environ:
@@ -53,7 +54,7 @@ def ensure_initialized(timeout_s: float | None = None) -> None:
 
 
 def local_device() -> torch.device:
-    if dist.get_backend() == "nccl":
+    if "nccl" in dist.get_backend():
         index = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(index)
         return torch.device("cuda", index)

@@ -24,7 +24,12 @@ class Holders:
     """Parameter placement from a plan, with one process group per holder set."""
 
     def __init__(
-        self, plan: Plan, rank: int, trainable: dict[str, torch.Tensor], device: torch.device
+        self,
+        plan: Plan,
+        rank: int,
+        trainable: dict[str, torch.Tensor],
+        device: torch.device,
+        shards: dict[str, int] | None = None,
     ) -> None:
         self.rank = rank
         self.device = device
@@ -45,11 +50,22 @@ class Holders:
             trainable[n] for n in self.local if self.ranks_of[n] == tuple(sorted(self.stage_ranks))
         ]
         group = self.groups.get(tuple(sorted(self.stage_ranks)))
-        self.overlap = OverlappedAllReduce(replica_only, group) if group is not None else None
+        # Under ZeRO a replica-only gradient ends up on its shard's owner alone.
+        self.sharded = {
+            n: shards[n]
+            for n in self.local
+            if shards and n in shards and self.ranks_of[n] == tuple(sorted(self.stage_ranks))
+        }
+        owners = {id(trainable[n]): r for n, r in self.sharded.items()} if shards else None
+        self.overlap = (
+            OverlappedAllReduce(replica_only, group, owners) if group is not None else None
+        )
         self._overlapped = {id(p) for p in replica_only} if group is not None else set()
 
     def owner(self, name: str) -> int:
         """The one rank that speaks for a parameter in norms and state dicts."""
+        if name in self.sharded:
+            return self.sharded[name]
         return self.ranks_of.get(name, (0,))[0]
 
     def arm_overlap(self) -> None:
@@ -80,21 +96,23 @@ class Holders:
                 grad.copy_(synced)
 
     def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
-        """The norm of the full gradient, each parameter counted once over all ranks."""
+        """The norm of the full gradient, each parameter counted once over all ranks.
+        Each gradient is reduced where it lives (offloaded ones in host memory)."""
         own = [
             self.trainable[n].grad
             for n in self.local
             if self.owner(n) == self.rank and self.trainable[n].grad is not None
         ]
-        if norm_type == float("inf"):
-            local = max((g.abs().max() for g in own), default=torch.tensor(0.0, device=self.device))
-            total = local.double().reshape(1).to(self.device)
-            dist.all_reduce(total, op=dist.ReduceOp.MAX)
-            return total[0].float()
-        local = sum(
-            (g.double().abs().pow(norm_type).sum() for g in own),
-            torch.tensor(0.0, device=self.device),
-        )
-        total = local.double().reshape(1).to(self.device)
-        dist.all_reduce(total)
-        return total[0].pow(1.0 / norm_type).float()
+        infinite = norm_type == float("inf")
+        parts = [
+            (g.abs().max() if infinite else g.double().abs().pow(norm_type).sum())
+            .double()
+            .to(self.device)
+            for g in own
+        ]
+        local = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if parts:
+            stacked = torch.stack(parts)
+            local[0] = stacked.max() if infinite else stacked.sum()
+        dist.all_reduce(local, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM)
+        return (local[0] if infinite else local[0].pow(1.0 / norm_type)).float()

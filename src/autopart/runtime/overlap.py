@@ -6,9 +6,15 @@ backward of the last microbatch, a hook fires when a parameter's gradient is fin
 parameter of the next bucket in line is final, its gradients are copied into the bucket's flat
 buffer and the all-reduce starts asynchronously.  Launching strictly in bucket order keeps the
 collective order identical on every replica.
+
+Under ZeRO (``owners`` given) a bucket is not all-reduced: each parameter's gradient is summed
+onto the one replica that steps it (a reduce per owner, over the owner's contiguous part of the
+bucket), and the other replicas drop it, so gradients at rest are split over the replicas too.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -21,8 +27,14 @@ FIRST_BUCKET_BYTES = 1 * 2**20
 class OverlappedAllReduce:
     """Bucketed asynchronous gradient all-reduce over one process group."""
 
-    def __init__(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        group: dist.ProcessGroup,
+        owners: dict[int, int] | None = None,
+    ) -> None:
         self.group = group
+        self.owners = owners
         self.buckets: list[list[torch.Tensor]] = []
         size, cap = 0, FIRST_BUCKET_BYTES
         for param in reversed(params):
@@ -37,6 +49,8 @@ class OverlappedAllReduce:
                 size = 0
             self.buckets[-1].append(param)
             size += param.numel() * param.element_size()
+        if owners is not None:  # each owner's gradients contiguous within its bucket
+            self.buckets = [sorted(b, key=lambda p: owners[id(p)]) for b in self.buckets]
         # One flat buffer per bucket, kept across steps: no allocation on the hot path.
         self._flat = [
             torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
@@ -72,8 +86,18 @@ class OverlappedAllReduce:
                     param.grad = torch.zeros_like(param)
                 flat[offset : offset + size].copy_(param.grad.reshape(-1))
                 offset += size
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
-            self._launched.append(work)
+            self._launched.append(self._reduce(bucket, flat))
+
+    def _reduce(self, bucket: list[torch.Tensor], flat: torch.Tensor) -> list:
+        if self.owners is None:
+            return [dist.all_reduce(flat, group=self.group, async_op=True)]
+        works, offset = [], 0
+        for owner, members in itertools.groupby(bucket, key=lambda p: self.owners[id(p)]):
+            size = sum(p.numel() for p in members)
+            part = flat[offset : offset + size]
+            works.append(dist.reduce(part, dst=owner, group=self.group, async_op=True))
+            offset += size
+        return works
 
     def finish(self) -> None:
         """Launch what is left, wait for everything, and write the sums back."""
@@ -81,11 +105,16 @@ class OverlappedAllReduce:
             hook.remove()
         self._hooks = []
         self._launch(force=True)
-        for work, bucket, flat in zip(self._launched, self.buckets, self._flat, strict=True):
-            work.wait()
+        me = dist.get_rank()
+        for works, bucket, flat in zip(self._launched, self.buckets, self._flat, strict=True):
+            for work in works:
+                work.wait()
             offset = 0
             for param in bucket:
                 size = param.numel()
-                param.grad.copy_(flat[offset : offset + size].view_as(param.grad))
+                if self.owners is None or self.owners[id(param)] == me:
+                    param.grad.copy_(flat[offset : offset + size].view_as(param.grad))
+                else:
+                    param.grad = None
                 offset += size
         self._launched.clear()

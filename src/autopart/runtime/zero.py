@@ -1,10 +1,10 @@
-"""ZeRO stage 1: the replicas of a stage split its optimizer state between them.
+"""ZeRO: the replicas of a stage split its optimizer state and its gradients between them.
 
 Each trainable parameter of a stage is assigned to one of the stage's replicas (largest first,
 to the least loaded; the same on every rank because it depends only on the plan).  A replica's
 optimizer holds only its share, so optimizer-state memory per rank falls by the replica count;
-after the step, each owner broadcasts its updated parameters to the other replicas.  Gradients
-are still summed in full on every replica, as under ZeRO-1.
+after the step, each owner broadcasts its updated parameters to the other replicas.  Each
+gradient is summed onto its owner alone (`autopart.runtime.overlap`), as under ZeRO-2.
 """
 
 from __future__ import annotations
