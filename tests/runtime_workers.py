@@ -266,12 +266,12 @@ def measured_stage_memory(rank: int, world: int, cases: list, workdir: str) -> N
     Path(workdir, f"memory{rank}.json").write_text(json.dumps(results))
 
 
-def bf16_matches_autocast_reference(rank: int, world: int) -> None:
+def bf16_matches_autocast_reference(rank: int, world: int, offload: bool = False) -> None:
     """precision='bf16' against the same model under native bf16 autocast, in bf16 tolerance."""
     example = ZOO["skip"]()
     model = example[0]
     reference = copy.deepcopy(model)
-    wrapped = autopart.Module(model, stages=2, microbatches=2, precision="bf16")
+    wrapped = autopart.Module(model, stages=2, microbatches=2, precision="bf16", offload=offload)
     full = _batch(example, world, 0)
     mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
     out = wrapped(*mine[0], **mine[1])
@@ -408,13 +408,38 @@ class _OnlyCopiesReadMasters(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def offload_residency(rank: int, world: int, workdir: str) -> None:
-    """Parameter copies on the device stay within one op's parameters plus the prefetched ones."""
+def _deep_mlp() -> nn.Sequential:
     torch.manual_seed(0)
     layers = []
     for _ in range(16):
         layers += [nn.Linear(64, 64), nn.Tanh()]
-    base = nn.Sequential(*layers)
+    return nn.Sequential(*layers)
+
+
+def offload_autocast_casts(rank: int, world: int, workdir: str) -> None:
+    """Under bf16 autocast the low-precision casts of offloaded weights are not kept for
+    backward either: what forward leaves alive is the same as without the weights."""
+    base = _deep_mlp()
+    x = torch.randn(LOCAL, 64, generator=torch.Generator().manual_seed(rank))
+    found = {}
+    for offload in (False, True):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        wrapped = autopart.Module(
+            model, opt, stages=2, precision="bf16", offload=offload, track_memory=True
+        )
+        for _ in range(2):
+            wrapped(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        found[str(offload)] = wrapped.memory_report()["activations"]
+    found["bf16_weights"] = sum(p.numel() * 2 for p in wrapped.parameters())
+    Path(workdir, f"casts{rank}.json").write_text(json.dumps(found))
+
+
+def offload_residency(rank: int, world: int, workdir: str) -> None:
+    """Parameter copies on the device stay within one op's parameters plus the prefetched ones."""
+    base = _deep_mlp()
     results = []
     for depth in (0, 1, 2):
         model = copy.deepcopy(base)

@@ -54,3 +54,17 @@ def test_offloaded_parameters_on_device_are_bounded_by_what_is_in_flight(tmp_pat
 
 def test_a_plan_offloading_one_stage_only_trains_exactly():
     run_ranks(2, workers.mixed_offload_plan)
+
+
+def test_bf16_with_offload_matches_the_autocast_reference():
+    run_ranks(2, workers.bf16_matches_autocast_reference, True)
+
+
+def test_autocast_casts_of_offloaded_weights_are_not_kept_for_backward(tmp_path):
+    run_ranks(2, workers.offload_autocast_casts, str(tmp_path))
+    for rank in range(2):
+        r = json.loads((tmp_path / f"casts{rank}.json").read_text())
+        # Without offload, autocast's bf16 weight casts stay alive until backward.
+        assert r["False"] >= r["bf16_weights"], r
+        # With offload, only real activations stay (the plans may differ in microbatches).
+        assert r["True"] < r["bf16_weights"] / 4, r

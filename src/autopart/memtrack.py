@@ -46,10 +46,18 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {_storage_id(t) for t in pytree.tree_leaves((args, kwargs))}
         for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
+            # A view or an in-place result lives in its input's storage: nothing new.
+            if isinstance(leaf, torch.Tensor) and _storage_id(leaf) not in inputs:
                 self._track(leaf)
         return out
+
+
+def _storage_id(value) -> int | None:
+    if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+        return None
+    return value.untyped_storage()._cdata
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:

@@ -4,7 +4,8 @@ The stage module is rewritten so that every op reading an offloaded parameter re
 device copy instead, made by a fetch op placed just before it; the copy dies after the op (fx
 drops values after their last use).  Autograd would keep the copies alive until backward when
 an op saves its weight, so while a stage runs, saved-tensor hooks replace a saved copy (or a
-view of one) by a handle, and backward fetches it again when it unpacks the handle.  Each
+view of one, or under autocast a view of its low-precision cast) by a handle, and backward
+fetches it again when it unpacks the handle.  Each
 copy's gradient goes straight back to the host parameter, where it accumulates.
 
 Copies are prefetched ``depth`` fetches ahead, in the order the fetch ops run in forward and
@@ -25,14 +26,30 @@ import torch
 from torch import fx, nn
 
 
+#: Autograd nodes of ops whose output is a view of their input: a saved tensor reached from a
+#: parameter copy through these (and one dtype cast) can be rebuilt from a fresh copy.
+_VIEW_NODES = frozenset(
+    {
+        "AliasBackward0",
+        "ExpandBackward0",
+        "PermuteBackward0",
+        "TBackward0",
+        "TransposeBackward0",
+        "UnsafeViewBackward0",
+        "ViewBackward0",
+    }
+)
+
+
 @dataclass(frozen=True)
 class _Saved:
-    """A saved tensor that was (a view of) a parameter copy: enough to rebuild it."""
+    """A saved tensor that was (a view of) a parameter copy, or of its cast to ``dtype``."""
 
     key: str
     size: torch.Size
     stride: tuple[int, ...]
     offset: int
+    dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -181,16 +198,46 @@ class ParamOffload:
     # -- saved tensors -----------------------------------------------------------------------
 
     def _pack(self, tensor: torch.Tensor):
-        key = None if tensor.is_meta else self._live.get(tensor.untyped_storage()._cdata)
+        if tensor.is_meta or tensor.layout is not torch.strided:
+            return tensor
+        key = self._live.get(tensor.untyped_storage()._cdata)
+        dtype = None
+        if key is None:
+            key, dtype = self._cast_of(tensor), tensor.dtype
         if key is None:
             return tensor
         self._saved_order.append(key)
-        return _Saved(key, tensor.size(), tensor.stride(), tensor.storage_offset())
+        return _Saved(key, tensor.size(), tensor.stride(), tensor.storage_offset(), dtype)
+
+    def _cast_of(self, tensor: torch.Tensor) -> str | None:
+        """The parameter whose copy ``tensor`` is a whole cast of (or a view of one), as
+        autocast makes for matmuls; found by walking back the autograd graph."""
+        node, casts = tensor.grad_fn, 0
+        for _ in range(4):
+            if node is None:
+                return None
+            if isinstance(node, _Fetch._backward_cls):
+                whole = self.host[node.key].numel() * tensor.element_size()
+                full = tensor.untyped_storage().nbytes() == whole
+                return node.key if casts == 1 and full else None
+            name = type(node).__name__
+            if name == "ToCopyBackward0":
+                casts += 1
+            elif name not in _VIEW_NODES:
+                return None
+            parents = [n for n, _ in node.next_functions if n is not None]
+            if len(parents) != 1:
+                return None
+            node = parents[0]
+        return None
 
     def _unpack(self, packed):
         if not isinstance(packed, _Saved):
             return packed
-        return self.take(packed.key).as_strided(packed.size, packed.stride, packed.offset)
+        copy = self.take(packed.key)
+        if packed.dtype is not None:
+            copy = copy.to(packed.dtype)
+        return copy.as_strided(packed.size, packed.stride, packed.offset)
 
 
 class _Fetch(torch.autograd.Function):
