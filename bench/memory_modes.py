@@ -5,9 +5,10 @@
 Two ranks (gloo, CPU), one stage with two replicas, a GPT-2 (4 layers, hidden 256, sequence 64,
 vocabulary 1024) trained with Adam on random tokens.  For each mode a separate wrapped copy of
 the same model runs in the same process group: first the copies alternate untracked steps (the
-step-time medians), then each runs two steps with ``track_memory=True`` and reports
-``memory_report()`` on rank 0: optimizer-state bytes and the peak of live tensor bytes.
-Parameter offload is not implemented yet, so it has no row.
+step-time medians), then each runs two steps with ``track_memory=True`` and reports rank 0's
+``memory_report()`` after the second backward: bytes resident on the device by category, the
+peaks of live tensor bytes, and what offload keeps in host memory.  Gradients are zeroed in
+place (``set_to_none=False``), as a training loop that reuses its gradient buffers does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from autopart.runtime.distenv import free_port, set_local_launch_env
 
-MODES = {"none": {}, "zero": {"zero": True}}
+MODES = {
+    "none": {},
+    "offload": {"offload": True},
+    "zero": {"zero": True},
+    "offload+zero": {"offload": True, "zero": True},
+}
 LOCAL_BATCH = 8
 
 
@@ -49,10 +55,12 @@ def _worker(rank: int, world: int, port: int, steps: int) -> None:
             wrapped = autopart.Module(model, opt, stages=1, track_memory=tracked, **options)
             runs[(name, tracked)] = (wrapped, opt)
 
-    def step(wrapped, opt) -> None:
+    def step(wrapped, opt, report: bool = False) -> dict[str, int]:
         wrapped(ids).logits.pow(2).mean().backward()
+        found = wrapped.memory_report() if report else {}
         opt.step()
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=False)
+        return found
 
     times: dict[str, list[float]] = {name: [] for name in MODES}
     for name in MODES:
@@ -66,23 +74,31 @@ def _worker(rank: int, world: int, port: int, steps: int) -> None:
     reports = {}
     for name in MODES:
         wrapped, opt = runs[(name, True)]
-        for _ in range(2):
-            step(wrapped, opt)
-        reports[name] = wrapped.memory_report()
+        step(wrapped, opt)
+        reports[name] = step(wrapped, opt, report=True)
     if rank == 0:
         base_time = statistics.median(times["none"])
-        print("| Mode | Optimizer state | Peak live bytes (fwd / bwd bound) | Step | vs none |")
-        print("| --- | --- | --- | --- | --- |")
+        print(
+            "| Mode | Device: parameters / gradients / optimizer state | Device peak "
+            "(forward / backward bound) | Host | Step | vs none |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
         for name in MODES:
             r = reports[name]
             median = statistics.median(times[name])
+            host = sum(v for k, v in r.items() if k.startswith("host_"))
             print(
-                f"| {name} | {r['optimizer_state'] / 2**20:.2f} MiB | "
-                f"{r['forward_peak'] / 2**20:.2f} / {r['backward_peak'] / 2**20:.2f} MiB | "
-                f"{median * 1e3:.1f} ms | {median / base_time:.3f} |",
+                f"| {name} | {_mib(r['parameters'])} / {_mib(r['gradients'])} / "
+                f"{_mib(r['optimizer_state'])} | {_mib(r['forward_peak'])} / "
+                f"{_mib(r['backward_peak'])} | {_mib(host)} | {median * 1e3:.1f} ms | "
+                f"{median / base_time:.3f} |",
                 flush=True,
             )
     dist.destroy_process_group()
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.2f} MiB"
 
 
 def main() -> None:

@@ -133,6 +133,15 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--steps", type=int, default=40, help="training steps")
     demo.add_argument("--stages", type=int, help="force the number of pipeline stages")
     demo.add_argument("--microbatches", type=int, help="force the number of microbatches")
+    demo.add_argument(
+        "--offload",
+        default="none",
+        choices=["none", "params", "params+optimizer", "auto"],
+        help="keep parameters (and optimizer state) in host memory",
+    )
+    demo.add_argument(
+        "--zero", action="store_true", help="split optimizer state and gradients over replicas"
+    )
     demo.set_defaults(handler=_demo)
 
 

@@ -74,7 +74,14 @@ def _train(rank: int, s: dict) -> None:
     local = s["batch_size"] // world
     model, _ = build_model(s["layers"], s["hidden"], s["seq"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model = autopart.Module(model, optimizer, stages=s["stages"], microbatches=s["microbatches"])
+    model = autopart.Module(
+        model,
+        optimizer,
+        stages=s["stages"],
+        microbatches=s["microbatches"],
+        offload=s["offload"],
+        zero=s["zero"],
+    )
     generator = torch.Generator().manual_seed(1234)
     losses, rates = [], []
     progress = Progress(

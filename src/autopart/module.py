@@ -131,6 +131,13 @@ class Module(nn.Module):
         stage = self.plan.stage_of_rank(self.rank)
         module = build_stage_module(self.graph, ios[stage.index])
         if stage.offload != "none":
+            if self.world > 1 and "gloo" not in dist.get_backend():
+                raise AutopartError(
+                    f"stage {stage.index} offloads its parameters, and their gradients are "
+                    f"summed in host memory, which backend {dist.get_backend()!r} cannot do; "
+                    "initialize the process group with backend='cpu:gloo,cuda:nccl' (or let "
+                    "autopart initialize it)"
+                )
             self.offload = ParamOffload(module, self.device, self._prefetch)
             _move_buffers(module, self.device)
         else:
@@ -475,11 +482,14 @@ class Module(nn.Module):
         for saved, group in zip(groups, opt.param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
         opt.state.clear()
+        # Under offload="params" the state lives on the device, though the parameters do not.
+        on_device = self.plan.stage_of_rank(self.rank).offload == "params"
         for i, state in state_dict.get("state", {}).items():
             param = flat[int(i)]
             if id(param) in self._stepped_ids:
+                device = self.device if on_device else param.device
                 opt.state[param] = {
-                    k: v.to(param.device) if isinstance(v, torch.Tensor) else v
+                    k: v.to(device) if isinstance(v, torch.Tensor) and v.dim() else v
                     for k, v in state.items()
                 }
 

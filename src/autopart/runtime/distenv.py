@@ -49,7 +49,7 @@ def ensure_initialized(timeout_s: float | None = None) -> None:
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(
-            "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )
 
 

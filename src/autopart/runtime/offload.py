@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-
 #: Autograd nodes of ops whose output is a view of their input: a saved tensor reached from a
 #: parameter copy through these (and one dtype cast) can be rebuilt from a fresh copy.
 _VIEW_NODES = frozenset(
@@ -91,6 +90,8 @@ class ParamOffload:
         self._saved_order: list[str] = []
         self.current = 0
         self.peak = 0
+        #: Bytes copied to the device so far (for bandwidth reports).
+        self.copied_bytes = 0
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.host.values())
@@ -131,21 +132,20 @@ class ParamOffload:
     # -- copies ------------------------------------------------------------------------------
 
     def take(self, key: str) -> torch.Tensor:
-        """The device copy of parameter ``key``: still alive, prefetched, or made now."""
+        """The device copy of parameter ``key``: prefetched, still alive, or made now."""
         try:
             position = self._order.index(key, self._cursor)
         except ValueError:
             position = None
         pending = self._inflight.pop(key, None)
-        copy = self._alive(key)
-        if copy is None and pending is not None:
-            copy, event = pending
-            if event is not None:
-                stream = torch.cuda.current_stream(self.device)
-                stream.wait_event(event)
-                copy.record_stream(stream)
-        if copy is None:
-            copy = self._copy(key)[0]
+        if pending is None:
+            alive = self._alive(key)
+            pending = (alive, None) if alive is not None else self._copy(key)
+        copy, event = pending
+        if event is not None:  # the copy ran on the side stream: order compute after it
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            copy.record_stream(stream)
         if position is not None:
             self._cursor = position + 1
             self._prefetch(self._order[self._cursor : self._cursor + self.depth])
@@ -182,6 +182,7 @@ class ParamOffload:
         self._live[sid] = key
         self._sizes[sid] = storage.nbytes()
         self.current += storage.nbytes()
+        self.copied_bytes += storage.nbytes()
         self.peak = max(self.peak, self.current)
         weakref.finalize(storage, self._freed, sid, key)
         return copy, event
