@@ -472,8 +472,8 @@ def offload_residency(rank: int, world: int, workdir: str) -> None:
 
 
 def mixed_offload_plan(rank: int, world: int) -> None:
-    """A plan that offloads one stage and not the other trains exactly like plain PyTorch,
-    and its state dicts still gather every parameter."""
+    """A plan whose stages differ, one offloaded and (with replicas) one under ZeRO, trains
+    exactly like plain PyTorch, and its state dicts still gather every parameter."""
     from autopart.capture import capture
     from autopart.cost import AnalyticCostModel, get_device_spec
     from autopart.plan.planner import PlanOptions, make_plan
@@ -485,15 +485,41 @@ def mixed_offload_plan(rank: int, world: int) -> None:
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
     graph = capture(model, *_batch(example, 1, 0))
     options = PlanOptions(devices=world, global_batch=LOCAL * world, stages=2, microbatches=2)
-    plan = make_plan(graph, AnalyticCostModel(get_device_spec("cpu")), options)
-    plan.stages[1].offload = "params+optimizer"
+    # A fixed spec, so every rank makes the same plan (the CPU's own spec is measured).
+    plan = make_plan(graph, AnalyticCostModel(get_device_spec("h100")), options)
+    plan.stages[-1].offload = "params+optimizer"
+    for stage in plan.stages:
+        stage.zero = stage.replicas > 1 and stage.offload == "none"
     wrapped = autopart.Module(model, opt, plan=plan)
     ref_params = dict(reference.named_parameters())
     for seed in range(3):
         _train_step([(wrapped, opt)], reference, ref_opt, example, rank, world, seed)
         for name, param in wrapped.named_parameters():
             assert_close(param.detach(), ref_params[name].detach(), f"step {seed} {name}")
-    assert (wrapped.offload is not None) == (rank == 1)
+    mine = plan.stage_of_rank(rank)
+    assert (wrapped.offload is not None) == (mine.offload != "none")
+    assert bool(wrapped.holders.sharded) == mine.zero
     full = wrapped.state_dict()
     for name, value in reference.state_dict().items():
         assert_close(full[name], value, f"state_dict {name}")
+
+
+def different_plans(rank: int, world: int) -> None:
+    """Ranks handed different plans fail at once with one clear error, instead of hanging."""
+    from autopart.capture import capture
+    from autopart.cost import AnalyticCostModel, get_device_spec
+    from autopart.plan.planner import PlanOptions, make_plan
+
+    example = ZOO["mlp"]()
+    graph = capture(example[0], *_batch(example, 1, 0))
+    options = PlanOptions(devices=world, global_batch=LOCAL * world, microbatches=1 + rank)
+    plan = make_plan(graph, AnalyticCostModel(get_device_spec("h100")), options)
+    wrapped = autopart.Module(example[0], plan=plan)
+    full = _batch(example, world, 0)
+    mine = rows_of(full, rank * LOCAL, (rank + 1) * LOCAL)
+    try:
+        wrapped(*mine[0], **mine[1])
+    except AutopartError as err:
+        assert "different plans" in str(err), err
+    else:
+        raise AssertionError("different plans were accepted")

@@ -56,6 +56,11 @@ def test_a_plan_offloading_one_stage_only_trains_exactly():
     run_ranks(2, workers.mixed_offload_plan)
 
 
+@pytest.mark.slow
+def test_a_plan_with_zero_on_one_stage_and_offload_on_another_trains_exactly():
+    run_ranks(3, workers.mixed_offload_plan)
+
+
 def test_bf16_with_offload_matches_the_autocast_reference():
     run_ranks(2, workers.bf16_matches_autocast_reference, True)
 

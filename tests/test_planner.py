@@ -315,3 +315,19 @@ def test_forced_offload_charges_the_working_set_and_the_host_link():
 def test_offload_option_is_checked():
     with pytest.raises(AutopartError, match="unknown offload"):
         PlanOptions(devices=1, global_batch=1, offload="disk")
+
+
+def test_auto_zero_splits_state_only_where_memory_requires_it():
+    graph = _wide_then_narrow()
+    options = dict(devices=4, global_batch=8, stages=1)
+    # Parameters, gradients and Adam state: 64 MiB whole, 40 MiB split four ways (plus buckets).
+    tight = dict(options, device_memory=66 * 2**20)
+    with pytest.raises(InfeasiblePlanError):
+        make_plan(graph, _cost(), PlanOptions(**tight))
+    plan = make_plan(graph, _cost(), PlanOptions(**tight, zero="auto"))
+    assert [s.zero for s in plan.stages] == [True]
+    assert plan.stages[0].offload == "none"
+    roomy = make_plan(graph, _cost(), PlanOptions(**options, zero="auto"))
+    assert [s.zero for s in roomy.stages] == [False]
+    with pytest.raises(AutopartError, match="unknown zero"):
+        PlanOptions(**options, zero="sometimes")

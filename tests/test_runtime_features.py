@@ -29,6 +29,10 @@ def test_recompute_replays_dropout():
     run_ranks(2, workers.recompute_dropout)
 
 
+def test_different_plans_on_different_ranks_fail_clearly():
+    run_ranks(2, workers.different_plans)
+
+
 def test_bad_inputs_fail_clearly_on_every_rank():
     run_ranks(2, workers.bad_inputs)
 

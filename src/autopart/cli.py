@@ -42,7 +42,7 @@ def _plan(args: argparse.Namespace) -> int:
         microbatches=args.microbatches,
         split_points=split_points,
         target_blocks=args.blocks,
-        zero=args.zero,
+        zero={"on": True, "off": False}.get(args.zero, args.zero),
         offload=args.offload,
         prefetch=args.prefetch,
     )
@@ -99,8 +99,12 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--stages", type=int, help="force the number of pipeline stages")
     plan.add_argument(
         "--zero",
-        action="store_true",
-        help="plan for ZeRO: optimizer state and gradients split over each stage's replicas",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=["on", "off", "auto"],
+        help="plan for ZeRO: optimizer state and gradients split over each stage's replicas "
+        "(auto: only on the stages that need it to fit)",
     )
     plan.add_argument(
         "--offload",

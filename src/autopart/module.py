@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from autopart.cost.bandwidth import measure_links
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.memtrack import LiveBytes, storage_bytes
-from autopart.plan.plan import Plan, offload_option
+from autopart.plan.plan import Plan, StagePlan, offload_option
 from autopart.plan.planner import PlanOptions, make_plan
 from autopart.planning import compute_dtype
 from autopart.runtime import routing
@@ -78,7 +79,7 @@ class Module(nn.Module):
         device_memory: int | str | None = None,
         plan: Plan | str | Path | None = None,
         precision: str | None = None,
-        zero: bool = False,
+        zero: bool | str = False,
         offload: bool | str = False,
         prefetch: int = 1,
         track_memory: bool = False,
@@ -92,6 +93,8 @@ class Module(nn.Module):
         self.offload: ParamOffload | None = None
         self._track_memory = track_memory
         self._memory: dict[str, int] = {}
+        if zero not in (True, False, "auto"):
+            raise AutopartError(f"unknown zero {zero!r}; use True, False or 'auto'")
         self._zero = zero
         self._autocast = _autocast_dtype(precision)
         ensure_initialized(timeout)
@@ -153,7 +156,7 @@ class Module(nn.Module):
             for name, param in self.model.named_parameters(remove_duplicate=False)
             if (canonical := self._names.get(name)) is not None and param.requires_grad
         }
-        shards = assign_shards(stage, self.graph.params) if self._zero else None
+        shards = assign_shards(stage, self.graph.params) if self._sharded(stage) else None
         self.holders = Holders(self.plan, self.rank, trainable, self.device, shards)
         self._local_ids = {id(trainable[n]) for n in self.holders.local}
         self._state_owner = self._optimizer_state_owners(trainable)
@@ -185,7 +188,9 @@ class Module(nn.Module):
     def _agree_on_plan(self, local_batch: int) -> Plan:
         if self._given_plan is not None:
             given = self._given_plan
-            return given if isinstance(given, Plan) else Plan.load(given)
+            plan = given if isinstance(given, Plan) else Plan.load(given)
+            self._check_same_plan(plan)
+            return plan
         sizes = _all_gather_ints(local_batch, self.device)
         spec = self._measured_spec()
         box: list[Any] = [None]
@@ -198,6 +203,20 @@ class Module(nn.Module):
         if isinstance(box[0], AutopartError):
             raise type(box[0])(str(box[0]))
         return Plan.from_dict(json.loads(box[0]))
+
+    def _check_same_plan(self, plan: Plan) -> None:
+        """Every rank must run the same plan; a different one would hang, not fail."""
+        if self.world == 1:
+            return
+        digests = [None] * self.world
+        dist.all_gather_object(digests, hashlib.sha256(plan.to_json().encode()).hexdigest())
+        if len(set(digests)) > 1:
+            groups = {d: [r for r, e in enumerate(digests) if e == d] for d in set(digests)}
+            raise AutopartError(
+                "the ranks were given different plans (ranks "
+                + " / ".join(",".join(map(str, ranks)) for ranks in sorted(groups.values()))
+                + " agree among themselves); make the plan once and pass the same file to all"
+            )
 
     def _measured_spec(self) -> DeviceSpec:
         """The device's spec with this job's own links measured (a collective, all ranks)."""
@@ -229,12 +248,16 @@ class Module(nn.Module):
         dtype = str(self._autocast) if self._autocast is not None else compute_dtype(self.graph)
         return make_plan(self.graph, AnalyticCostModel(spec, dtype=dtype), options)
 
+    def _sharded(self, stage: StagePlan) -> bool:
+        """ZeRO where the plan chose it, or everywhere when the caller asked for it."""
+        return stage.zero or self._zero is True
+
     def _optimizer_state_owners(self, trainable: dict[str, torch.Tensor]) -> dict[int, int]:
         """For each parameter (by id), the rank whose optimizer state speaks for it: the first
         holder, or under ZeRO the owner of its shard in the first stage that holds it."""
         owners: dict[int, int] = {}
         for stage in sorted(self.plan.stages, key=lambda s: min(s.ranks), reverse=True):
-            shards = assign_shards(stage, self.graph.params) if self._zero else {}
+            shards = assign_shards(stage, self.graph.params) if self._sharded(stage) else {}
             for name in stage.params:
                 if name in trainable:
                     owners[id(trainable[name])] = shards.get(name, min(stage.ranks))

@@ -48,6 +48,7 @@ def plan_table(plan: Plan) -> Table:
         ("memory", "right"),
         ("recompute", "center"),
         ("offload", "center"),
+        ("zero", "center"),
     ):
         table.add_column(col, justify=justify)
     for s in plan.stages:
@@ -63,6 +64,7 @@ def plan_table(plan: Plan) -> Table:
             format_bytes(s.memory_bytes),
             "yes" if s.recompute else "no",
             "no" if s.offload == "none" else s.offload,
+            "yes" if s.zero else "no",
         )
     table.caption = (
         f"predicted step {format_seconds(plan.step_seconds)}, "

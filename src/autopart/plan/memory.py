@@ -58,7 +58,6 @@ class StageFootprint:
 @dataclass(frozen=True)
 class MemoryModel:
     optimizer_factor: float
-    zero: bool = False
     prefetch: int = 1
 
     def state_bytes(self, fp: StageFootprint) -> float:
@@ -73,6 +72,7 @@ class MemoryModel:
         replicas: np.ndarray,
         recompute: bool,
         offload: str = "none",
+        zero: bool = False,
     ) -> np.ndarray:
         """Predicted peak bytes per device, vectorized over candidate (rows, replicas)."""
         rows = np.asarray(rows, dtype=float)
@@ -82,7 +82,7 @@ class MemoryModel:
         activations = microbatches * recv + saved if recompute else microbatches * (saved + recv)
         transient = 2.0 * (fp.largest_output_per_sample * rows + fp.largest_output_fixed)
         optimizer = fp.trainable_bytes * self.optimizer_factor
-        if self.zero:
+        if zero:
             optimizer = optimizer / np.asarray(replicas, dtype=float)
         running = activations + transient + recv + send
         if offload == "none":

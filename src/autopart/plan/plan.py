@@ -56,6 +56,8 @@ class StagePlan:
     microbatch_rows: int
     allreduce_seconds: float = 0.0
     offload: str = "none"
+    #: Whether the replicas split the optimizer state and gradients (ZeRO).
+    zero: bool = False
 
     @property
     def replicas(self) -> int:

@@ -52,7 +52,8 @@ class PlanOptions:
     split_points: tuple[str, ...] | None = None
     target_blocks: int = 32
     max_microbatches: int = 64
-    zero: bool = False
+    #: True, False, or "auto" (split optimizer state over replicas only where needed to fit).
+    zero: bool | str = False
     #: "none", "params", "params+optimizer" (every stage), or "auto" (where it is needed).
     offload: str = "none"
     #: Parameters an offloaded stage copies ahead of use (the runtime's prefetch depth).
@@ -73,6 +74,8 @@ class PlanOptions:
             raise AutopartError(
                 f"unknown offload {self.offload!r}; use one of {', '.join(OFFLOAD_MODES)} or auto"
             )
+        if self.zero not in (True, False, "auto"):
+            raise AutopartError(f"unknown zero {self.zero!r}; use True, False or 'auto'")
         if self.prefetch < 0:
             raise AutopartError(f"prefetch depth must be at least 0, got {self.prefetch}")
         if not 0 <= self.memory_margin < 1:
@@ -111,9 +114,7 @@ def prepare(
     capacity = (options.device_memory or cost_model.device.memory_bytes) * (
         1 - options.memory_margin
     )
-    memory = MemoryModel(
-        OPTIMIZER_FACTORS[options.optimizer], zero=options.zero, prefetch=options.prefetch
-    )
+    memory = MemoryModel(OPTIMIZER_FACTORS[options.optimizer], prefetch=options.prefetch)
     components = atomic_components(graph)
     if blocks is None and options.split_points:
         blocks = manual_blocks(graph, components, options.split_points)
@@ -138,6 +139,7 @@ def prepare(
         devices=options.devices,
         replicas=np.arange(unit, options.devices + 1, unit),
         offload=options.offload,
+        zero=options.zero,
     )
     return components, blocks, coster
 
@@ -220,6 +222,7 @@ def plan_from_partition(
                 microbatch_rows=rows,
                 allreduce_seconds=float(choice.allreduce_seconds),
                 offload=OFFLOAD_MODES[choice.offload],
+                zero=choice.zero,
             )
         )
         next_rank += choice.replicas
@@ -361,7 +364,7 @@ def _infeasible_message(graph, blocks, coster: StageCoster, options) -> str:
             if usable.any():
                 for mode in coster.offload_modes:
                     peak = coster.memory.peak_bytes(
-                        fp, rows, m, coster.replicas, recompute=True, offload=mode
+                        fp, rows, m, coster.replicas, True, offload=mode, zero=bool(options.zero)
                     )
                     peaks.append(float(peak[usable].min()))
         return min(peaks)

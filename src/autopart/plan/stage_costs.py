@@ -6,8 +6,11 @@ come from the cost model (analytic or measured) and are summed per stage, as RaN
 does; they are computed once per distinct microbatch size and kept as prefix sums.
 
 Each candidate is tried in every way it may run: with or without recomputation, and, where
-offload is allowed, with its parameters (and optimizer state) in host memory.  The fastest that
-fits wins; on a tie, the earlier of (on device, then offloaded; no recomputation first).  An
+allowed, with its parameters (and optimizer state) in host memory and with its optimizer state
+and gradients split over its replicas (ZeRO).  The fastest that fits wins; on a tie, the
+earliest of (on device before offloaded, without ZeRO before with, no recomputation first).
+ZeRO is charged no extra time: reducing each gradient to its owner and gathering the updated
+parameters move what one allreduce moves.  An
 offloaded stage copies its parameters to the device in every microbatch's forward, again in its
 recomputation and its backward, and sends each microbatch's gradients back: the copies to the
 device overlap compute (side stream), the gradients going back do not.
@@ -15,6 +18,7 @@ device overlap compute (side stream), the gradients going back do not.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from functools import cache
 
@@ -44,6 +48,7 @@ class StageCoster:
         devices: int,
         replicas: np.ndarray,
         offload: str = "none",
+        zero: bool | str = False,
     ) -> None:
         self.graph = graph
         self.block_names = [list(names) for names in block_nodes]
@@ -56,10 +61,8 @@ class StageCoster:
         self.replicas = np.asarray(replicas, dtype=np.int64)
         self.spec: DeviceSpec = cost_model.device
         self.cross_node_p2p = devices > self.spec.devices_per_node
-        if offload == "auto":
-            self.offload_modes = OFFLOAD_MODES
-        else:
-            self.offload_modes = (offload,)
+        self.offload_modes = OFFLOAD_MODES if offload == "auto" else (offload,)
+        self.zero_modes = (False, True) if zero == "auto" else (bool(zero),)
         self._block_params = [
             frozenset(p for node in nodes for p in node.params) for nodes in self.block_nodes
         ]
@@ -137,19 +140,20 @@ class StageCoster:
         compute = {False: fwd + bwd, True: 2 * fwd + bwd}
         weights = fp.param_bytes - fp.buffer_bytes
         link = self.spec.host_link_bandwidth
-        ways = []  # (slot seconds, peak bytes, recompute, offload code), in order of preference
-        for mode in self.offload_modes:
+        ways = []  # (slot, peak, recompute, offload code, zero), in order of preference
+        for mode, zero, recompute in itertools.product(
+            self.offload_modes, self.zero_modes, (False, True)
+        ):
             code = OFFLOAD_MODES.index(mode)
-            for recompute in (False, True):
-                peak = self.memory.peak_bytes(
-                    fp, rows, microbatches, self.replicas, recompute=recompute, offload=mode
-                )
-                slot = compute[recompute]
-                if code:
-                    copies = (3 if recompute else 2) * weights / link
-                    slot = np.maximum(slot, copies) + fp.trainable_bytes / link
-                fits = usable & (peak <= self.capacity)
-                ways.append((np.where(fits, slot + comm, np.inf), peak, recompute, code))
+            peak = self.memory.peak_bytes(
+                fp, rows, microbatches, self.replicas, recompute, offload=mode, zero=zero
+            )
+            slot = compute[recompute]
+            if code:
+                copies = (3 if recompute else 2) * weights / link
+                slot = np.maximum(slot, copies) + fp.trainable_bytes / link
+            fits = usable & (peak <= self.capacity)
+            ways.append((np.where(fits, slot + comm, np.inf), peak, recompute, code, zero))
         slots = np.stack([w[0] for w in ways])
         best = np.argmin(slots, axis=0)  # the first of equals: the order of preference
         pick = np.arange(len(rows))
@@ -160,4 +164,5 @@ class StageCoster:
             memory_bytes=np.stack([w[1] for w in ways])[best, pick].astype(np.int64),
             recompute=np.array([ways[b][2] for b in best], dtype=bool),
             offload=np.array([ways[b][3] for b in best], dtype=np.int8),
+            zero=np.array([ways[b][4] for b in best], dtype=bool),
         )

@@ -58,10 +58,14 @@ class StageCosts:
     recompute: np.ndarray
     #: int, where the stage keeps its parameters: an index into ``OFFLOAD_MODES`` (0: device).
     offload: np.ndarray | None = None
+    #: bool, whether the stage's replicas split optimizer state and gradients (ZeRO).
+    zero: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.offload is None:
             object.__setattr__(self, "offload", np.zeros(np.shape(self.replicas), dtype=np.int8))
+        if self.zero is None:
+            object.__setattr__(self, "zero", np.zeros(np.shape(self.replicas), dtype=bool))
 
 
 class StageCoster(Protocol):
@@ -82,6 +86,7 @@ class StageChoice:
     memory_bytes: int
     recompute: bool
     offload: int = 0
+    zero: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,7 @@ def exhaustive(
                     int(costs.memory_bytes[k]),
                     bool(costs.recompute[k]),
                     int(costs.offload[k]),
+                    bool(costs.zero[k]),
                 )
                 for k in range(len(costs.replicas))
                 if math.isfinite(costs.slot_seconds[k]) and costs.replicas[k] <= devices
@@ -255,6 +261,7 @@ class _Table:
     memory: np.ndarray  # int64[P, R]
     recompute: np.ndarray  # bool[P, R]
     offload: np.ndarray  # int8[P, R]
+    zero: np.ndarray  # bool[P, R]
     #: Some stage must hold each block; the slowest of those blocks' fastest slots, a lower
     #: bound on every plan's max slot.  ``inf`` when some block fits no stage at all.
     slowest_slot: float
@@ -306,6 +313,7 @@ class _Table:
             memory=stack("memory_bytes", np.int64),
             recompute=stack("recompute", np.bool_),
             offload=stack("offload", np.int8),
+            zero=stack("zero", np.bool_),
             slowest_slot=float(fastest.min(axis=0, initial=np.inf).max()),
             fewest_stages=fewest[num_blocks],
             calls=calls,
@@ -321,6 +329,7 @@ class _Table:
             memory_bytes=int(self.memory[p, k]),
             recompute=bool(self.recompute[p, k]),
             offload=int(self.offload[p, k]),
+            zero=bool(self.zero[p, k]),
         )
 
 
@@ -333,7 +342,14 @@ def _check_costs(costs: StageCosts, replicas: np.ndarray | None) -> np.ndarray:
         replicas = got
     elif not np.array_equal(got, replicas):
         raise ValueError("the coster returned different replica counts for different stages")
-    for name in ("slot_seconds", "allreduce_seconds", "memory_bytes", "recompute", "offload"):
+    for name in (
+        "slot_seconds",
+        "allreduce_seconds",
+        "memory_bytes",
+        "recompute",
+        "offload",
+        "zero",
+    ):
         if np.shape(getattr(costs, name)) != replicas.shape:
             raise ValueError(f"{name} does not have one entry per replica count")
     return replicas
