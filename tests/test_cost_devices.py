@@ -175,3 +175,13 @@ def test_cpu_spec_is_measured_and_plausible():
     assert spec.memory_bandwidth > 1e8
     assert spec.memory_bytes > 2**28
     assert spec.devices_per_node >= 1
+
+
+def test_host_link_of_the_cpu_is_a_copy_bandwidth():
+    import torch
+
+    from autopart.cost.probe import measure_host_link, measure_memory_bandwidth
+
+    link = measure_host_link(torch.device("cpu"))
+    # A copy moves each byte once; the memory bandwidth counts the read and the write.
+    assert 0.1 * measure_memory_bandwidth(torch.device("cpu")) / 2 < link < 1e13

@@ -72,6 +72,10 @@ def test_bf16_autocast_matches_reference():
     run_ranks(2, workers.bf16_matches_autocast_reference)
 
 
+def test_zero_under_bf16_autocast_matches_reference():
+    run_ranks(2, workers.zero_bf16_matches_autocast_reference)
+
+
 @pytest.mark.parametrize("world,stages", [(2, 1), (3, 2)])
 def test_zero_matches_reference_and_splits_optimizer_state_and_gradients(world, stages, tmp_path):
     run_ranks(world, workers.zero_matches_reference, stages, str(tmp_path))

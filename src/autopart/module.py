@@ -37,6 +37,7 @@ from autopart.cost import (
     parse_bytes,
 )
 from autopart.cost.bandwidth import measure_links
+from autopart.cost.probe import measure_host_link
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.memtrack import LiveBytes, storage_bytes
@@ -227,6 +228,8 @@ class Module(nn.Module):
                 spec = dataclasses.replace(spec, memory_bytes=parse_bytes(memory))
         else:
             spec = get_device_spec("cpu", memory_bytes=memory)
+        if self._offload != "none":
+            spec = dataclasses.replace(spec, host_link_bandwidth=measure_host_link(self.device))
         if self.world < 2:
             return spec
         links = measure_links(sizes=(1 << 16, 1 << 20), iters=2)

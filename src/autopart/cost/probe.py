@@ -78,6 +78,17 @@ def measure_memory_bandwidth(device: torch.device) -> float:
     return 2 * _COPY_BYTES / seconds
 
 
+def measure_host_link(device: torch.device) -> float:
+    """Best bytes/s of a copy from pinned host memory to ``device``: what offload's
+    prefetches get.  On the CPU it is the memory bandwidth of a plain copy."""
+    if device.type != "cuda":
+        return measure_memory_bandwidth(device) / 2
+    src = torch.empty(_COPY_BYTES, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(_COPY_BYTES, dtype=torch.uint8, device=device)
+    seconds = _best_seconds(device, lambda: dst.copy_(src, non_blocking=True))
+    return _COPY_BYTES / seconds
+
+
 def _best_seconds(device: torch.device, fn) -> float:
     fn()
     best = float("inf")
