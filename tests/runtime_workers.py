@@ -309,7 +309,13 @@ def zero_matches_reference(rank: int, world: int, stages: int, workdir: str) -> 
     ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-2)
     wrapped = autopart.Module(model, opt, stages=stages, microbatches=2, zero=True)
-    plain = autopart.Module(plain_model, plain_opt, stages=stages, microbatches=2)
+    with torch.no_grad():  # plan once; the plain copy runs the same split without ZeRO
+        first = _batch(example, world, 0)
+        wrapped(*rows_of(first, rank * LOCAL, (rank + 1) * LOCAL)[0])
+    same_split = copy.deepcopy(wrapped.plan)
+    for stage in same_split.stages:
+        stage.zero = False
+    plain = autopart.Module(plain_model, plain_opt, plan=same_split)
     ref_params = dict(reference.named_parameters())
     for seed in range(3):
         pairs = [(wrapped, opt), (plain, plain_opt)]
