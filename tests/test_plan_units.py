@@ -152,3 +152,39 @@ def test_truncated_plan_file_is_rejected(tmp_path):
     path.write_text(_plan().to_json()[:50])
     with pytest.raises(PlanError, match="not valid JSON"):
         Plan.load(path)
+
+
+def _footprint(**sizes):
+    from autopart.plan.memory import StageFootprint
+
+    base = dict.fromkeys(StageFootprint.__dataclass_fields__, 0.0)
+    return StageFootprint(**{**base, **sizes})
+
+
+def test_memory_model_charges_what_each_offload_mode_leaves_on_the_device():
+    from autopart.plan.memory import MemoryModel
+
+    mib = 2**20
+    fp = _footprint(
+        param_bytes=100 * mib,
+        trainable_bytes=96 * mib,
+        buffer_bytes=4 * mib,
+        saved_per_sample=1 * mib,
+        largest_group_bytes=10 * mib,
+        largest_param_bytes=8 * mib,
+    )
+    model = MemoryModel(optimizer_factor=2.0, prefetch=2)
+
+    def peak(offload, zero=False, replicas=1, rows=8):
+        got = model.peak_bytes(fp, [rows], 1, [replicas], False, offload=offload, zero=zero)
+        return float(got[0]) / mib
+
+    # On the device: parameters, gradients, two Adam moments, the activations, one bucket.
+    assert peak("none", replicas=2) == 100 + 96 + 192 + 8 + 25
+    assert peak("none", zero=True, replicas=2) == 100 + 96 + 96 + 8 + 25
+    # Offloaded: buffers, one op's parameters and gradients, two parameters prefetched.
+    working = 4 + 2 * 10 + 2 * 8
+    assert peak("params+optimizer") == working + 8
+    # The optimizer state stays; the step brings parameters and gradients back beside it.
+    assert peak("params") == 100 + 96 + 192
+    assert peak("params", rows=400) == working + 192 + 400

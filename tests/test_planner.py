@@ -331,3 +331,25 @@ def test_auto_zero_splits_state_only_where_memory_requires_it():
     assert [s.zero for s in roomy.stages] == [False]
     with pytest.raises(AutopartError, match="unknown zero"):
         PlanOptions(**options, zero="sometimes")
+
+
+def test_cli_plan_with_offload_and_zero(tmp_path):
+    out = tmp_path / "plan.json"
+    result = _cli(
+        "plan",
+        "examples/models.py:unbalanced",
+        "--devices",
+        "4",
+        "--stages",
+        "2",
+        "--offload",
+        "params+optimizer",
+        "--zero",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    plan = Plan.load(out)
+    assert [s.offload for s in plan.stages] == ["params+optimizer"] * 2
+    assert all(s.zero for s in plan.stages)
+    assert "params+optimizer" in result.stdout
