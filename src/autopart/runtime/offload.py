@@ -169,7 +169,9 @@ class ParamOffload:
         host = self.host[key].detach()
         event = None
         if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            # No wait on the compute stream: the copy must run ahead of the ops queued there.
+            # Its memory comes from the allocator on this stream, and the host side changes
+            # only in the optimizer step, after every copy has been used or dropped.
             with torch.cuda.stream(self._stream):
                 copy = host.to(self.device, non_blocking=True)
                 event = torch.cuda.Event()
