@@ -198,27 +198,21 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_plan_json_and_show(tmp_path):
+def _cli_plan(tmp_path, *flags: str):
+    """``autopart plan`` of the unbalanced example model on 4 devices, and the saved plan."""
     out = tmp_path / "plan.json"
-    result = _cli(
-        "plan",
-        "examples/models.py:unbalanced",
-        "--devices",
-        "4",
-        "--device-memory",
-        "8GB",
-        "--batch-size",
-        "8",
-        "--optimizer",
-        "sgd",
-        "--json",
-        str(out),
-    )
+    model = "examples/models.py:unbalanced"
+    result = _cli("plan", model, "--devices", "4", *flags, "--json", str(out))
     assert result.returncode == 0, result.stderr
-    plan = Plan.load(out)
+    return result, Plan.load(out)
+
+
+def test_cli_plan_json_and_show(tmp_path):
+    flags = ("--device-memory", "8GB", "--batch-size", "8", "--optimizer", "sgd")
+    result, plan = _cli_plan(tmp_path, *flags)
     assert plan.devices == 4 and plan.global_batch_size == 8 and plan.optimizer == "sgd"
     assert "predicted step" in result.stdout
-    shown = _cli("show", str(out))
+    shown = _cli("show", str(tmp_path / "plan.json"))
     assert shown.returncode == 0, shown.stderr
     assert "predicted step" in shown.stdout
     for stage in plan.stages:
@@ -334,22 +328,7 @@ def test_auto_zero_splits_state_only_where_memory_requires_it():
 
 
 def test_cli_plan_with_offload_and_zero(tmp_path):
-    out = tmp_path / "plan.json"
-    result = _cli(
-        "plan",
-        "examples/models.py:unbalanced",
-        "--devices",
-        "4",
-        "--stages",
-        "2",
-        "--offload",
-        "params+optimizer",
-        "--zero",
-        "--json",
-        str(out),
-    )
-    assert result.returncode == 0, result.stderr
-    plan = Plan.load(out)
+    result, plan = _cli_plan(tmp_path, "--stages", "2", "--offload", "params+optimizer", "--zero")
     assert [s.offload for s in plan.stages] == ["params+optimizer"] * 2
     assert all(s.zero for s in plan.stages)
     assert "params+optimizer" in result.stdout
