@@ -332,3 +332,16 @@ def test_cli_plan_with_offload_and_zero(tmp_path):
     assert [s.offload for s in plan.stages] == ["params+optimizer"] * 2
     assert all(s.zero for s in plan.stages)
     assert "params+optimizer" in result.stdout
+
+
+def test_offloaded_state_must_fit_host_memory():
+    graph = _wide_then_narrow()
+    options = dict(devices=2, global_batch=8, stages=2, offload="params+optimizer")
+    plan = make_plan(graph, _cost(), PlanOptions(**options))
+    huge = next(s for s in plan.stages if any(p.startswith("0.") for p in s.params))
+    weights = sum(graph.params[p].nbytes for p in huge.params)
+    assert huge.host_bytes == 4 * weights  # parameters, gradients, two Adam moments
+    with pytest.raises(InfeasiblePlanError, match="host memory of node 0"):
+        make_plan(graph, _cost(), PlanOptions(**options, host_memory=3 * weights))
+    kept = make_plan(graph, _cost(), PlanOptions(**options, host_memory=6 * weights))
+    assert kept.stages[0].host_bytes > 0

@@ -45,6 +45,7 @@ def _plan(args: argparse.Namespace) -> int:
         zero={"on": True, "off": False}.get(args.zero, args.zero),
         offload=args.offload,
         prefetch=args.prefetch,
+        host_memory=parse_bytes(args.host_memory) if args.host_memory else None,
     )
     _, plan = plan_model(
         model,
@@ -115,6 +116,9 @@ def _add_plan_parser(sub) -> None:
     )
     plan.add_argument(
         "--prefetch", type=int, default=1, help="parameters an offloaded stage copies ahead"
+    )
+    plan.add_argument(
+        "--host-memory", help="host memory per node for offloaded state, e.g. 512GB (unchecked)"
     )
     plan.add_argument("--microbatches", type=int, help="force the number of microbatches")
     plan.add_argument(

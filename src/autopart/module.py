@@ -37,7 +37,7 @@ from autopart.cost import (
     parse_bytes,
 )
 from autopart.cost.bandwidth import measure_links
-from autopart.cost.probe import measure_host_link
+from autopart.cost.probe import host_memory_bytes, measure_host_link
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.memtrack import LiveBytes, storage_bytes
@@ -247,6 +247,7 @@ class Module(nn.Module):
             zero=self._zero,
             offload=self._offload,
             prefetch=self._prefetch,
+            host_memory=host_memory_bytes() if self._offload != "none" else None,
         )
         dtype = str(self._autocast) if self._autocast is not None else compute_dtype(self.graph)
         return make_plan(self.graph, AnalyticCostModel(spec, dtype=dtype), options)

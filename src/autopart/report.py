@@ -48,6 +48,7 @@ def plan_table(plan: Plan) -> Table:
         ("memory", "right"),
         ("recompute", "center"),
         ("offload", "center"),
+        ("host", "right"),
         ("zero", "center"),
     ):
         table.add_column(col, justify=justify)
@@ -64,6 +65,7 @@ def plan_table(plan: Plan) -> Table:
             format_bytes(s.memory_bytes),
             "yes" if s.recompute else "no",
             "no" if s.offload == "none" else s.offload,
+            format_bytes(s.host_bytes) if s.host_bytes else "-",
             "yes" if s.zero else "no",
         )
     table.caption = (

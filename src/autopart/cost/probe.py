@@ -42,7 +42,7 @@ def cpu_spec() -> DeviceSpec:
     bandwidth = measure_memory_bandwidth(cpu)
     spec = DeviceSpec(
         name="cpu",
-        memory_bytes=_host_memory_bytes(),
+        memory_bytes=host_memory_bytes(),
         peak_flops=dict.fromkeys(DTYPES, flops),
         memory_bandwidth=bandwidth,
         intra_node_bandwidth=5e9,
@@ -103,7 +103,7 @@ def _best_seconds(device: torch.device, fn) -> float:
     return max(best, 1e-9)
 
 
-def _host_memory_bytes() -> int:
+def host_memory_bytes() -> int:
     """Physical RAM, or the container's cgroup v2 limit when that is lower."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:

@@ -95,3 +95,13 @@ class MemoryModel:
             return fp.buffer_bytes + working + running
         step = fp.param_bytes + fp.trainable_bytes + optimizer
         return np.maximum(fp.buffer_bytes + working + optimizer + running, step)
+
+    def host_bytes(self, fp: StageFootprint, replicas: int, offload: str, zero: bool) -> float:
+        """Host memory one replica's offload uses: the parameters and their gradients (summed
+        there in full), and under ``"params+optimizer"`` the optimizer state (its ZeRO share)."""
+        if offload == "none":
+            return 0.0
+        held = fp.param_bytes - fp.buffer_bytes + fp.trainable_bytes
+        if offload == "params+optimizer":
+            held += fp.trainable_bytes * self.optimizer_factor / (replicas if zero else 1)
+        return held

@@ -58,6 +58,8 @@ class StagePlan:
     offload: str = "none"
     #: Whether the replicas split the optimizer state and gradients (ZeRO).
     zero: bool = False
+    #: Predicted host memory per rank that offload uses (0 without offload).
+    host_bytes: int = 0
 
     @property
     def replicas(self) -> int:

@@ -58,6 +58,8 @@ class PlanOptions:
     offload: str = "none"
     #: Parameters an offloaded stage copies ahead of use (the runtime's prefetch depth).
     prefetch: int = 1
+    #: Host memory per node for what offload keeps there; None: not checked.
+    host_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -76,6 +78,8 @@ class PlanOptions:
             )
         if self.zero not in (True, False, "auto"):
             raise AutopartError(f"unknown zero {self.zero!r}; use True, False or 'auto'")
+        if self.host_memory is not None and self.host_memory <= 0:
+            raise AutopartError(f"host memory must be positive, got {self.host_memory}")
         if self.prefetch < 0:
             raise AutopartError(f"prefetch depth must be at least 0, got {self.prefetch}")
         if not 0 <= self.memory_margin < 1:
@@ -223,9 +227,18 @@ def plan_from_partition(
                 allreduce_seconds=float(choice.allreduce_seconds),
                 offload=OFFLOAD_MODES[choice.offload],
                 zero=choice.zero,
+                host_bytes=int(
+                    part.coster.memory.host_bytes(
+                        part.coster.footprint(choice.start, choice.end),
+                        choice.replicas,
+                        OFFLOAD_MODES[choice.offload],
+                        choice.zero,
+                    )
+                ),
             )
         )
         next_rank += choice.replicas
+    _check_host_memory(stages, cost_model.device.devices_per_node, options)
     spec = cost_model.device
     return Plan(
         fingerprint=graph.fingerprint,
@@ -240,6 +253,25 @@ def plan_from_partition(
         samples_per_second=options.global_batch / sol.step_seconds if sol.step_seconds else 0.0,
         cost_source=cost_model.source,
     )
+
+
+def _check_host_memory(stages: list[StagePlan], per_node: int, options: PlanOptions) -> None:
+    """Offloaded state lives in the memory of the host, which a node's ranks share."""
+    if options.host_memory is None:
+        return
+    usable = options.host_memory * (1 - options.memory_margin)
+    nodes: dict[int, int] = {}
+    for stage in stages:
+        for rank in stage.ranks:
+            nodes[rank // per_node] = nodes.get(rank // per_node, 0) + stage.host_bytes
+    node, used = max(nodes.items(), key=lambda item: item[1])
+    if used > usable:
+        raise InfeasiblePlanError(
+            f"the plan offloads {format_bytes(used)} to the host memory of node {node}, which "
+            f"has {format_bytes(usable)} usable ({options.memory_margin:.0%} margin held back); "
+            "use more devices, offload less (--offload params keeps optimizer state on the "
+            "device), or --zero to split what is offloaded over replicas"
+        )
 
 
 def _auto_blocks(graph, components, traffic, cost_model, memory, options, capacity) -> list[Block]:
