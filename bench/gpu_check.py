@@ -17,6 +17,9 @@ third of that), and the planner is told the same capacity.  The script shows, in
    ``torch.cuda.max_memory_allocated``.
 
 TF32 is off so the GPU and CPU runs compute in the same precision.  It exits 2 without a GPU.
+``--cpu-dry-run`` runs the same steps on the CPU with a small model and without the cap or
+any CUDA measurement, so the script itself can be checked where there is no GPU (the tests do);
+its numbers measure nothing about offload on a GPU.
 """
 
 from __future__ import annotations
@@ -74,22 +77,30 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--cap-gb", type=float, help="GPU memory cap (default: a third of need)")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="check the script on a CPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.cpu_dry_run:
+        args.layers, args.width, args.rows = 4, 128, 8
+    elif not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a machine with a GPU")
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     import autopart
     from autopart.capture import capture
-    from autopart.cost import AnalyticCostModel, local_device_spec
+    from autopart.cost import AnalyticCostModel, get_device_spec, local_device_spec
+    from autopart.cost.probe import measure_host_link
     from autopart.cost.units import format_bytes
     from autopart.plan.planner import InfeasiblePlanError, PlanOptions, make_plan
 
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    name = torch.cuda.get_device_name(device)
-    total = torch.cuda.get_device_properties(device).total_memory
+    gpu = not args.cpu_dry_run
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+        name = torch.cuda.get_device_name(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        name, total = "cpu (dry run: no cap, no CUDA measurements)", 0
     base = build(args.layers, args.width)
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
     need = 4 * weights  # parameters, gradients, two Adam moments
@@ -103,7 +114,7 @@ def main() -> int:
     )
 
     # 1. Without offload: the planner says no, and so does the GPU.
-    spec = local_device_spec(device)
+    spec = local_device_spec(device) if gpu else get_device_spec("h100")
     graph = capture(base, (data[0][0][:1],))
     options = PlanOptions(devices=1, global_batch=args.rows, device_memory=cap)
     try:
@@ -111,15 +122,16 @@ def main() -> int:
         print("1. planner without offload: a plan fits (unexpected)")
     except InfeasiblePlanError as err:
         print(f"1. planner without offload: infeasible: {str(err)[:160]}...")
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
-    plain = copy.deepcopy(base).to(device)
-    try:
-        train(plain, torch.optim.Adam(plain.parameters(), lr=1e-4), data[:1], device)
-        print("   plain PyTorch under the cap: trained (unexpected)")
-    except torch.cuda.OutOfMemoryError:
-        print("   plain PyTorch under the cap: out of memory")
-    del plain
-    torch.cuda.empty_cache()
+    if gpu:
+        torch.cuda.set_per_process_memory_fraction(cap / total, device)
+        plain = copy.deepcopy(base).to(device)
+        try:
+            train(plain, torch.optim.Adam(plain.parameters(), lr=1e-4), data[:1], device)
+            print("   plain PyTorch under the cap: trained (unexpected)")
+        except torch.cuda.OutOfMemoryError:
+            print("   plain PyTorch under the cap: out of memory")
+        del plain
+        torch.cuda.empty_cache()
 
     # 2. With offload, under the cap.
     model = copy.deepcopy(base)
@@ -127,10 +139,11 @@ def main() -> int:
     wrapped = autopart.Module(model, opt, offload=True, microbatches=1, device_memory=cap)
     with torch.no_grad():
         wrapped(data[0][0].to(device))  # plan (for this batch) and build, outside the timing
-    torch.cuda.reset_peak_memory_stats(device)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     copied = wrapped.offload.copied_bytes
     losses, times = train(wrapped, opt, data, device)
-    peak = torch.cuda.max_memory_allocated(device)
+    peak = torch.cuda.max_memory_allocated(device) if gpu else 0
     copied = wrapped.offload.copied_bytes - copied
     stage = wrapped.plan.stages[0]
     reference = copy.deepcopy(base)
@@ -142,20 +155,15 @@ def main() -> int:
     print(f"   CPU reference:          losses {[f'{v:.6f}' for v in ref_losses]}")
     print(f"   largest relative difference {worst:.2e} ({'equal' if worst < 1e-4 else 'DIFFER'})")
     del wrapped, model, opt
-    torch.cuda.empty_cache()
 
     # 3. Step time against plain PyTorch on the same GPU without the cap, and bandwidth.
-    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
     plain = copy.deepcopy(base).to(device)
     _, plain_times = train(plain, torch.optim.Adam(plain.parameters(), lr=1e-4), data, device)
     del plain
-    torch.cuda.empty_cache()
-    host = torch.empty(weights // 4, dtype=torch.float32).pin_memory()
-    torch.cuda.synchronize()
-    began = time.perf_counter()
-    host.to(device, non_blocking=True)
-    torch.cuda.synchronize()
-    raw = weights / (time.perf_counter() - began)
+    raw = measure_host_link(device)
     offload_step = statistics.median(times[1:] or times)
     plain_step = statistics.median(plain_times[1:] or plain_times)
     print(
@@ -163,14 +171,16 @@ def main() -> int:
         f"{plain_step * 1e3:.0f} ms: offload costs {offload_step / plain_step:.2f}x"
     )
     print(
-        f"   host-to-device: raw pinned copy {raw / 1e9:.1f} GB/s; offload moved "
+        f"   host-to-device: one large copy {raw / 1e9:.1f} GB/s; offload moved "
         f"{format_bytes(copied / len(times))} per step, {copied / sum(times) / 1e9:.1f} GB/s"
     )
-    print(
-        f"4. offloaded stage: predicted peak {format_bytes(stage.memory_bytes)}, "
+    measured = (
         f"torch.cuda.max_memory_allocated {format_bytes(peak)} "
         f"({(stage.memory_bytes - peak) / peak:+.1%})"
+        if gpu
+        else "nothing measured (no CUDA)"
     )
+    print(f"4. offloaded stage: predicted peak {format_bytes(stage.memory_bytes)}, {measured}")
     return 0
 
 
