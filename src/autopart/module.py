@@ -166,16 +166,18 @@ class Module(nn.Module):
             self._stepped_ids = {
                 id(trainable[n]) for n in self.holders.local if shards.get(n) == self.rank
             }
+        self._restrict_optimizer()
+        if stage.offload == "params" and self.optimizer is not None:
+            # First: its post-step hook brings the parameters home before ZeRO shares them.
+            stepped = [p for p in self.offload.parameters() if id(p) in self._stepped_ids]
+            StepOnDevice(self.optimizer, stepped, self.device)
+        if shards is not None and self.optimizer is not None:
             step = ShardedStep(
                 shards,
                 {n: trainable[n] for n in self.holders.local},
                 self.holders.groups.get(tuple(stage.ranks)),
             )
             self.optimizer.register_step_post_hook(lambda *_: step.after_step())
-        self._restrict_optimizer()
-        if stage.offload == "params" and self.optimizer is not None:
-            stepped = [p for p in self.offload.parameters() if id(p) in self._stepped_ids]
-            StepOnDevice(self.optimizer, stepped, self.device)
         log.info("rank %d runs stage %d of %d", self.rank, stage.index, self.plan.num_stages)
 
     def _local_batch(self, args, kwargs) -> int:

@@ -90,7 +90,9 @@ class Holders:
                 buckets[holders].append(param.grad)
         for holders in sorted(buckets):
             grads = buckets[holders]
-            flat = _flatten_dense_tensors(grads)
+            # On the device: a holder set can span an offloaded stage (gradients in host
+            # memory) and one that is not, and a collective needs one device on every rank.
+            flat = _flatten_dense_tensors(grads).to(self.device)
             dist.all_reduce(flat, group=self.groups[holders])
             for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                 grad.copy_(synced)

@@ -5,8 +5,8 @@ device copy instead, made by a fetch op placed just before it; the copy dies aft
 drops values after their last use).  Autograd would keep the copies alive until backward when
 an op saves its weight, so while a stage runs, saved-tensor hooks replace a saved copy (or a
 view of one, or under autocast a view of its low-precision cast) by a handle, and backward
-fetches it again when it unpacks the handle.  Each
-copy's gradient goes straight back to the host parameter, where it accumulates.
+fetches it again when it unpacks the handle.  Each copy's gradient goes straight back to the
+host parameter, where it accumulates.
 
 Copies are prefetched ``depth`` fetches ahead, in the order the fetch ops run in forward and
 in the reverse of the order weights were saved in backward.  On CUDA the host side is pinned
