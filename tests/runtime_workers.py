@@ -477,14 +477,14 @@ def offload_residency(rank: int, world: int, workdir: str) -> None:
     Path(workdir, f"residency{rank}.json").write_text(json.dumps(results))
 
 
-def mixed_offload_plan(rank: int, world: int) -> None:
+def mixed_offload_plan(rank: int, world: int, model_name: str = "mlp") -> None:
     """A plan whose stages differ, one offloaded and (with replicas) one under ZeRO, trains
     exactly like plain PyTorch, and its state dicts still gather every parameter."""
     from autopart.capture import capture
     from autopart.cost import AnalyticCostModel, get_device_spec
     from autopart.plan.planner import PlanOptions, make_plan
 
-    example = ZOO["mlp"]()
+    example = ZOO[model_name]()
     model = example[0]
     reference = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

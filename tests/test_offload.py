@@ -55,8 +55,9 @@ def test_offloaded_parameters_on_device_are_bounded_by_what_is_in_flight(tmp_pat
             assert report["offload_peak"] == r["peak"], report
 
 
-def test_a_plan_offloading_one_stage_only_trains_exactly():
-    run_ranks(2, workers.mixed_offload_plan)
+@pytest.mark.parametrize("name", ["mlp", "tied"])  # tied: one weight on both kinds of stage
+def test_a_plan_offloading_one_stage_only_trains_exactly(name):
+    run_ranks(2, workers.mixed_offload_plan, name)
 
 
 @pytest.mark.slow
