@@ -14,6 +14,9 @@ from collections.abc import Sequence
 
 from autopart import __version__
 from autopart.errors import AutopartError
+from autopart.plan.plan import OFFLOAD_MODES
+
+OFFLOAD_CHOICES = (*OFFLOAD_MODES, "auto")
 
 log = logging.getLogger("autopart")
 
@@ -110,7 +113,7 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument(
         "--offload",
         default="none",
-        choices=["none", "params", "params+optimizer", "auto"],
+        choices=OFFLOAD_CHOICES,
         help="keep parameters (and optimizer state) in host memory: on every stage, or auto: "
         "only on the stages that do not fit otherwise",
     )
@@ -118,7 +121,8 @@ def _add_plan_parser(sub) -> None:
         "--prefetch", type=int, default=1, help="parameters an offloaded stage copies ahead"
     )
     plan.add_argument(
-        "--host-memory", help="host memory per node for offloaded state, e.g. 512GB (unchecked)"
+        "--host-memory",
+        help="host memory per node for offloaded state, e.g. 512GB (default: not checked)",
     )
     plan.add_argument("--microbatches", type=int, help="force the number of microbatches")
     plan.add_argument(
@@ -144,7 +148,7 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument(
         "--offload",
         default="none",
-        choices=["none", "params", "params+optimizer", "auto"],
+        choices=OFFLOAD_CHOICES,
         help="keep parameters (and optimizer state) in host memory",
     )
     demo.add_argument(

@@ -41,7 +41,7 @@ from autopart.cost.probe import host_memory_bytes, measure_host_link
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.memtrack import LiveBytes, storage_bytes
-from autopart.plan.plan import Plan, StagePlan, offload_option
+from autopart.plan.plan import Plan, StagePlan, check_zero_option, offload_option
 from autopart.plan.planner import PlanOptions, make_plan
 from autopart.planning import compute_dtype
 from autopart.runtime import routing
@@ -94,8 +94,7 @@ class Module(nn.Module):
         self.offload: ParamOffload | None = None
         self._track_memory = track_memory
         self._memory: dict[str, int] = {}
-        if zero not in (True, False, "auto"):
-            raise AutopartError(f"unknown zero {zero!r}; use True, False or 'auto'")
+        check_zero_option(zero)
         self._zero = zero
         self._autocast = _autocast_dtype(precision)
         ensure_initialized(timeout)
@@ -230,8 +229,6 @@ class Module(nn.Module):
                 spec = dataclasses.replace(spec, memory_bytes=parse_bytes(memory))
         else:
             spec = get_device_spec("cpu", memory_bytes=memory)
-        if self._offload != "none":
-            spec = dataclasses.replace(spec, host_link_bandwidth=measure_host_link(self.device))
         if self.world < 2:
             return spec
         links = measure_links(sizes=(1 << 16, 1 << 20), iters=2)
@@ -239,6 +236,8 @@ class Module(nn.Module):
         return links.apply(spec, cross_node=local_world < self.world)
 
     def _make_plan(self, global_batch: int, spec: DeviceSpec) -> Plan:
+        if self._offload != "none":  # only the planning rank needs the host link's speed
+            spec = dataclasses.replace(spec, host_link_bandwidth=measure_host_link(self.device))
         options = PlanOptions(
             devices=self.world,
             global_batch=global_batch,

@@ -36,6 +36,12 @@ def offload_option(value: bool | str | None) -> str:
     )
 
 
+def check_zero_option(value: bool | str) -> None:
+    """``zero=`` is True, False, or ``"auto"`` (the planner splits only where it must)."""
+    if value not in (True, False, "auto"):
+        raise AutopartError(f"unknown zero {value!r}; use True, False or 'auto'")
+
+
 class PlanError(AutopartError):
     """A plan file that is corrupt, from another version, or made for another model."""
 

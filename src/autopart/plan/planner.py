@@ -22,7 +22,7 @@ from autopart.ir import Graph
 from autopart.plan.atomic import Component, atomic_components
 from autopart.plan.blocks import Block, coarsen
 from autopart.plan.memory import OPTIMIZER_FACTORS, MemoryModel
-from autopart.plan.plan import OFFLOAD_MODES, Plan, StagePlan
+from autopart.plan.plan import OFFLOAD_MODES, Plan, StagePlan, check_zero_option
 from autopart.plan.stage_costs import StageCoster
 from autopart.plan.stage_dp import Solution, search
 from autopart.plan.traffic import RangeTraffic
@@ -76,8 +76,7 @@ class PlanOptions:
             raise AutopartError(
                 f"unknown offload {self.offload!r}; use one of {', '.join(OFFLOAD_MODES)} or auto"
             )
-        if self.zero not in (True, False, "auto"):
-            raise AutopartError(f"unknown zero {self.zero!r}; use True, False or 'auto'")
+        check_zero_option(self.zero)
         if self.host_memory is not None and self.host_memory <= 0:
             raise AutopartError(f"host memory must be positive, got {self.host_memory}")
         if self.prefetch < 0:

@@ -10,10 +10,10 @@ allowed, with its parameters (and optimizer state) in host memory and with its o
 and gradients split over its replicas (ZeRO).  The fastest that fits wins; on a tie, the
 earliest of (on device before offloaded, without ZeRO before with, no recomputation first).
 ZeRO is charged no extra time: reducing each gradient to its owner and gathering the updated
-parameters move what one allreduce moves.  An
-offloaded stage copies its parameters to the device in every microbatch's forward, again in its
-recomputation and its backward, and sends each microbatch's gradients back: the copies to the
-device overlap compute (side stream), the gradients going back do not.
+parameters move what one allreduce moves.  An offloaded stage copies its parameters to the
+device in every microbatch's forward, again in its recomputation and its backward, and sends
+each microbatch's gradients back: the copies to the device overlap compute (side stream), the
+gradients going back do not.
 """
 
 from __future__ import annotations
