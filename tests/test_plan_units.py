@@ -123,11 +123,25 @@ def test_plan_json_round_trip(tmp_path):
     assert Plan.load(path) == plan
 
 
+def _plan_graph(fingerprint: str = "abc123"):
+    """The graph `_plan` fits: op ``a`` reads weight ``w``, op ``b`` reads ``a``."""
+    nodes = [
+        Node("x", "input", NodeKind.INPUT, (), (), act(4), ""),
+        Node("a", "op", NodeKind.BATCH, ("x",), ("w",), act(4), "a"),
+        Node("b", "op", NodeKind.BATCH, ("a",), (), act(4), "b"),
+        Node("output", "output", NodeKind.OUTPUT, ("b",), (), (), ""),
+    ]
+    g = graph(nodes, {"w": ParamSpec("w", (4, 4), "torch.float32")})
+    g.fingerprint = fingerprint
+    return g
+
+
 def test_plan_for_another_model_is_rejected():
+    _plan().validate_for(_plan_graph(), world_size=2)
     with pytest.raises(PlanError, match="different model"):
-        _plan().validate_for("ffff")
+        _plan().validate_for(_plan_graph("ffff"))
     with pytest.raises(PlanError, match="4 ranks"):
-        _plan().validate_for("abc123", world_size=4)
+        _plan().validate_for(_plan_graph(), world_size=4)
 
 
 @pytest.mark.parametrize(
@@ -135,6 +149,8 @@ def test_plan_for_another_model_is_rejected():
     [
         (lambda d: d.update(version=99), "version"),
         (lambda d: d["stages"][0].update(ranks=[1]), "exactly once"),
+        (lambda d: d["stages"][1].update(ranks=[]), "stage 1 has no ranks"),
+        (lambda d: d["stages"][1].update(index=0), "stage 1 says it is stage 0"),
         (lambda d: d.pop("stages"), "missing"),
     ],
 )

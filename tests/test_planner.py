@@ -55,6 +55,7 @@ def assert_plan_invariants(graph: Graph, plan: Plan, devices: int) -> None:
         assert 0 < stage.memory_bytes <= plan.memory_capacity_bytes
         assert stage.forward_seconds > 0 and stage.backward_seconds > 0
     assert plan.step_seconds > 0
+    plan.validate_for(graph, devices)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -180,11 +181,11 @@ def test_plan_records_fingerprint_and_rejects_other_models(graphs, tmp_path):
     plan.save(path)
     loaded = Plan.load(path)
     assert loaded == plan
-    loaded.validate_for(graphs["mlp"].fingerprint, world_size=2)
+    loaded.validate_for(graphs["mlp"], world_size=2)
     with pytest.raises(PlanError, match="different model"):
-        loaded.validate_for(graphs["skip"].fingerprint)
+        loaded.validate_for(graphs["skip"])
     with pytest.raises(PlanError, match="2 devices but 3 ranks"):
-        loaded.validate_for(graphs["mlp"].fingerprint, world_size=3)
+        loaded.validate_for(graphs["mlp"], world_size=3)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

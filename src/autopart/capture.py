@@ -47,6 +47,7 @@ from autopart.ir import (
     TensorSpec,
     structural_fingerprint,
 )
+from autopart.scalar_outputs import reductions_of, rewrite_scalar_outputs
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ def capture(
                 )
     if trace is None:
         raise _capture_error(model, failures, strict) from failures[0][1]
+    for gm in (trace.gm, trace.gm_next):
+        if gm is not None:
+            rewrite_scalar_outputs(gm, trace.sources)
     return _build_graph(model, trace, inputs)
 
 
@@ -225,15 +229,64 @@ def _export(
         )
         bound = inspect.signature(model.forward).bind(*marks[0], **marks[1])
         shapes = dict(bound.arguments)
-    with _quiet_export():
+    outputs = _OutputLeaves()
+    with _quiet_export(), outputs.flattening(model):
         program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=strict)
     # Stripping before unlifting saves recompiling the (possibly huge) generated code twice.
     _strip_checks(program.graph_module, recompile=False)
     if "check_guards" in inspect.signature(program.module).parameters:
-        return program.module(check_guards=False)
-    gm = program.module()
-    _strip_checks(gm)
+        gm = program.module(check_guards=False)
+    else:
+        gm = program.module()
+        _strip_checks(gm, recompile=False)
+    outputs.restore_structure(gm)
     return gm
+
+
+class _OutputLeaves:
+    """Export the model's output as a flat tuple of what a graph can return, and give the
+    graph module the model's own structure back afterwards.
+
+    Models return objects that export cannot (a Hugging Face ``DynamicCache``, which
+    ``use_cache=True`` adds by default, or any class pytree does not know).  Such an object
+    holds nothing a pipeline can carry between stages and nothing training needs, so it is
+    returned as ``None`` in its place, with a warning; tensors, plain values and every
+    container pytree knows (tuples, dicts, ``ModelOutput``) come back as the model built them.
+    """
+
+    def __init__(self) -> None:
+        self.spec: pytree.TreeSpec | None = None
+
+    @contextmanager
+    def flattening(self, model: torch.nn.Module) -> Iterator[None]:
+        handle = model.register_forward_hook(self._flatten)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _flatten(self, module: torch.nn.Module, args: Any, output: Any) -> tuple:
+        self.spec = pytree.tree_structure(output)
+        kept = []
+        for path, leaf in pytree.tree_flatten_with_path(output)[0]:
+            if _is_tensor(leaf) or isinstance(leaf, _PLAIN):
+                kept.append(leaf)
+                continue
+            log.info(
+                "the model returns a %s at output%s, which cannot travel between pipeline "
+                "stages; autopart returns None there",
+                type(leaf).__name__,
+                pytree.keystr(path),
+            )
+            kept.append(None)
+        return tuple(kept)
+
+    def restore_structure(self, gm: torch.fx.GraphModule) -> None:
+        codegen = gm.graph._codegen
+        info = getattr(codegen, "pytree_info", None)
+        if self.spec is not None and info is not None:
+            codegen.pytree_info = info._replace(out_spec=self.spec)
+        gm.recompile()
 
 
 @contextmanager
@@ -928,6 +981,7 @@ def _build_graph(model: torch.nn.Module, trace: _Trace, inputs: _Inputs) -> Grap
         fx_module=gm,
         input_sources={name: trace.sources[name] for name in user_inputs},
         static_batch=trace.static_batch,
+        reductions=reductions_of(gm),
     )
 
 

@@ -11,12 +11,15 @@ capture managed it) for the parts that must execute the graph: measured costing 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 _DTYPE_BYTES = {
     "torch.float64": 8,
@@ -151,9 +154,20 @@ class Graph:
     fx_module: Any = field(default=None, repr=False, compare=False)
     input_sources: dict[str, str] = field(default_factory=dict)
     static_batch: int | None = None
+    #: Scalar outputs split into per-row terms, by the name of the node that combines them.
+    reductions: dict[str, ScalarReduction] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._index = {n.name: i for i, n in enumerate(self.nodes)}
+
+    def delivered(self) -> list[str]:
+        """The values the stages hand to the caller: the outputs, with each split scalar
+        replaced by the batch values its terms read (the caller combines them)."""
+        names: list[str] = []
+        for name in self.outputs:
+            reduction = self.reductions.get(name)
+            names.extend(reduction.inputs() if reduction else (name,))
+        return list(dict.fromkeys(names))
 
     def index(self, name: str) -> int:
         return self._index[name]
@@ -200,3 +214,61 @@ def structural_fingerprint(
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RowTerm:
+    """One term ``coef · ΣN / den`` of a scalar output split into per-row parts (see
+    `autopart.scalar_outputs`).  ``N`` is the batch value ``numerator``; ``den`` is the sum of
+    the batch value ``denominator``, or ``numel(N) · mean_scale`` for a mean, or 1 for a sum,
+    and is further multiplied by the non-batch input ``divisor`` when one is named."""
+
+    numerator: str
+    denominator: str | None = None
+    mean_scale: float | None = None
+    divisor: str | None = None
+    coef: float = 1.0
+
+    @property
+    def is_plain_sum(self) -> bool:
+        return self.denominator is None and self.mean_scale is None and self.divisor is None
+
+    def scaled(self, factor: float) -> RowTerm:
+        return dataclasses.replace(self, coef=self.coef * factor)
+
+    def with_divisor(self, name: str) -> RowTerm:
+        return dataclasses.replace(self, divisor=name)
+
+    def over(self, denominator: str, coef: float) -> RowTerm:
+        """This plain sum divided by the plain sum ``coef · Σdenominator``."""
+        return dataclasses.replace(self, denominator=denominator, coef=self.coef / coef)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.numerator, self.denominator, self.divisor) if n)
+
+    def value(self, values: dict[str, Any]) -> Any:
+        rows = values[self.numerator]
+        total = rows.sum()
+        if self.denominator is not None:
+            total = total / values[self.denominator].sum()
+        elif self.mean_scale is not None:
+            total = total / (rows.numel() * self.mean_scale)
+        if self.divisor is not None:
+            total = total / values[self.divisor]
+        return total * self.coef if self.coef != 1.0 else total
+
+
+@dataclass(frozen=True)
+class ScalarReduction:
+    """A scalar output as the sum of its `RowTerm` s, returned as ``dtype``."""
+
+    terms: tuple[RowTerm, ...]
+    dtype: str
+
+    def inputs(self) -> tuple[str, ...]:
+        """The values the terms read, each once, in a fixed order."""
+        return tuple(dict.fromkeys(n for t in self.terms for n in t.names()))
+
+    def combine(self, values: dict[str, Any]) -> Any:
+        total = sum(term.value(values) for term in self.terms)
+        return total.to(getattr(torch, self.dtype.removeprefix("torch.")))

@@ -129,7 +129,7 @@ class Module(nn.Module):
                 "so it cannot be cut into microbatches; remove the hard-coded batch size"
             )
         self.plan = self._agree_on_plan(self._local_batch(args, kwargs))
-        self.plan.validate_for(self.graph.fingerprint, self.world)
+        self.plan.validate_for(self.graph, self.world)
         ios = stage_ios(self.graph, self.plan)
         stage = self.plan.stage_of_rank(self.rank)
         module = build_stage_module(self.graph, ios[stage.index])
@@ -600,7 +600,11 @@ def _canonical_names(model: nn.Module, graph: Graph) -> dict[str, str]:
 
 
 def _restructure(graph: Graph, values: dict[str, Any]) -> Any:
-    """The model's own output structure (tensor, tuple, dict, ModelOutput) around ``values``."""
+    """The model's own output structure (tensor, tuple, dict, ModelOutput) around ``values``;
+    each split scalar is combined here from this rank's rows of its terms, so it is this
+    rank's own value, as under DDP, and its gradient flows back through those rows."""
+    for name, reduction in graph.reductions.items():
+        values[name] = reduction.combine(values)
     output = next(iter(graph.fx_module.graph.find_nodes(op="output")))
     codegen = graph.fx_module.graph._codegen
     info = getattr(codegen, "pytree_info", None)

@@ -4,7 +4,8 @@ A plan is the planner's only output and the runtime's only input about partition
 everything the runtime needs (node names per stage, ranks, microbatches, recomputation) plus the
 predictions a user wants to read.  It is saved as indented JSON and carries the fingerprint of the
 graph it was made for: loading it for another model fails with a clear error instead of silently
-running a wrong partition.
+running a wrong partition.  Since a saved plan can be edited by hand, `Plan.validate_for` also
+checks its structure against the graph (every op placed, every parameter held) before it runs.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from autopart.errors import AutopartError
+from autopart.ir import Graph, NodeKind
 
 PLAN_FORMAT_VERSION = 1
+
+#: What every "this plan does not fit the graph" error tells the user to do.
+_REPLAN = "the plan is corrupt or was edited by hand; re-plan to make a new one"
 
 #: Where a stage keeps its parameters (and optimizer state): on the device, or in host memory.
 OFFLOAD_MODES = ("none", "params", "params+optimizer")
@@ -137,7 +142,16 @@ class Plan:
         return cls.from_dict(data)
 
     def check_consistent(self) -> None:
-        """Reject plans whose ranks do not cover 0..devices-1 exactly once."""
+        """Reject plans whose stages are out of order or whose ranks do not cover 0..devices-1
+        exactly once: what can be checked without the model's graph."""
+        for position, stage in enumerate(self.stages):
+            if stage.index != position:
+                raise PlanError(
+                    f"the plan's stage {position} says it is stage {stage.index}; stages must be "
+                    f"numbered 0..{self.num_stages - 1} in pipeline order; {_REPLAN}"
+                )
+            if not stage.ranks:
+                raise PlanError(f"stage {stage.index} has no ranks to run it; {_REPLAN}")
         ranks = sorted(r for s in self.stages for r in s.ranks)
         if ranks != list(range(self.devices)):
             raise PlanError(
@@ -153,12 +167,19 @@ class Plan:
                     f"{', '.join(OFFLOAD_MODES)}; the file is corrupt or was edited by hand"
                 )
 
-    def validate_for(self, fingerprint: str, world_size: int | None = None) -> None:
-        """Fail unless this plan was made for the graph with ``fingerprint`` (and world size)."""
-        if fingerprint != self.fingerprint:
+    def validate_for(self, graph: Graph, world_size: int | None = None) -> None:
+        """Fail, naming the first inconsistency, unless this plan can run ``graph`` on
+        ``world_size`` ranks.
+
+        The runtime trusts the plan: it builds each stage from the stage's node list and trains
+        the parameters in its ``params`` list, so a hand-edited list would fail deep in the
+        runtime (an op no stage computes) or, worse, silently leave a parameter untrained.
+        These are the guarantees the planner gives, checked in time linear in graph and plan.
+        """
+        if graph.fingerprint != self.fingerprint:
             raise PlanError(
                 "plan was made for a different model (graph fingerprint "
-                f"{self.fingerprint[:12]}…, this model is {fingerprint[:12]}…); "
+                f"{self.fingerprint[:12]}…, this model is {graph.fingerprint[:12]}…); "
                 "re-plan, or pass the plan that belongs to this model"
             )
         if world_size is not None and world_size != self.devices:
@@ -166,3 +187,126 @@ class Plan:
                 f"plan was made for {self.devices} devices but {world_size} ranks are running; "
                 "re-plan for this world size"
             )
+        self.check_consistent()
+        _check_rows(self)
+        kinds = {node.name: node.kind for node in graph.nodes}
+        owner = _place_batch_ops(self, graph, kinds)
+        _check_inputs(self, graph, kinds, owner)
+        _check_params(self, graph)
+
+
+def _check_rows(plan: Plan) -> None:
+    """Each replica gets rows of every microbatch, as many as the planner recorded."""
+    batch, count = plan.global_batch_size, plan.microbatches
+    per_microbatch = -(-batch // count)
+    for stage in plan.stages:
+        if stage.replicas * count > batch:
+            raise PlanError(
+                f"stage {stage.index} has {stage.replicas} replicas, so {count} microbatches "
+                f"need a global batch of at least {stage.replicas * count}, but the plan is for "
+                f"{batch}; {_REPLAN}"
+            )
+        rows = -(-per_microbatch // stage.replicas)
+        if stage.microbatch_rows != rows:
+            raise PlanError(
+                f"stage {stage.index} has {stage.microbatch_rows} rows per microbatch, but a "
+                f"global batch of {batch} in {count} microbatches over {stage.replicas} "
+                f"replicas gives {rows}; {_REPLAN}"
+            )
+
+
+def _place_batch_ops(plan: Plan, graph: Graph, kinds: dict[str, NodeKind]) -> dict[str, int]:
+    """The stage of every batch op, after checking each is in exactly one stage and every
+    stage has one; parameter-only ops may repeat across stages, since each stage computes
+    the ones it reads."""
+    owner: dict[str, int] = {}
+    for stage in plan.stages:
+        listed: set[str] = set()
+        for name in stage.nodes:
+            kind = kinds.get(name)
+            if kind is None:
+                raise PlanError(
+                    f"stage {stage.index} lists op {name!r}, which this model's graph does not "
+                    f"have; {_REPLAN}"
+                )
+            if name in listed:
+                raise PlanError(f"stage {stage.index} lists op {name!r} twice; {_REPLAN}")
+            listed.add(name)
+            if kind in (NodeKind.INPUT, NodeKind.OUTPUT):
+                raise PlanError(
+                    f"stage {stage.index} lists {name!r}, the model's {kind.value}, which no "
+                    f"stage computes; {_REPLAN}"
+                )
+            if kind is NodeKind.BATCH:
+                if name in owner:
+                    raise PlanError(
+                        f"op {name!r} is in stages {owner[name]} and {stage.index}, but each "
+                        f"batch op runs in exactly one stage; {_REPLAN}"
+                    )
+                owner[name] = stage.index
+    for node in graph.nodes:
+        if node.kind is NodeKind.BATCH and node.name not in owner:
+            raise PlanError(
+                f"op {node.name!r} is in no stage, so nothing would compute it; {_REPLAN}"
+            )
+    busy = set(owner.values())
+    for stage in plan.stages:
+        if stage.index not in busy:
+            raise PlanError(f"stage {stage.index} computes no batch op; {_REPLAN}")
+    return owner
+
+
+def _check_inputs(
+    plan: Plan, graph: Graph, kinds: dict[str, NodeKind], owner: dict[str, int]
+) -> None:
+    """What a stage reads but does not compute must come from an earlier stage or the caller:
+    parameter-only values are never sent (each stage computes its own), and the schedule only
+    waits on earlier stages, so a value from a later one would hang the pipeline."""
+    for stage in plan.stages:
+        members = set(stage.nodes)
+        for name in stage.nodes:
+            for src in graph.node(name).inputs:
+                if src in members:
+                    continue
+                if kinds[src] is NodeKind.PARAM_ONLY:
+                    raise PlanError(
+                        f"stage {stage.index} needs parameter-only value {src!r} (read by "
+                        f"{name!r}) but does not compute it; {_REPLAN}"
+                    )
+                if owner.get(src, stage.index) > stage.index:
+                    raise PlanError(
+                        f"stage {stage.index} reads {src!r} (for {name!r}) from the later stage "
+                        f"{owner[src]}, but values only flow to later stages; {_REPLAN}"
+                    )
+
+
+def _check_params(plan: Plan, graph: Graph) -> None:
+    """A stage holds exactly the parameters and buffers its ops read.
+
+    The runtime sums and steps a parameter on the ranks whose stages list it: a missing one
+    would still be read but never trained there, an extra one would join sums and steps of a
+    gradient its stage never computes.  With every op placed, every parameter an op reads is
+    then held; one that no op reads (an unused layer) is held by no stage, as the planner
+    leaves it, and has no gradient to lose."""
+    for stage in plan.stages:
+        held: set[str] = set()
+        for name in stage.params:
+            if name in held:
+                raise PlanError(f"stage {stage.index} lists parameter {name!r} twice; {_REPLAN}")
+            held.add(name)
+        read = {p for name in stage.nodes for p in graph.node(name).params}
+        if missing := sorted(read - held):
+            raise PlanError(
+                f"stage {stage.index} does not hold parameter {missing[0]!r}{_more(missing)}, "
+                f"which its ops read, so it would not be trained; {_REPLAN}"
+            )
+        if extra := sorted(held - read):
+            known = extra[0] in graph.params
+            why = "which none of its ops read" if known else "which this model does not have"
+            raise PlanError(
+                f"stage {stage.index} holds parameter {extra[0]!r}{_more(extra)}, {why}; {_REPLAN}"
+            )
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""

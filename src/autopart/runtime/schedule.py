@@ -89,7 +89,7 @@ class GPipeSchedule:
         for io in ios:
             for name in io.inputs:
                 self.readers.setdefault(name, []).append(io.index)
-        self.outputs = list(dict.fromkeys(graph.outputs))
+        self.outputs = graph.delivered()
         crossing = sorted({*self.producer, *self.readers, *self.outputs}, key=graph.index)
         self.value_id = {name: i for i, name in enumerate(crossing)}
         self.shapes = {name: value_shape(graph, name) for name in crossing}

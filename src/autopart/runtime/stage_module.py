@@ -49,7 +49,7 @@ def stage_ios(graph: Graph, plan: Plan) -> list[StageIO]:
                         "corrupt, re-plan"
                     )
                 owner[name] = stage.index
-    for name in graph.outputs:
+    for name in graph.delivered():
         kind = graph.node(name).kind
         if kind is NodeKind.PARAM_ONLY:
             raise StageBuildError(
@@ -59,9 +59,11 @@ def stage_ios(graph: Graph, plan: Plan) -> list[StageIO]:
     needed_later: dict[str, set[int]] = {}
     ios = []
     for stage in plan.stages:
-        members = set(stage.nodes)
+        # A split scalar is combined by the caller from the rows its terms deliver.
+        nodes = [name for name in stage.nodes if name not in graph.reductions]
+        members = set(nodes)
         inputs = []
-        for name in stage.nodes:
+        for name in nodes:
             for src in graph.node(name).inputs:
                 if src not in members and src not in inputs:
                     if graph.node(src).kind is NodeKind.PARAM_ONLY:
@@ -71,17 +73,17 @@ def stage_ios(graph: Graph, plan: Plan) -> list[StageIO]:
                         )
                     inputs.append(src)
                     needed_later.setdefault(src, set()).add(stage.index)
-        ios.append((stage, inputs))
-    graph_outputs = set(graph.outputs)
+        ios.append((stage, nodes, inputs))
+    graph_outputs = set(graph.delivered())
     result = []
-    for stage, inputs in ios:
+    for stage, nodes, inputs in ios:
         outputs = [
             name
-            for name in stage.nodes
+            for name in nodes
             if owner.get(name) == stage.index
             and (name in graph_outputs or needed_later.get(name, set()) - {stage.index})
         ]
-        result.append(StageIO(stage.index, tuple(stage.nodes), tuple(inputs), tuple(outputs)))
+        result.append(StageIO(stage.index, tuple(nodes), tuple(inputs), tuple(outputs)))
     return result
 
 

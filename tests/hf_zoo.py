@@ -1,0 +1,155 @@
+"""Real models at their default configuration (cache on), and the batches users feed them.
+
+Each entry is ``(build, make_batch)``: ``build()`` returns a freshly initialized model, and
+``make_batch(rows, seed)`` returns ``(args, kwargs)`` for a local batch of ``rows``.  Labels are
+padded with -100 by a different amount in every row, so a token mean differs from a row mean;
+attention masks mark the same padding.  Dropout is 0 so that outputs can be compared exactly;
+`DROPOUT_ZOO` keeps it on for the evaluation checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SEQ = 8
+VOCAB = 64
+
+
+def _padded(rows: int, seed: int, *, labels: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, SEQ), generator=gen)
+    mask = torch.ones(rows, SEQ, dtype=torch.long)
+    target = ids.clone()
+    for r in range(rows):
+        pad = (seed + 3 * r) % (SEQ - 2)
+        if pad:
+            mask[r, -pad:] = 0
+            target[r, -pad:] = -100
+    kwargs = {"attention_mask": mask}
+    if labels:
+        kwargs["labels"] = target
+    return (ids,), kwargs
+
+
+def _masked_lm(rows: int, seed: int):
+    args, kwargs = _padded(rows, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    chosen = torch.rand(rows, SEQ, generator=gen) < 0.4
+    kwargs["labels"] = torch.where(chosen, args[0], torch.full_like(args[0], -100))
+    return args, kwargs
+
+
+def gpt2(dropout: float = 0.0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_positions=SEQ,
+        vocab_size=VOCAB,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def llama(dropout: float = 0.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        attention_dropout=dropout,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def bert_mlm(dropout: float = 0.0):
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=SEQ,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return BertForMaskedLM(config)
+
+
+class LossForms(nn.Module):
+    """A small network whose loss takes one of the forms users write by hand."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh())
+        self.head = nn.Linear(16, VOCAB)
+        self.register_buffer("class_weight", torch.linspace(0.5, 1.5, VOCAB))
+
+    def forward(self, ids, labels, num_items=None):
+        logits = self.head(self.body(self.embed(ids)))
+        flat, target = logits.view(-1, VOCAB), labels.view(-1)
+        if self.form == "token_mean":
+            return F.cross_entropy(flat, target, ignore_index=-100)
+        if self.form == "weighted":
+            return F.cross_entropy(flat, target, weight=self.class_weight, ignore_index=-100)
+        if self.form == "smoothed":
+            return F.cross_entropy(flat, target, ignore_index=-100, label_smoothing=0.1)
+        if self.form == "nll":
+            return F.nll_loss(F.log_softmax(flat, -1), target, ignore_index=-100)
+        if self.form == "sum_over_items":
+            return F.cross_entropy(flat, target, ignore_index=-100, reduction="sum") / num_items
+        if self.form == "masked_ratio":
+            valid = (labels != -100).float()
+            per = F.cross_entropy(flat, target.clamp(min=0), reduction="none").view_as(valid)
+            return (per * valid).sum() / valid.sum()
+        if self.form == "mixed":
+            token = F.cross_entropy(flat, target, ignore_index=-100)
+            return token + 0.1 * logits.pow(2).mean() - logits.mean() / 4
+        if self.form == "row_sum":
+            return logits.pow(2).sum() * 0.01
+        raise ValueError(self.form)
+
+
+LOSS_FORMS = (
+    "token_mean",
+    "weighted",
+    "smoothed",
+    "nll",
+    "sum_over_items",
+    "masked_ratio",
+    "mixed",
+    "row_sum",
+)
+
+
+def _loss_batch(rows: int, seed: int):
+    (ids,), kwargs = _padded(rows, seed)
+    return (ids, kwargs["labels"]), {"num_items": torch.tensor(7.0)}
+
+
+HF_ZOO = {
+    "gpt2": (gpt2, _padded),
+    "llama": (llama, _padded),
+    "bert_mlm": (bert_mlm, _masked_lm),
+    **{f"loss_{form}": (lambda form=form: LossForms(form), _loss_batch) for form in LOSS_FORMS},
+}

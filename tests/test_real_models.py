@@ -1,0 +1,83 @@
+"""Real models and real losses, trained as users train them, equal DistributedDataParallel.
+
+Hugging Face causal and masked LMs at their default configuration (so they return a cache),
+with labels padded by -100 by a different amount in every row, unequal local batches, and
+1 or 2 stages with 2 microbatches; and hand-written losses of every form autopart splits
+into per-row terms.  Without that split, the token mean of a chunk is weighted by rows and
+the very first loss differs.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from autopart.capture import capture
+from ddp_oracle import OracleCase, run_oracles
+from hf_zoo import HF_ZOO, LOSS_FORMS, LossForms, _loss_batch
+from multirank import run_ranks
+
+HF_MODELS = ("gpt2", "llama", "bert_mlm")
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_hugging_face_models_at_default_config_train_like_ddp():
+    cases = [OracleCase(name, stages, 2) for name in HF_MODELS for stages in (1, 2)]
+    run_ranks(2, run_oracles, cases, timeout_s=300)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_every_loss_form_trains_like_ddp():
+    cases = [
+        OracleCase(f"loss_{form}", stages, 2 + stages % 2)
+        for form in LOSS_FORMS
+        for stages in (1, 2)
+    ]
+    run_ranks(2, run_oracles, cases, timeout_s=300)
+
+
+@pytest.mark.multirank
+def test_token_mean_on_one_rank_with_microbatches():
+    run_ranks(1, run_oracles, [OracleCase("loss_token_mean", 1, 3, base_rows=5)])
+
+
+@pytest.mark.parametrize("form", LOSS_FORMS)
+def test_each_loss_form_is_split_and_the_graph_still_returns_it(form):
+    model = LossForms(form)
+    args, kwargs = _loss_batch(4, seed=3)
+    graph = capture(model, args, kwargs)
+    assert len(graph.reductions) == 1, graph.reductions
+    (reduction,) = graph.reductions.values()
+    for name in reduction.inputs():
+        assert graph.node(name).kind.value in ("batch", "input")
+    torch.testing.assert_close(graph.fx_module(*args, **kwargs), model(*args, **kwargs))
+
+
+def test_an_unrecognized_scalar_is_named_in_a_warning(caplog):
+    class Peak(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x).amax()
+
+    with caplog.at_level(logging.WARNING, logger="autopart"):
+        graph = capture(Peak(), (torch.randn(3, 4),))
+    assert not graph.reductions
+    assert "amax" in caplog.text and "cannot split" in caplog.text
+
+
+def test_default_config_cache_is_returned_as_none():
+    build, make_batch = HF_ZOO["gpt2"]
+    model = build()
+    args, kwargs = make_batch(2, seed=0)
+    graph = capture(model, args, kwargs)
+    out = graph.fx_module(*args, **kwargs)
+    expected = model(*args, **kwargs)
+    assert type(out) is type(expected)
+    assert getattr(out, "past_key_values", None) is None
+    torch.testing.assert_close(out.logits, expected.logits)
+    torch.testing.assert_close(out.loss, expected.loss)
