@@ -114,6 +114,8 @@ class Module(nn.Module):
         self.plan: Plan | None = None
         self.graph: Graph | None = None
         self._sync = True
+        #: Whether the gradients hold a sum over holders that no backward has added to yet.
+        self._grads_synced = False
         self._anchor = torch.zeros((), requires_grad=True)
         self._original_groups = (
             [list(g["params"]) for g in optimizer.param_groups] if optimizer else []
@@ -414,10 +416,14 @@ class Module(nn.Module):
         tracker = LiveBytes() if self._track_memory else contextlib.nullcontext()
         overlap = self._sync and self.holders.overlap is not None
         arm = self.holders.arm_overlap if overlap else None
+        if self._grads_synced:  # a second backward before step(), as DDP allows
+            self.holders.unsum_synced()
+            self._grads_synced = False
         with _comm_errors(self.rank, "backward"), tracker:
             self.schedule.backward(state, per_value, before_last=arm)
             if self._sync:
                 self.holders.all_reduce_grads(overlapped=overlap)
+                self._grads_synced = True
         if self._track_memory and self._memory:
             self._memory["backward_peak"] = self._memory["forward_end"] + tracker.peak
 

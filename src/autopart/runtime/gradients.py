@@ -73,6 +73,21 @@ class Holders:
         if self.overlap is not None:
             self.overlap.arm()
 
+    def unsum_synced(self) -> None:
+        """Turn gradients that a synced backward left (the same sum on every holder) back into
+        this holder's share, so that the next sum over holders counts them once.
+
+        DDP gets accumulation without ``no_sync`` right because it all-reduces the whole
+        ``.grad`` and divides by the world: the synced part comes back unchanged and the new
+        part averaged.  Here gradients are summed, not averaged, so the synced part is divided
+        by the holder count first.  ZeRO-sharded gradients live on their owner alone and are
+        only reduced onto it again, which already counts them once."""
+        for name in self.local:
+            grad = self.trainable[name].grad
+            holders = len(self.ranks_of[name])
+            if grad is not None and holders > 1 and name not in self.sharded:
+                grad.div_(holders)
+
     def all_reduce_grads(self, overlapped: bool = False) -> None:
         """Sum the partial gradients of this rank's parameters over their holders; with
         ``overlapped``, the replica-only ones were launched by `arm_overlap` already."""
