@@ -22,3 +22,21 @@ pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 )
 def test_accumulation_habits_match_ddp(name, options):
     run_ranks(2, loop_workers.loop_habits, name, options, timeout_s=120)
+
+
+def test_the_users_model_sees_the_stage_buffers_after_a_device_move():
+    """Moving a stage to a device replaces its buffers; the user's model must follow, or
+    its state_dict() keeps the initial BatchNorm statistics.  The move is simulated on the
+    CPU by replacing the stage's buffers as `Module.to` does."""
+    import copy
+
+    import torch
+
+    from autopart.module import _share_buffers
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    stage = copy.deepcopy(model)
+    stage[1]._buffers["running_mean"] = stage[1].running_mean.clone().add_(1.0)
+    _share_buffers(stage, model)
+    assert model[1].running_mean is stage[1].running_mean
+    assert float(model.state_dict()["1.running_mean"][0]) == 1.0

@@ -38,4 +38,14 @@ def _covering_cases(world: int) -> list[Case]:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_matches_plain_pytorch(world):
+    """Without tags, as NCCL matches point-to-point messages: by posting order alone."""
+    run_ranks(world, run_cases, _covering_cases(world), timeout_s=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_matches_plain_pytorch_with_tags(world, monkeypatch):
+    """The same cases with every message tagged (a debugging aid on gloo) give the same
+    results: tags change nothing, because the order already matches."""
+    monkeypatch.setenv("AUTOPART_P2P_TAGS", "1")
     run_ranks(world, run_cases, _covering_cases(world), timeout_s=120)

@@ -147,6 +147,7 @@ class Module(nn.Module):
             _move_buffers(module, self.device)
         else:
             module.to(self.device)
+        _share_buffers(module, self.model)
         module.train(self.training)
         self.__dict__["stage_module"] = module
         self.schedule = GPipeSchedule(
@@ -561,6 +562,18 @@ def _move_buffers(module: nn.Module, device: torch.device) -> None:
         for name, buffer in sub._buffers.items():
             if buffer is not None:
                 sub._buffers[name] = buffer.to(device)
+
+
+def _share_buffers(stage: nn.Module, model: nn.Module) -> None:
+    """Point the user's model at the stage's buffers.  Moving a module to a device replaces
+    its buffers (parameters keep their objects), so without this the user's model would keep
+    the CPU copies: ``state_dict()`` would return the initial BatchNorm statistics and
+    ``load_state_dict()`` would not reach the stage."""
+    owned = dict(model.named_buffers(remove_duplicate=False))
+    for name, buffer in stage.named_buffers(remove_duplicate=False):
+        if name in owned and owned[name] is not buffer:
+            path, _, leaf = name.rpartition(".")
+            model.get_submodule(path)._buffers[leaf] = buffer
 
 
 def _flat(by_kind: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:

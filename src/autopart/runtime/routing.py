@@ -9,9 +9,9 @@ moves by its kind:
 * a scalar that is shape arithmetic on the batch is not sent at all: each needer rebuilds it
   from its own row count (`TensorSpec.affine`).
 
-Sends are asynchronous and collected in ``pending``; receives block.  Each message has a tag
-made of the phase, microbatch, value and leaf, so messages between the same two ranks never
-get mixed up whatever order they are posted in.
+Sends are asynchronous and collected in ``pending``; receives block.  Messages between two
+ranks are matched by the order they are posted in, as NCCL matches them; tags are 0 unless
+`autopart.runtime.messages` is asked to add them for debugging.
 """
 
 from __future__ import annotations

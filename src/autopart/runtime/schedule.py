@@ -3,9 +3,11 @@
 Each rank runs one replica of one stage.  Forward posts every send as soon as its value
 exists and blocks only on receives from earlier stages, so no rank ever waits on a later one;
 backward runs the microbatches in reverse and blocks only on gradients from later stages.
-That ordering is what makes the schedule deadlock-free without any barrier.
+That ordering is what makes the schedule deadlock-free without any barrier.  Which messages a
+rank posts, and in what order, is data (`autopart.runtime.messages`); receives follow each
+sender's order, so nothing depends on tags, which NCCL ignores.
 
-Phases tag the messages:
+The messages, by phase:
 
 * ``INPUT``: the caller's rows, from the rank that owns them to the stages that read them;
 * ``ACT``: a stage's output, to the later stages that read it;
@@ -32,11 +34,23 @@ from autopart.ir import Graph, NodeKind, TensorSpec
 from autopart.plan.plan import Plan
 from autopart.runtime import routing
 from autopart.runtime.layout import BatchLayout, Rows
+from autopart.runtime.messages import (
+    ACT,
+    BACKWARD,
+    FORWARD,
+    GRAD,
+    INPUT,
+    OUT,
+    OUT_GRAD,
+    Inbox,
+    Key,
+    Message,
+    Messages,
+    differentiable,
+)
 from autopart.runtime.offload import ParamOffload
 from autopart.runtime.routing import ValueShape
 from autopart.runtime.stage_module import StageIO
-
-INPUT, ACT, OUT, GRAD, OUT_GRAD = range(5)
 
 
 @dataclass
@@ -46,7 +60,7 @@ class _Microbatch:
     rows: Rows
     inputs: list[list[Any]]
     outputs: list[list[Any]] | None  # None when the stage recomputes in backward
-    rng_state: torch.Tensor | None = None
+    rng_state: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -57,7 +71,8 @@ class StepState:
     local_inputs: dict[str, Any]
     microbatches: list[_Microbatch] = field(default_factory=list)
     pending: list = field(default_factory=list)
-    mailbox: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    mailbox: dict[Key, torch.Tensor] = field(default_factory=dict)  # sent to this rank itself
+    inbox: Inbox | None = None
 
 
 class GPipeSchedule:
@@ -84,51 +99,38 @@ class GPipeSchedule:
         self.world = plan.devices
         self.stage = plan.stage_of_rank(rank)
         self.io = ios[self.stage.index]
-        self.producer = {name: io.index for io in ios for name in io.outputs}
-        self.readers: dict[str, list[int]] = {}
-        for io in ios:
-            for name in io.inputs:
-                self.readers.setdefault(name, []).append(io.index)
         self.outputs = graph.delivered()
-        crossing = sorted({*self.producer, *self.readers, *self.outputs}, key=graph.index)
-        self.value_id = {name: i for i, name in enumerate(crossing)}
+        producer = {name for io in ios for name in io.outputs}
+        read = {name for io in ios for name in io.inputs}
+        crossing = sorted({*producer, *read, *self.outputs}, key=graph.index)
         self.shapes = {name: value_shape(graph, name) for name in crossing}
+        self.messages = Messages(graph, plan, ios, self.shapes)
 
     # -- message plumbing --------------------------------------------------------------------
 
-    def _post(self, state, phase, m, name, li, dst, tensor) -> None:
-        if dst == self.rank:
-            state.mailbox[(phase, m, name, li, self.rank)] = tensor
+    def _post(self, state: StepState, message: Message, tensor: torch.Tensor) -> None:
+        if message.dst == self.rank:
+            state.mailbox[message.key] = tensor
         else:
-            message = routing.tag(phase, m, self.value_id[name], li)
-            routing.send(tensor, dst, message, state.pending)
+            routing.send(tensor, message.dst, self.messages.tag_of(message), state.pending)
 
-    def _fetch(self, state, phase, m, name, li, src, spec: TensorSpec, count: int):
+    def _fetch(self, state: StepState, key: Key, src: int) -> torch.Tensor:
         if src == self.rank:
-            return state.mailbox.pop((phase, m, name, li, src))
-        buffer = routing.empty_like_spec(spec, count, self.device)
-        message = routing.tag(phase, m, self.value_id[name], li)
-        return routing.recv(buffer, src, message, f"{_PHASES[phase]} of {name}")
+            return state.mailbox.pop(key)
+        return state.inbox.receive(key, src)
 
     def _holders(self, name: str, layout: BatchLayout, m: int) -> dict[int, Rows]:
-        if self.graph.node(name).kind is NodeKind.INPUT:
-            return layout.owners(m)
-        return layout.replicas(m, self.plan.stages[self.producer[name]].ranks)
+        return self.messages.holders(name, layout, m)
 
-    def _readers(self, name: str, layout: BatchLayout, m: int) -> dict[int, Rows]:
-        needers: dict[int, Rows] = {}
-        for index in self.readers.get(name, []):
-            needers.update(layout.replicas(m, self.plan.stages[index].ranks))
-        return needers
-
-    def _every_rank(self) -> dict[int, Rows]:
-        return {r: (0, 0) for r in range(self.world)}
+    def _sends(self, layout: BatchLayout, which: str) -> list[Message]:
+        return self.messages.sends(self.rank, layout, which)
 
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, local_inputs: dict[str, Any], layout: BatchLayout, grad: bool) -> StepState:
         """Run every microbatch through this rank's stage, posting sends as values appear."""
         state = StepState(layout, local_inputs)
+        state.inbox = Inbox(self.messages, layout, FORWARD, self.rank, self.device)
         self._send_inputs(state)
         recompute = self.stage.recompute and grad
         for m in range(layout.microbatches):
@@ -139,7 +141,7 @@ class GPipeSchedule:
                     f"use a global batch of at least {self.plan.microbatches * self.stage.replicas}"
                 )
             inputs = [self._receive(state, name, m, rows) for name in self.io.inputs]
-            rng = torch.get_rng_state() if recompute else None
+            rng = _rng_state(self.device) if recompute else None
             if grad and not recompute:
                 _track(self.graph, self.io.inputs, inputs)
             with torch.set_grad_enabled(grad and not recompute):
@@ -161,20 +163,13 @@ class GPipeSchedule:
         return [self.shapes[n].unpack(v) for n, v in zip(self.io.outputs, results, strict=True)]
 
     def _send_inputs(self, state: StepState) -> None:
-        layout = state.layout
-        held = layout.rows_of(self.rank)
-        for name in self.readers:
-            if self.graph.node(name).kind is not NodeKind.INPUT:
-                continue
-            spec = self.shapes[name].leaves[0]
-            if not spec.is_batch:
-                continue  # every rank passes its own copy of a non-batch input
-            value = state.local_inputs[name]
-            for m in range(layout.microbatches):
-                for move in routing.transfers(layout.owners(m), self._readers(name, layout, m)):
-                    if move.src == self.rank:
-                        piece = routing.take_rows(value, spec, held, move.rows).detach()
-                        self._post(state, INPUT, m, name, 0, move.dst, piece)
+        held = state.layout.rows_of(self.rank)
+        for message in self._sends(state.layout, FORWARD):
+            if message.phase == INPUT:
+                spec = self.shapes[message.name].leaves[0]
+                value = state.local_inputs[message.name]
+                piece = routing.take_rows(value, spec, held, message.rows).detach()
+                self._post(state, message, piece)
 
     def _receive(self, state: StepState, name: str, m: int, rows: Rows) -> list[Any]:
         is_input = self.graph.node(name).kind is NodeKind.INPUT
@@ -188,36 +183,25 @@ class GPipeSchedule:
                 leaves.append(routing.affine_value(spec, rows[1] - rows[0]))
                 continue
             pieces = [
-                self._fetch(state, phase, m, name, li, move.src, spec, _count(move.rows))
+                self._fetch(state, (phase, m, name, li), move.src)
                 for move in routing.moves_for(spec, holders, {self.rank: rows})
             ]
             leaves.append(_from_tensor(_join(pieces, spec), spec))
         return leaves
 
     def _send_outputs(self, state: StepState, outputs, m: int, rows: Rows) -> None:
-        layout = state.layout
-        for name, leaves in zip(self.io.outputs, outputs, strict=True):
-            holders = self._holders(name, layout, m)
-            for li, (spec, leaf) in enumerate(zip(self.shapes[name].leaves, leaves, strict=True)):
-                if spec.affine is not None:
-                    continue
+        values = dict(zip(self.io.outputs, outputs, strict=True))
+        tensors: dict[tuple[str, int], torch.Tensor] = {}
+        for message in self.messages.sends_in(self.rank, state.layout, FORWARD, m):
+            spec = self.shapes[message.name].leaves[message.leaf]
+            where = (message.name, message.leaf)
+            if where not in tensors:
                 # Under autocast a value may be narrower than captured; it travels as captured.
-                tensor = _to_tensor(leaf, spec).detach().to(routing.torch_dtype(spec.dtype))
-                targets = [(ACT, self._readers(name, layout, m))]
-                if name in self.outputs:
-                    targets.append((OUT, self._output_needers(spec, layout, m)))
-                for phase, needers in targets:
-                    if phase == OUT and not spec.is_batch:
-                        for dst in needers:
-                            self._post(state, OUT, m, name, li, dst, tensor)
-                        continue
-                    for move in routing.moves_for(spec, holders, needers):
-                        if move.src == self.rank:
-                            piece = routing.take_rows(tensor, spec, rows, move.rows)
-                            self._post(state, phase, m, name, li, move.dst, piece)
-
-    def _output_needers(self, spec: TensorSpec, layout: BatchLayout, m: int) -> dict[int, Rows]:
-        return layout.owners(m) if spec.is_batch else self._every_rank()
+                leaf = values[message.name][message.leaf]
+                dtype = routing.torch_dtype(spec.dtype)
+                tensors[where] = _to_tensor(leaf, spec).detach().to(dtype)
+            piece = routing.take_rows(tensors[where], spec, rows, message.rows)
+            self._post(state, message, piece)
 
     # -- the model's outputs on every rank ---------------------------------------------------
 
@@ -242,18 +226,19 @@ class GPipeSchedule:
                             continue
                         holders = self._holders(name, layout, m)
                         pieces += [
-                            self._fetch(state, OUT, m, name, li, mv.src, spec, _count(mv.rows))
+                            self._fetch(state, (OUT, m, name, li), mv.src)
                             for mv in routing.moves_for(spec, holders, {self.rank: owned})
                         ]
                     leaves.append(_join(pieces, spec))
                 else:
                     parts = [
-                        (self._fetch(state, OUT, m, name, li, src, spec, 0), _count(rows))
+                        (self._fetch(state, (OUT, m, name, li), src), _count(rows))
                         for m in range(layout.microbatches)
                         for src, rows in self._holders(name, layout, m).items()
                     ]
                     leaves.append(_from_tensor(_batch_mean(parts, layout.global_batch), spec))
             result[name] = leaves
+        state.inbox.finish()
         routing.wait_all(state.pending)
         return result
 
@@ -268,6 +253,7 @@ class GPipeSchedule:
         """Back-propagate every microbatch; ``grads`` are this rank's output gradients.
         ``before_last`` runs before the last microbatch's backward, whose gradients are final."""
         layout = state.layout
+        state.inbox = Inbox(self.messages, layout, BACKWARD, self.rank, self.device)
         mean_grads = self._send_output_grads(state, grads)
         for m in reversed(range(layout.microbatches)):
             if m == 0 and before_last is not None:
@@ -281,7 +267,7 @@ class GPipeSchedule:
                 for li, (spec, leaf) in enumerate(
                     zip(self.shapes[name].leaves, leaves, strict=True)
                 ):
-                    if not _differentiable(spec):
+                    if not differentiable(spec):
                         continue
                     total = self._output_grad(state, name, li, spec, leaf, m, mb.rows, mean_grads)
                     if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
@@ -293,52 +279,49 @@ class GPipeSchedule:
             self._send_input_grads(state, mb, m)
             mb.outputs = None
             mb.inputs = []
+        state.inbox.finish()
         routing.wait_all(state.pending)
 
     def _recompute(self, mb: _Microbatch) -> list[list[Any]]:
         _track(self.graph, self.io.inputs, mb.inputs)
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(mb.rng_state)
+        accelerator = [self.device] if self.device.type != "cpu" else []
+        with torch.random.fork_rng(devices=accelerator, device_type=self.device.type):
+            torch.set_rng_state(mb.rng_state[0])
+            if accelerator:
+                torch.get_device_module(self.device).set_rng_state(mb.rng_state[1], self.device)
             with torch.enable_grad():
                 return self._run(mb.inputs)
 
     def _send_output_grads(self, state: StepState, grads) -> dict[tuple[str, int], torch.Tensor]:
         """Post this rank's output gradients to their producers; average the scalar ones."""
-        layout = state.layout
-        own = layout.rows_of(self.rank)
+        own = state.layout.rows_of(self.rank)
         means: dict[tuple[str, int], torch.Tensor] = {}
         for name in self.outputs:
             if self.graph.node(name).kind is NodeKind.INPUT:
                 continue
             for li, spec in enumerate(self.shapes[name].leaves):
-                if not _differentiable(spec):
-                    continue
-                grad = grads[name][li]
-                if not spec.is_batch:
+                if differentiable(spec) and not spec.is_batch:
+                    grad = grads[name][li]
                     total = torch.as_tensor(grad, dtype=torch.float64, device=self.device).clone()
                     dist.all_reduce(total)
                     means[(name, li)] = total / self.world
-                    continue
-                grad = grad / self.world
-                for m in range(layout.microbatches):
-                    owned = layout.owners(m).get(self.rank)
-                    if owned is None:
-                        continue
-                    holders = self._holders(name, layout, m)
-                    for move in routing.moves_for(spec, holders, {self.rank: owned}):
-                        piece = routing.take_rows(grad, spec, own, move.rows).contiguous()
-                        self._post(state, OUT_GRAD, m, name, li, move.src, piece)
+        for message in self._sends(state.layout, BACKWARD):
+            if message.phase == OUT_GRAD:
+                spec = self.shapes[message.name].leaves[message.leaf]
+                grad = grads[message.name][message.leaf] / self.world
+                piece = routing.take_rows(grad, spec, own, message.rows).contiguous()
+                self._post(state, message, piece)
         return means
 
     def _output_grad(self, state, name, li, spec, leaf, m, rows, means) -> torch.Tensor:
         """The summed gradient of one output leaf of this stage in microbatch ``m``."""
         layout = state.layout
         holders = self._holders(name, layout, m)
-        sources = [(GRAD, self._readers(name, layout, m))]
+        sources = [(GRAD, self.messages.needers(name, layout, m))]
         if name in self.outputs and spec.is_batch:
             sources.append((OUT_GRAD, layout.owners(m)))
         pieces = [
-            (move.rows, self._fetch(state, phase, m, name, li, move.dst, spec, _count(move.rows)))
+            (move.rows, self._fetch(state, (phase, m, name, li), move.dst))
             for phase, needers in sources
             for move in routing.moves_for(spec, holders, needers)
             if move.src == self.rank
@@ -354,26 +337,14 @@ class GPipeSchedule:
         return total
 
     def _send_input_grads(self, state: StepState, mb: _Microbatch, m: int) -> None:
-        for name, leaves in zip(self.io.inputs, mb.inputs, strict=True):
-            if self.graph.node(name).kind is NodeKind.INPUT:
-                continue
-            holders = self._holders(name, state.layout, m)
-            for li, (spec, leaf) in enumerate(zip(self.shapes[name].leaves, leaves, strict=True)):
-                if not _differentiable(spec):
-                    continue
+        values = dict(zip(self.io.inputs, mb.inputs, strict=True))
+        for message in self.messages.sends_in(self.rank, state.layout, BACKWARD, m):
+            if message.phase == GRAD:
+                spec = self.shapes[message.name].leaves[message.leaf]
+                leaf = values[message.name][message.leaf]
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                for move in routing.moves_for(spec, holders, {self.rank: mb.rows}):
-                    piece = routing.take_rows(grad, spec, mb.rows, move.rows).contiguous()
-                    self._post(state, GRAD, m, name, li, move.src, piece)
-
-
-_PHASES = {
-    INPUT: "input rows",
-    ACT: "activation",
-    OUT: "output",
-    GRAD: "gradient",
-    OUT_GRAD: "output gradient",
-}
+                piece = routing.take_rows(grad, spec, mb.rows, message.rows).contiguous()
+                self._post(state, message, piece)
 
 
 def value_shape(graph: Graph, name: str) -> ValueShape:
@@ -396,8 +367,12 @@ def value_shape(graph: Graph, name: str) -> ValueShape:
     return ValueShape(tuple(leaves), container)
 
 
-def _differentiable(spec: TensorSpec) -> bool:
-    return not routing.is_scalar(spec) and routing.torch_dtype(spec.dtype).is_floating_point
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The generators a stage's random ops draw from: the CPU's, and the device's own (on
+    CUDA dropout draws from the device generator, which the CPU state does not cover)."""
+    if device.type == "cpu":
+        return (torch.get_rng_state(),)
+    return (torch.get_rng_state(), torch.get_device_module(device).get_rng_state(device))
 
 
 def _track(graph: Graph, names, inputs) -> None:

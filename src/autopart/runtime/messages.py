@@ -1,0 +1,245 @@
+"""Every point-to-point message of a step, in the order its sender posts it, and receiving
+them in that order.
+
+NCCL matches the messages between two ranks by the order they were posted, not by tag.  So the
+sender's order is made data: `Messages.sends` lists, for any rank, the messages it posts in one
+pass (forward, or backward), and the schedule posts exactly those, in exactly that order.  A
+receiver does not consume messages in its sender's order (a later stage wants an activation
+before the labels that came first; an owner collects outputs only after its own stage ran), so
+`Inbox` receives from each peer strictly in that peer's posting order and keeps what arrives
+early until it is asked for.  A message never waits for one posted after it, so this adds no
+waiting that the schedule did not already have.
+
+Tags are not needed for matching.  ``AUTOPART_P2P_TAGS=1`` adds them anyway (on gloo, a
+message then also has to carry the expected tag), as a debugging aid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from autopart.ir import Graph, NodeKind, TensorSpec
+from autopart.plan.plan import Plan
+from autopart.runtime import routing
+from autopart.runtime.layout import BatchLayout, Rows, transfers
+from autopart.runtime.routing import ValueShape
+from autopart.runtime.stage_module import StageIO
+
+INPUT, ACT, OUT, GRAD, OUT_GRAD = range(5)
+FORWARD, BACKWARD = "forward", "backward"
+PHASE_NAMES = {
+    INPUT: "input rows",
+    ACT: "activation",
+    OUT: "output",
+    GRAD: "gradient",
+    OUT_GRAD: "output gradient",
+}
+
+Key = tuple[int, int, str, int]  # phase, microbatch, value name, leaf index
+
+
+@dataclass(frozen=True)
+class Message:
+    """Rows ``rows`` of leaf ``leaf`` of value ``name`` in microbatch ``m``, from ``src`` to
+    ``dst``; ``rows`` is ``(0, 0)`` for a leaf without a batch dimension (sent whole)."""
+
+    phase: int
+    m: int
+    name: str
+    leaf: int
+    src: int
+    dst: int
+    rows: Rows
+
+    @property
+    def key(self) -> Key:
+        return (self.phase, self.m, self.name, self.leaf)
+
+
+def tags_enabled() -> bool:
+    return os.environ.get("AUTOPART_P2P_TAGS", "0") == "1"
+
+
+class Messages:
+    """Who holds and who needs each value crossing ranks, and every rank's sends."""
+
+    def __init__(
+        self, graph: Graph, plan: Plan, ios: list[StageIO], shapes: dict[str, ValueShape]
+    ) -> None:
+        self.graph = graph
+        self.plan = plan
+        self.ios = ios
+        self.shapes = shapes
+        self.world = plan.devices
+        self.producer = {name: io.index for io in ios for name in io.outputs}
+        self.readers: dict[str, list[int]] = {}
+        for io in ios:
+            for name in io.inputs:
+                self.readers.setdefault(name, []).append(io.index)
+        self.outputs = graph.delivered()
+        crossing = sorted({*self.producer, *self.readers, *self.outputs}, key=graph.index)
+        self.value_id = {name: i for i, name in enumerate(crossing)}
+        self._cache: dict[tuple[BatchLayout, int, str], list[Message]] = {}
+        self._by_microbatch: dict[tuple[BatchLayout, int, str], dict[int, list[Message]]] = {}
+        self.tags = tags_enabled()
+
+    def is_input(self, name: str) -> bool:
+        return self.graph.node(name).kind is NodeKind.INPUT
+
+    def holders(self, name: str, layout: BatchLayout, m: int) -> dict[int, Rows]:
+        if self.is_input(name):
+            return layout.owners(m)
+        return layout.replicas(m, self.plan.stages[self.producer[name]].ranks)
+
+    def needers(self, name: str, layout: BatchLayout, m: int) -> dict[int, Rows]:
+        found: dict[int, Rows] = {}
+        for index in self.readers.get(name, []):
+            found.update(layout.replicas(m, self.plan.stages[index].ranks))
+        return found
+
+    def output_needers(self, spec: TensorSpec, layout: BatchLayout, m: int) -> dict[int, Rows]:
+        """A batch output goes to the ranks owning its rows; any other to every rank."""
+        return layout.owners(m) if spec.is_batch else {r: (0, 0) for r in range(self.world)}
+
+    def tag_of(self, message: Message) -> int:
+        if not self.tags:
+            return 0
+        return routing.tag(message.phase, message.m, self.value_id[message.name], message.leaf)
+
+    def sends(self, rank: int, layout: BatchLayout, which: str) -> list[Message]:
+        """The messages ``rank`` posts in one ``forward`` or ``backward`` pass, in order."""
+        key = (layout, rank, which)
+        if key not in self._cache:
+            if len(self._cache) > 64:  # layouts change only with batch sizes
+                self._cache.clear()
+                self._by_microbatch.clear()
+            build = self._forward if which == FORWARD else self._backward
+            self._cache[key] = list(build(rank, layout))
+        return self._cache[key]
+
+    def sends_in(self, rank: int, layout: BatchLayout, which: str, m: int) -> list[Message]:
+        """The messages of `sends` that belong to microbatch ``m`` (input rows excluded)."""
+        key = (layout, rank, which)
+        if key not in self._by_microbatch:
+            grouped: dict[int, list[Message]] = defaultdict(list)
+            for message in self.sends(rank, layout, which):
+                if message.phase != INPUT:
+                    grouped[message.m].append(message)
+            self._by_microbatch[key] = grouped
+        return self._by_microbatch[key].get(m, [])
+
+    def _forward(self, rank: int, layout: BatchLayout) -> Iterator[Message]:
+        # The caller's rows first, all of them: no rank ever waits for them.
+        for name in self.readers:
+            spec = self.shapes[name].leaves[0]
+            if not self.is_input(name) or not spec.is_batch:
+                continue  # every rank passes its own copy of a non-batch input
+            for m in range(layout.microbatches):
+                for move in transfers(layout.owners(m), self.needers(name, layout, m)):
+                    if move.src == rank:
+                        yield Message(INPUT, m, name, 0, rank, move.dst, move.rows)
+        stage = self.plan.stage_of_rank(rank)
+        for m in range(layout.microbatches):
+            for name in self.ios[stage.index].outputs:
+                holders = self.holders(name, layout, m)
+                for li, spec in enumerate(self.shapes[name].leaves):
+                    if spec.affine is not None:
+                        continue  # rebuilt by each needer from its own row count
+                    targets = [(ACT, self.needers(name, layout, m))]
+                    if name in self.outputs:
+                        targets.append((OUT, self.output_needers(spec, layout, m)))
+                    for phase, needers in targets:
+                        if phase == OUT and not spec.is_batch:  # every replica's value
+                            for dst in needers:
+                                yield Message(OUT, m, name, li, rank, dst, (0, 0))
+                            continue
+                        for move in routing.moves_for(spec, holders, needers):
+                            if move.src == rank:
+                                yield Message(phase, m, name, li, rank, move.dst, move.rows)
+
+    def _backward(self, rank: int, layout: BatchLayout) -> Iterator[Message]:
+        for name in self.outputs:
+            if self.is_input(name):
+                continue
+            for li, spec in enumerate(self.shapes[name].leaves):
+                if not differentiable(spec) or not spec.is_batch:
+                    continue
+                for m in range(layout.microbatches):
+                    owned = layout.owners(m).get(rank)
+                    if owned is None:
+                        continue
+                    holders = self.holders(name, layout, m)
+                    for move in routing.moves_for(spec, holders, {rank: owned}):
+                        yield Message(OUT_GRAD, m, name, li, rank, move.src, move.rows)
+        stage = self.plan.stage_of_rank(rank)
+        for m in reversed(range(layout.microbatches)):
+            rows = layout.replicas(m, stage.ranks)[rank]
+            for name in self.ios[stage.index].inputs:
+                if self.is_input(name):
+                    continue
+                holders = self.holders(name, layout, m)
+                for li, spec in enumerate(self.shapes[name].leaves):
+                    if not differentiable(spec):
+                        continue
+                    for move in routing.moves_for(spec, holders, {rank: rows}):
+                        yield Message(GRAD, m, name, li, rank, move.src, move.rows)
+
+
+def differentiable(spec: TensorSpec) -> bool:
+    return not routing.is_scalar(spec) and routing.torch_dtype(spec.dtype).is_floating_point
+
+
+@dataclass
+class Inbox:
+    """This rank's receives in one pass: from each peer in that peer's posting order."""
+
+    messages: Messages
+    layout: BatchLayout
+    which: str
+    rank: int
+    device: torch.device
+    _queues: dict[int, Iterator[Message]] = field(default_factory=dict)
+    _early: dict[tuple[int, Key], torch.Tensor] = field(default_factory=dict)
+    _received: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+    def receive(self, key: Key, src: int) -> torch.Tensor:
+        """The message ``key`` from ``src``, receiving whatever ``src`` posted before it."""
+        early = self._early.pop((src, key), None)
+        if early is not None:
+            return early
+        queue = self._queues.get(src)
+        if queue is None:
+            sent = self.messages.sends(src, self.layout, self.which)
+            queue = self._queues[src] = iter([m for m in sent if m.dst == self.rank])
+        for message in queue:
+            spec = self.messages.shapes[message.name].leaves[message.leaf]
+            buffer = routing.empty_like_spec(spec, message.rows[1] - message.rows[0], self.device)
+            what = f"{PHASE_NAMES[message.phase]} of {message.name}"
+            routing.recv(buffer, src, self.messages.tag_of(message), what)
+            if message.key == key:
+                return buffer
+            self._early[(src, message.key)] = buffer
+        raise routing.RuntimeCommError(
+            f"rank {self.rank} expected {PHASE_NAMES[key[0]]} of {key[2]} (microbatch {key[1]}) "
+            f"from rank {src}, which does not send it in this {self.which} pass; this is a bug "
+            "in autopart's schedule, please report it"
+        )
+
+    def finish(self) -> None:
+        """Check that every message posted to this rank in the pass was consumed: one left
+        behind would be matched, by order, to a receive of the next pass."""
+        left = list(self._early)
+        for src, queue in self._queues.items():
+            left += [(src, m.key) for m in queue]
+        if left:
+            (src, key), count = left[0], len(left)
+            raise routing.RuntimeCommError(
+                f"rank {self.rank} left {count} message(s) of this {self.which} pass unread, "
+                f"the first the {PHASE_NAMES[key[0]]} of {key[2]} from rank {src}; this is a "
+                "bug in autopart's schedule, please report it"
+            )
