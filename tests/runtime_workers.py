@@ -212,6 +212,27 @@ def bad_inputs(rank: int, world: int) -> None:
     else:
         raise AssertionError("a list where a tensor was captured was accepted")
 
+    # A changed non-tensor argument, on one rank only: every rank stops with a clear error.
+    scaled = autopart.Module(_Scaled(), stages=min(world, 2))
+    rows = torch.randn(LOCAL, 8)
+    scaled(rows, scale=1.0)
+    try:
+        scaled(rows, scale=3.0 if rank == world - 1 else 1.0)
+    except AutopartError as err:
+        text = str(err)
+        assert ("3.0" in text and "1.0" in text) if rank == world - 1 else "rank(s)" in text, text
+    else:
+        raise AssertionError("a changed non-tensor argument was silently ignored")
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, *, scale: float):
+        return self.b(self.a(x) * scale)
+
 
 def dies_after_one_step(rank: int, world: int, workdir: str) -> None:
     """Rank 1 dies after the first step; the others must fail fast with a clear error."""

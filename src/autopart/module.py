@@ -286,9 +286,19 @@ class Module(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.plan is None:
             self._setup(args, kwargs)
-        local = self._route_inputs(args, kwargs)
-        local_batch = self._local_batch(args, kwargs)
+            self._captured_call = _call_signature(args, kwargs)
+        problem = self._call_problem(args, kwargs)
+        local_batch = -1 if problem else self._local_batch(args, kwargs)
         sizes = [local_batch] if self.world == 1 else _all_gather_ints(local_batch, self.device)
+        if problem:
+            raise AutopartError(problem)
+        if -1 in sizes:  # agreed on every rank, so that none waits for a peer that stopped
+            bad = ", ".join(str(r) for r, size in enumerate(sizes) if size == -1)
+            raise AutopartError(
+                f"rank(s) {bad} called the model with other arguments than it was captured "
+                "with; see their error. Every rank stops this call"
+            )
+        local = self._route_inputs(args, kwargs)
         layout = BatchLayout.of(sizes, self.plan.microbatches)
         grad = torch.is_grad_enabled()
         if self.offload is not None:
@@ -354,6 +364,30 @@ class Module(nn.Module):
         if self._memory:
             report.update(self._memory)
         return report
+
+    def _call_problem(self, args: tuple, kwargs: dict[str, Any]) -> str | None:
+        """What makes this call differ from the captured one, or None.  Capture fixed the
+        argument structure and every non-tensor value (a flag, a float), so a call with
+        other ones would silently compute what the first call computed."""
+        spec, plain = _call_signature(args, kwargs)
+        captured_spec, captured_plain = self._captured_call
+        if spec != captured_spec:
+            try:
+                self._route_inputs(args, kwargs)
+            except AutopartError as err:
+                return str(err)
+            return (
+                "this call's arguments are structured differently from the call the model was "
+                "captured with; call the model with the same arguments on every step"
+            )
+        for where, value in plain.items():
+            if captured_plain.get(where, value) != value:
+                return (
+                    f"{where} is {value!r}, but the model was captured with "
+                    f"{captured_plain[where]!r} and computes with that value; non-tensor "
+                    "arguments must stay the same on every call"
+                )
+        return None
 
     def _route_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         given = {
@@ -633,6 +667,17 @@ def _restructure(graph: Graph, values: dict[str, Any]) -> Any:
     return pytree.tree_map(
         lambda n: values[n.name] if isinstance(n, torch.fx.Node) else n, output.args[0]
     )
+
+
+def _call_signature(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A call's argument structure, and its non-tensor values by where they sit."""
+    leaves, spec = pytree.tree_flatten_with_path((args, kwargs))
+    plain = {
+        ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value
+        for path, value in leaves
+        if not isinstance(value, torch.Tensor)
+    }
+    return spec, plain
 
 
 def _all_gather_ints(value: int, device: torch.device) -> list[int]:
