@@ -91,3 +91,36 @@ def compare_outputs(out, expected, what: str) -> None:
 def run_oracles(rank: int, world: int, cases: list[OracleCase]) -> None:
     for case in cases:
         run_oracle(rank, world, case)
+
+
+def eval_without_labels(rank: int, world: int, name: str, stages: int) -> None:
+    """Train a step with labels and dropout on, then evaluate without labels in eval mode:
+    the outputs equal the plain model's in eval mode, and repeat exactly; training resumes."""
+    from hf_zoo import DROPOUT_ZOO
+
+    build, make_batch = DROPOUT_ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    opt = sgd(model.parameters())
+    wrapped = autopart.Module(model, opt, stages=stages, microbatches=2)
+    args, kwargs = make_batch(3 + rank, seed=rank)
+    loss_of(wrapped(*args, **kwargs)).backward()
+    opt.step()
+    opt.zero_grad()
+    reference = copy.deepcopy(model).eval()
+    reference.load_state_dict(wrapped.state_dict())  # every stage's trained weights
+    wrapped.eval()
+    unlabeled = {k: v for k, v in kwargs.items() if k != "labels"}
+    with torch.no_grad():
+        first = wrapped(*args, **unlabeled)
+        second = wrapped(*args, **unlabeled)
+        expected = reference(*args, **unlabeled)
+    compare_outputs(first, expected, f"{name} eval on rank {rank}")
+    for a, b in zip(pytree.tree_leaves(first), pytree.tree_leaves(second), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), f"{name}: eval outputs differ between two calls"
+    wrapped.train()
+    loss = loss_of(wrapped(*args, **kwargs))
+    loss.backward()
+    assert torch.isfinite(loss)
+    dist.barrier()

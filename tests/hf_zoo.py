@@ -153,3 +153,33 @@ HF_ZOO = {
     "bert_mlm": (bert_mlm, _masked_lm),
     **{f"loss_{form}": (lambda form=form: LossForms(form), _loss_batch) for form in LOSS_FORMS},
 }
+
+
+class ModeDependent(nn.Module):
+    """Layers whose behaviour export fixes in training mode: dropout inside an LSTM and a
+    Transformer layer, functional dropout, and a Python branch on ``self.training``."""
+
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.lstm = nn.LSTM(16, 16, num_layers=2, dropout=dropout, batch_first=True)
+        self.block = nn.TransformerEncoderLayer(16, 2, 32, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, ids, attention_mask=None, labels=None):
+        h, _ = self.lstm(self.embed(ids))
+        h = self.block(h)
+        if self.training:
+            h = F.dropout(h, 0.2) * 1.5
+        logits = self.head(h)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, VOCAB), labels.view(-1), ignore_index=-100)
+
+
+DROPOUT_ZOO = {
+    "gpt2": (lambda: gpt2(0.1), _padded),
+    "llama": (lambda: llama(0.1), _padded),
+    "bert_mlm": (lambda: bert_mlm(0.1), _masked_lm),
+    "mode_dependent": (ModeDependent, _padded),
+}

@@ -118,3 +118,26 @@ def _evaluate(pair: _Pair, batches) -> None:
     assert_close(got, expected, f"evaluation output on rank {pair.rank}")
     pair.wrapped.train()
     pair.reference.train()
+
+
+def batch_norm_counter(rank: int, world: int) -> None:
+    """BatchNorm's num_batches_tracked advances once per training call, as in plain PyTorch
+    (not once per microbatch, and not never), on whichever stage holds each BatchNorm, and
+    state_dict() reports it; evaluation calls leave it alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 8),
+        torch.nn.BatchNorm1d(8),
+    )
+    wrapped = autopart.Module(model, stages=2, microbatches=2)
+    for _ in range(3):
+        wrapped(torch.randn(4, 4)).pow(2).mean().backward()
+    wrapped.eval()
+    with torch.no_grad():
+        wrapped(torch.randn(4, 4))
+    state = wrapped.state_dict()
+    for key in ("1.num_batches_tracked", "4.num_batches_tracked"):
+        assert int(state[key]) == 3, f"{key} is {int(state[key])} after 3 training calls"

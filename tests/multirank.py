@@ -30,6 +30,7 @@ def _entry(rank: int, world: int, port: int, timeout_s: float, fn, args) -> None
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears its connections down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

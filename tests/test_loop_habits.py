@@ -40,3 +40,7 @@ def test_the_users_model_sees_the_stage_buffers_after_a_device_move():
     _share_buffers(stage, model)
     assert model[1].running_mean is stage[1].running_mean
     assert float(model.state_dict()["1.running_mean"][0]) == 1.0
+
+
+def test_batch_norm_counts_training_calls():
+    run_ranks(2, loop_workers.batch_norm_counter)

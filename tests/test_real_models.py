@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from autopart.capture import capture
-from ddp_oracle import OracleCase, run_oracles
+from ddp_oracle import OracleCase, eval_without_labels, run_oracles
 from hf_zoo import HF_ZOO, LOSS_FORMS, LossForms, _loss_batch
 from multirank import run_ranks
 
@@ -81,3 +81,14 @@ def test_default_config_cache_is_returned_as_none():
     assert getattr(out, "past_key_values", None) is None
     torch.testing.assert_close(out.logits, expected.logits)
     torch.testing.assert_close(out.loss, expected.loss)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("name", [*HF_MODELS, "mode_dependent"])
+def test_evaluation_without_labels_matches_the_plain_model_in_eval_mode(name, stages):
+    """Dropout on (sdpa's dropout_p, LSTM and Transformer dropout, a Python branch on
+    self.training): after a training step with labels, eval() and a call without labels give
+    exactly the plain model's eval outputs, twice the same; training then resumes."""
+    run_ranks(2, eval_without_labels, name, stages, timeout_s=300)

@@ -50,7 +50,8 @@ from autopart.runtime.gradients import Holders
 from autopart.runtime.layout import BatchLayout
 from autopart.runtime.offload import ParamOffload, StepOnDevice
 from autopart.runtime.schedule import GPipeSchedule, StepState
-from autopart.runtime.stage_module import build_stage_module, stage_ios
+from autopart.runtime.signatures import call_key, derive_plan, key_number
+from autopart.runtime.stage_module import StageIO, build_stage_module, stage_ios, state_updates
 from autopart.runtime.zero import ShardedStep, assign_shards
 
 log = logging.getLogger(__name__)
@@ -123,13 +124,58 @@ class Module(nn.Module):
 
     # -- setup on the first call -------------------------------------------------------------
 
-    def _setup(self, args: tuple, kwargs: dict[str, Any]) -> None:
-        self.graph = capture(self.model, args, kwargs)
-        if self.graph.static_batch is not None:
+    def _capture(self, args: tuple, kwargs: dict[str, Any]) -> Graph:
+        graph = capture(self.model, args, kwargs)
+        if graph.static_batch is not None:
             raise AutopartError(
                 "the model fixes its batch size (it could only be captured at one batch size), "
                 "so it cannot be cut into microbatches; remove the hard-coded batch size"
             )
+        return graph
+
+    def _add_signature(self, key: str, args: tuple, kwargs: dict[str, Any]) -> GPipeSchedule:
+        """A call unlike every earlier one: its own graph, on the first call's placement."""
+        graph = self._capture(args, kwargs)
+        plan = derive_plan(self.plan, graph)
+        plan.validate_for(graph, self.world, idle_stages=True)
+        ios = stage_ios(graph, plan)
+        stage = plan.stage_of_rank(self.rank)
+        if stage.offload != "none":
+            raise AutopartError(
+                f"stage {stage.index} offloads its parameters, and a call with other arguments "
+                "or in another train/eval mode than the first call is not supported there yet; "
+                "call the model the same way on every step"
+            )
+        module = build_stage_module(graph, ios[stage.index]).to(self.device)
+        _share_buffers(module, self.model)
+        schedule = GPipeSchedule(
+            graph, plan, ios, module, self.rank, self.device, self._autocast, None
+        )
+        self._add_state_update(schedule, stage)
+        self._schedules[key] = schedule
+        log.info(
+            "rank %d captured another call signature (%d so far)", self.rank, len(self._schedules)
+        )
+        return schedule
+
+    def _add_state_update(self, schedule: GPipeSchedule, stage: StagePlan) -> dict[str, list]:
+        """Give ``schedule`` its stage's once-per-call buffer updates; returns, for each buffer
+        they update, the ranks of the stages that update it (they hold its value)."""
+        updates = state_updates(schedule.graph, schedule.plan)
+        mine = updates.get(stage.index)
+        if mine:
+            io = StageIO(stage.index, mine, (), ())
+            schedule.state_update = build_stage_module(schedule.graph, io).to(self.device)
+            _share_buffers(schedule.state_update, self.model)
+        ranks: dict[str, list] = {}
+        for index, names in updates.items():
+            for name in names:
+                for buffer in schedule.graph.node(name).params:
+                    ranks.setdefault(buffer, []).extend(schedule.plan.stages[index].ranks)
+        return ranks
+
+    def _setup(self, key: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.graph = self._capture(args, kwargs)
         self.plan = self._agree_on_plan(self._local_batch(args, kwargs))
         self.plan.validate_for(self.graph, self.world)
         ios = stage_ios(self.graph, self.plan)
@@ -153,6 +199,8 @@ class Module(nn.Module):
         self.schedule = GPipeSchedule(
             self.graph, self.plan, ios, module, self.rank, self.device, self._autocast, self.offload
         )
+        self._schedules = {key: self.schedule}
+        updated = self._add_state_update(self.schedule, stage)
         self._names = _canonical_names(self.model, self.graph)
         trainable = {
             canonical: param
@@ -160,7 +208,7 @@ class Module(nn.Module):
             if (canonical := self._names.get(name)) is not None and param.requires_grad
         }
         shards = assign_shards(stage, self.graph.params) if self._sharded(stage) else None
-        self.holders = Holders(self.plan, self.rank, trainable, self.device, shards)
+        self.holders = Holders(self.plan, self.rank, trainable, self.device, shards, updated)
         self._local_ids = {id(trainable[n]) for n in self.holders.local}
         self._state_owner = self._optimizer_state_owners(trainable)
         self._stepped_ids = self._local_ids
@@ -196,7 +244,7 @@ class Module(nn.Module):
             plan = given if isinstance(given, Plan) else Plan.load(given)
             self._check_same_plan(plan)
             return plan
-        sizes = _all_gather_ints(local_batch, self.device)
+        sizes = [size for (size,) in _all_gather_ints([local_batch], self.device)]
         spec = self._measured_spec()
         box: list[Any] = [None]
         if self.rank == 0:
@@ -284,21 +332,25 @@ class Module(nn.Module):
     # -- the call ----------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        key = call_key(self.training, args, kwargs)
         if self.plan is None:
-            self._setup(args, kwargs)
-            self._captured_call = _call_signature(args, kwargs)
-        problem = self._call_problem(args, kwargs)
-        local_batch = -1 if problem else self._local_batch(args, kwargs)
-        sizes = [local_batch] if self.world == 1 else _all_gather_ints(local_batch, self.device)
-        if problem:
-            raise AutopartError(problem)
-        if -1 in sizes:  # agreed on every rank, so that none waits for a peer that stopped
-            bad = ", ".join(str(r) for r, size in enumerate(sizes) if size == -1)
-            raise AutopartError(
-                f"rank(s) {bad} called the model with other arguments than it was captured "
-                "with; see their error. Every rank stops this call"
-            )
-        local = self._route_inputs(args, kwargs)
+            self._setup(key, args, kwargs)
+        local_batch = self._local_batch(args, kwargs)
+        sizes = [local_batch]
+        if self.world > 1:  # one collective agrees on the batch layout and the call
+            every = _all_gather_ints([local_batch, key_number(key)], self.device)
+            sizes = [size for size, _ in every]
+            if len({number for _, number in every}) > 1:
+                groups: dict[int, list[int]] = {}
+                for r, (_, number) in enumerate(every):
+                    groups.setdefault(number, []).append(r)
+                raise AutopartError(
+                    "the ranks called the model with different arguments or modes (ranks "
+                    + " / ".join(",".join(map(str, g)) for g in groups.values())
+                    + " agree among themselves); every rank must make the same kind of call"
+                )
+        schedule = self._schedules.get(key) or self._add_signature(key, args, kwargs)
+        local = self._route_inputs(schedule.graph, args, kwargs)
         layout = BatchLayout.of(sizes, self.plan.microbatches)
         grad = torch.is_grad_enabled()
         if self.offload is not None:
@@ -307,8 +359,8 @@ class Module(nn.Module):
             LiveBytes(_flat(self._on_device())) if self._track_memory else contextlib.nullcontext()
         )
         with _comm_errors(self.rank, "forward"), tracker:
-            state = self.schedule.forward(local, layout, grad)
-            outputs = self.schedule.gather_outputs(state)
+            state = schedule.forward(local, layout, grad)
+            outputs = schedule.gather_outputs(state)
         if self._track_memory:
             resident = storage_bytes(_flat(self._on_device()))
             self._memory = {
@@ -316,7 +368,7 @@ class Module(nn.Module):
                 "forward_end": tracker.current,
                 "activations": max(tracker.current - resident, 0),
             }
-        return self._package(outputs, state if grad else None)
+        return self._package(schedule, outputs, state if grad else None)
 
     def _resident(self) -> dict[str, list[torch.Tensor]]:
         """This rank's resident tensors by category; what offload keeps in host memory is
@@ -365,37 +417,13 @@ class Module(nn.Module):
             report.update(self._memory)
         return report
 
-    def _call_problem(self, args: tuple, kwargs: dict[str, Any]) -> str | None:
-        """What makes this call differ from the captured one, or None.  Capture fixed the
-        argument structure and every non-tensor value (a flag, a float), so a call with
-        other ones would silently compute what the first call computed."""
-        spec, plain = _call_signature(args, kwargs)
-        captured_spec, captured_plain = self._captured_call
-        if spec != captured_spec:
-            try:
-                self._route_inputs(args, kwargs)
-            except AutopartError as err:
-                return str(err)
-            return (
-                "this call's arguments are structured differently from the call the model was "
-                "captured with; call the model with the same arguments on every step"
-            )
-        for where, value in plain.items():
-            if captured_plain.get(where, value) != value:
-                return (
-                    f"{where} is {value!r}, but the model was captured with "
-                    f"{captured_plain[where]!r} and computes with that value; non-tensor "
-                    "arguments must stay the same on every call"
-                )
-        return None
-
-    def _route_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _route_inputs(self, graph: Graph, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         given = {
             ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value
             for path, value in pytree.tree_flatten_with_path((args, kwargs))[0]
         }
         local = {}
-        for name, source in self.graph.input_sources.items():
+        for name, source in graph.input_sources.items():
             if source not in given and any(key.startswith(source) for key in given):
                 raise AutopartError(
                     f"{source} was a tensor when the model was captured, got a container; "
@@ -407,7 +435,7 @@ class Module(nn.Module):
                     "model with the same arguments on every step"
                 )
             value = given[source]
-            spec = self.graph.node(name).outputs[0] if self.graph.node(name).outputs else None
+            spec = graph.node(name).outputs[0] if graph.node(name).outputs else None
             if spec is not None and not routing.is_scalar(spec):
                 if not isinstance(value, torch.Tensor):
                     raise AutopartError(
@@ -418,7 +446,9 @@ class Module(nn.Module):
             local[name] = value
         return local
 
-    def _package(self, outputs: dict[str, list[Any]], state: StepState | None) -> Any:
+    def _package(
+        self, schedule: GPipeSchedule, outputs: dict[str, list[Any]], state: StepState | None
+    ) -> Any:
         order = list(outputs)
         flat = [leaf for name in order for leaf in outputs[name]]
         if state is not None:
@@ -428,7 +458,12 @@ class Module(nn.Module):
                 if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
             ]
             bridged = _Bridge.apply(
-                self, state, order, differentiable, self._anchor, *[flat[i] for i in differentiable]
+                self,
+                (schedule, state),
+                order,
+                differentiable,
+                self._anchor,
+                *[flat[i] for i in differentiable],
             )
             for i, value in zip(differentiable, bridged, strict=True):
                 flat[i] = value
@@ -436,16 +471,18 @@ class Module(nn.Module):
         position = 0
         for name in order:
             count = len(outputs[name])
-            values[name] = self.schedule.shapes[name].pack(flat[position : position + count])
+            values[name] = schedule.shapes[name].pack(flat[position : position + count])
             position += count
-        return _restructure(self.graph, values)
+        return _restructure(schedule.graph, values)
 
-    def _backward(self, state: StepState, order, differentiable, grads) -> None:
+    def _backward(
+        self, schedule: GPipeSchedule, state: StepState, order, differentiable, grads
+    ) -> None:
         per_value: dict[str, list[Any]] = {}
         flat_grads: dict[int, torch.Tensor] = dict(zip(differentiable, grads, strict=True))
         position = 0
         for name in order:
-            count = len(self.schedule.shapes[name].leaves)
+            count = len(schedule.shapes[name].leaves)
             per_value[name] = [flat_grads.get(position + i) for i in range(count)]
             position += count
         tracker = LiveBytes() if self._track_memory else contextlib.nullcontext()
@@ -455,7 +492,7 @@ class Module(nn.Module):
             self.holders.unsum_synced()
             self._grads_synced = False
         with _comm_errors(self.rank, "backward"), tracker:
-            self.schedule.backward(state, per_value, before_last=arm)
+            schedule.backward(state, per_value, before_last=arm)
             if self._sync:
                 self.holders.all_reduce_grads(overlapped=overlap)
                 self._grads_synced = True
@@ -585,7 +622,7 @@ class _Bridge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        ctx.owner._backward(ctx.state, ctx.order, ctx.differentiable, grads)
+        ctx.owner._backward(*ctx.state, ctx.order, ctx.differentiable, grads)
         ctx.state = None
         return (None, None, None, None, None, *[None] * len(grads))
 
@@ -669,20 +706,10 @@ def _restructure(graph: Graph, values: dict[str, Any]) -> Any:
     )
 
 
-def _call_signature(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """A call's argument structure, and its non-tensor values by where they sit."""
-    leaves, spec = pytree.tree_flatten_with_path((args, kwargs))
-    plain = {
-        ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value
-        for path, value in leaves
-        if not isinstance(value, torch.Tensor)
-    }
-    return spec, plain
-
-
-def _all_gather_ints(value: int, device: torch.device) -> list[int]:
+def _all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values``, in rank order."""
     world = dist.get_world_size()
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
     every = [torch.zeros_like(mine) for _ in range(world)]
     try:
         dist.all_gather(every, mine)
@@ -691,7 +718,7 @@ def _all_gather_ints(value: int, device: torch.device) -> list[int]:
             f"rank {dist.get_rank()} could not reach every rank: {routing.first_line(err)}. "
             "A rank has probably died or raised; see its own error"
         ) from err
-    return [int(t.item()) for t in every]
+    return [t.tolist() for t in every]
 
 
 def _merge_objects(mine: dict, world: int, rank0_only: bool) -> dict | None:

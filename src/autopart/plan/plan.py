@@ -167,7 +167,9 @@ class Plan:
                     f"{', '.join(OFFLOAD_MODES)}; the file is corrupt or was edited by hand"
                 )
 
-    def validate_for(self, graph: Graph, world_size: int | None = None) -> None:
+    def validate_for(
+        self, graph: Graph, world_size: int | None = None, *, idle_stages: bool = False
+    ) -> None:
         """Fail, naming the first inconsistency, unless this plan can run ``graph`` on
         ``world_size`` ranks.
 
@@ -175,6 +177,8 @@ class Plan:
         the parameters in its ``params`` list, so a hand-edited list would fail deep in the
         runtime (an op no stage computes) or, worse, silently leave a parameter untrained.
         These are the guarantees the planner gives, checked in time linear in graph and plan.
+        ``idle_stages`` accepts stages without ops: a graph placed on another graph's plan
+        (a later call signature) may leave one idle.
         """
         if graph.fingerprint != self.fingerprint:
             raise PlanError(
@@ -190,7 +194,7 @@ class Plan:
         self.check_consistent()
         _check_rows(self)
         kinds = {node.name: node.kind for node in graph.nodes}
-        owner = _place_batch_ops(self, graph, kinds)
+        owner = _place_batch_ops(self, graph, kinds, idle_stages)
         _check_inputs(self, graph, kinds, owner)
         _check_params(self, graph)
 
@@ -215,7 +219,9 @@ def _check_rows(plan: Plan) -> None:
             )
 
 
-def _place_batch_ops(plan: Plan, graph: Graph, kinds: dict[str, NodeKind]) -> dict[str, int]:
+def _place_batch_ops(
+    plan: Plan, graph: Graph, kinds: dict[str, NodeKind], idle_stages: bool
+) -> dict[str, int]:
     """The stage of every batch op, after checking each is in exactly one stage and every
     stage has one; parameter-only ops may repeat across stages, since each stage computes
     the ones it reads."""
@@ -251,7 +257,7 @@ def _place_batch_ops(plan: Plan, graph: Graph, kinds: dict[str, NodeKind]) -> di
             )
     busy = set(owner.values())
     for stage in plan.stages:
-        if stage.index not in busy:
+        if stage.index not in busy and not idle_stages:
             raise PlanError(f"stage {stage.index} computes no batch op; {_REPLAN}")
     return owner
 

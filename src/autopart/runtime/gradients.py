@@ -30,6 +30,7 @@ class Holders:
         trainable: dict[str, torch.Tensor],
         device: torch.device,
         shards: dict[str, int] | None = None,
+        updated: dict[str, list[int]] | None = None,
     ) -> None:
         self.rank = rank
         self.device = device
@@ -37,6 +38,8 @@ class Holders:
         for stage in plan.stages:
             for name in stage.params:
                 ranks_of[name].update(stage.ranks)
+        for name, ranks in (updated or {}).items():  # buffers only once-per-call ops touch
+            ranks_of[name].update(ranks)
         self.ranks_of = {name: tuple(sorted(r)) for name, r in ranks_of.items()}
         self.local = [n for n in plan.stage_of_rank(rank).params if n in trainable]
         self.stage_ranks = plan.stage_of_rank(rank).ranks

@@ -105,6 +105,8 @@ class GPipeSchedule:
         crossing = sorted({*producer, *read, *self.outputs}, key=graph.index)
         self.shapes = {name: value_shape(graph, name) for name in crossing}
         self.messages = Messages(graph, plan, ios, self.shapes)
+        #: Buffer updates that run once per call (`stage_module.state_updates`), if any.
+        self.state_update: fx.GraphModule | None = None
 
     # -- message plumbing --------------------------------------------------------------------
 
@@ -131,6 +133,9 @@ class GPipeSchedule:
         """Run every microbatch through this rank's stage, posting sends as values appear."""
         state = StepState(layout, local_inputs)
         state.inbox = Inbox(self.messages, layout, FORWARD, self.rank, self.device)
+        if self.state_update is not None:
+            with torch.no_grad():
+                self.state_update()
         self._send_inputs(state)
         recompute = self.stage.recompute and grad
         for m in range(layout.microbatches):

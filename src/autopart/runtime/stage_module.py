@@ -7,15 +7,15 @@ values the stage receives (user inputs and values made by earlier stages) as pla
 copies attribute references from the captured module, which shares them with the model), so
 the user's optimizer keeps working on them.
 
-Export bakes the training flag into dropout and batch-norm calls; here those calls read the
-stage module's ``training`` attribute instead, so ``train()``/``eval()`` work on every stage.
+Export bakes the training flag into every mode-dependent op; ``train()``/``eval()`` therefore
+switch graphs, not flags: each mode is a call signature with its own capture
+(`autopart.runtime.signatures`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 from autopart.errors import AutopartError
@@ -104,36 +104,51 @@ def build_stage_module(graph: Graph, io: StageIO) -> fx.GraphModule:
                     env[dep.name] = new.node_copy(dep, lambda n: env[n.name])
             env[node.name] = new.node_copy(node, lambda n: env[n.name])
     new.output(tuple(env[name] for name in io.outputs))
-    module = fx.GraphModule(source, new)
-    _follow_training_flag(module)
-    module.recompile()
-    return module
+    return fx.GraphModule(source, new)
 
 
-class _ModeAware:
-    """Calls ``op`` with its training argument taken from ``owner.training``."""
+def state_updates(graph: Graph, plan: Plan) -> dict[int, tuple[str, ...]]:
+    """Per stage, the in-place buffer updates that no op reads back, with the parameter-only
+    values they need, in graph order.
 
-    def __init__(self, op, index: int, owner: torch.nn.Module) -> None:
-        self.op = op
-        self.index = index
-        self.owner = owner
-        self.__name__ = f"autopart_mode_aware_{op.__name__.replace('.', '_')}"
-        self.__module__ = __name__
+    BatchNorm's ``num_batches_tracked += 1`` is such an op: it reads only a buffer, so it is a
+    parameter-only op, and no other op needs it, so no stage would compute it.  Each goes to the
+    stages that run the other ops of its module, and runs once per forward call there, which is
+    what plain PyTorch counts (not once per microbatch).
+    """
+    consumed = {src for node in graph.nodes for src in node.inputs} | set(graph.outputs)
+    updates = [
+        node
+        for node in graph.nodes
+        if node.kind is NodeKind.PARAM_ONLY and node.name not in consumed and _in_place(node.op)
+    ]
+    if not updates:
+        return {}
+    paths = [{graph.node(n).module_path for n in stage.nodes} for stage in plan.stages]
+    found: dict[int, set[str]] = {}
+    for node in updates:
+        stages = [s for s, held in enumerate(paths) if node.module_path in held] or [0]
+        needed = {node.name, *_param_only_inputs(graph, node.name)}
+        for index in stages:
+            found.setdefault(index, set()).update(needed)
+    return {
+        index: tuple(n.name for n in graph.nodes if n.name in names)
+        for index, names in found.items()
+    }
 
-    def __call__(self, *args):
-        args = list(args)
-        args[self.index] = self.owner.training
-        return self.op(*args)
+
+def _in_place(op: str) -> bool:
+    """ATen spells in-place ops with a trailing underscore: ``aten.add_.Tensor``."""
+    parts = op.split(".")
+    return len(parts) >= 2 and parts[0] == "aten" and parts[1].endswith("_")
 
 
-_TRAINING_ARG = {
-    torch.ops.aten.dropout.default: 2,
-    torch.ops.aten.batch_norm.default: 5,
-}
-
-
-def _follow_training_flag(module: fx.GraphModule) -> None:
-    for node in module.graph.nodes:
-        index = _TRAINING_ARG.get(node.target) if node.op == "call_function" else None
-        if index is not None and len(node.args) > index:
-            node.target = _ModeAware(node.target, index, module)
+def _param_only_inputs(graph: Graph, name: str) -> set[str]:
+    found: set[str] = set()
+    todo = list(graph.node(name).inputs)
+    while todo:
+        current = todo.pop()
+        if current not in found and graph.node(current).kind is NodeKind.PARAM_ONLY:
+            found.add(current)
+            todo += graph.node(current).inputs
+    return found

@@ -1,0 +1,116 @@
+"""One captured graph per way the model is called, all on the first call's placement.
+
+Capture fixes what a call does beyond its tensors: the argument structure (evaluation without
+the ``labels`` training passed), every non-tensor value (``scale=3.0``), the training flag
+(``eval()`` must switch dropout inside ``scaled_dot_product_attention``, ``nn.LSTM`` and Python
+``if self.training:`` branches, which export bakes in) and whether autograd records.  So each
+distinct call signature, mode included, gets a graph of its own, captured when first seen.
+
+Only the first signature is planned.  Each later graph is placed on the same stages: an op
+goes to the first stage that holds every trainable parameter it reads (directly or through
+parameter-only values) and that is not earlier than the stages of its inputs; an op that reads
+no parameter goes with its latest input.  So every rank keeps exactly its parameters, gradient
+sums and optimizer, and a signature that would need a parameter where the first call's plan
+does not keep it is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from autopart.errors import AutopartError
+from autopart.ir import Graph, NodeKind
+from autopart.plan.plan import Plan
+
+
+def call_key(training: bool, args: tuple, kwargs: dict[str, Any]) -> str:
+    """What a captured graph depends on besides tensor values: the mode, the argument
+    structure and the non-tensor values.  Equal on every rank for equal calls.
+
+    In eval mode, whether autograd records counts too: layers take fused inference paths
+    under ``no_grad`` (``nn.TransformerEncoderLayer``) that a call with gradients must not
+    reuse.  In training mode they do not, and a first call under ``no_grad`` (a warm-up) then
+    serves training as well."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    plain = [None if isinstance(v, torch.Tensor) else repr(v) for v in leaves]
+    recording = None if training else torch.is_grad_enabled()
+    text = repr((training, recording, str(spec), plain))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def key_number(key: str) -> int:
+    """A call key as an int64, for checking with one collective that all ranks agree."""
+    return int(key[:15], 16)
+
+
+def derive_plan(plan: Plan, graph: Graph) -> Plan:
+    """``plan``'s stages, ranks and microbatches, with ``graph``'s ops placed on them."""
+    holders: dict[str, set[int]] = {}
+    for stage in plan.stages:
+        for name in stage.params:
+            holders.setdefault(name, set()).add(stage.index)
+    trainable = {name for name, spec in graph.params.items() if spec.requires_grad}
+    derived = _param_only_params(graph)
+    stage_of: dict[str, int] = {}
+    members: list[set[str]] = [set() for _ in plan.stages]
+    for node in graph.nodes:
+        if node.kind is not NodeKind.BATCH:
+            continue
+        earliest = max((stage_of[i] for i in node.inputs if i in stage_of), default=0)
+        reads = set(node.params).union(*(derived.get(i, set()) for i in node.inputs))
+        needed = reads & trainable
+        choices = [
+            s
+            for s in range(earliest, plan.num_stages)
+            if all(s in holders.get(p, ()) for p in needed)
+        ]
+        if not choices:
+            raise AutopartError(
+                f"this call computes op {node.name} (in '{node.module_path or 'the model'}'), "
+                f"which needs parameter(s) {', '.join(sorted(needed))} after stage {earliest}, "
+                "where the first call's plan does not keep them; call the model first with "
+                "the arguments this call uses, or pass split_points= so both calls fit"
+            )
+        stage_of[node.name] = choices[0]
+        members[choices[0]].add(node.name)
+        members[choices[0]].update(_param_only_ancestors(graph, node.name))
+    stages = []
+    for stage, names in zip(plan.stages, members, strict=True):
+        nodes = [n.name for n in graph.nodes if n.name in names]
+        params = dict.fromkeys(p for n in nodes for p in graph.node(n).params)
+        paths = dict.fromkeys(graph.node(n).module_path for n in nodes)
+        stages.append(
+            dataclasses.replace(
+                stage, nodes=nodes, params=list(params), module_paths=[p for p in paths if p]
+            )
+        )
+    return dataclasses.replace(plan, fingerprint=graph.fingerprint, stages=stages)
+
+
+def _param_only_params(graph: Graph) -> dict[str, set[str]]:
+    """For each parameter-only value, the parameters it is computed from."""
+    found: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        if node.kind is NodeKind.PARAM_ONLY:
+            found[node.name] = set(node.params).union(*(found.get(i, set()) for i in node.inputs))
+    return found
+
+
+def _param_only_ancestors(graph: Graph, name: str) -> set[str]:
+    """The parameter-only values ``name`` reads, directly or through each other: a stage
+    computes its own copy of each."""
+    found: set[str] = set()
+    todo = [i for i in graph.node(name).inputs if graph.node(i).kind is NodeKind.PARAM_ONLY]
+    while todo:
+        current = todo.pop()
+        if current not in found:
+            found.add(current)
+            todo += [
+                i for i in graph.node(current).inputs if graph.node(i).kind is NodeKind.PARAM_ONLY
+            ]
+    return found
