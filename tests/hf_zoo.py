@@ -183,3 +183,24 @@ DROPOUT_ZOO = {
     "bert_mlm": (lambda: bert_mlm(0.1), _masked_lm),
     "mode_dependent": (ModeDependent, _padded),
 }
+
+
+def t5(dropout: float = 0.0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=dropout,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+HF_ZOO["t5"] = (t5, _padded)
