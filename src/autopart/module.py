@@ -264,11 +264,9 @@ class Module(nn.Module):
         digests = [None] * self.world
         dist.all_gather_object(digests, hashlib.sha256(plan.to_json().encode()).hexdigest())
         if len(set(digests)) > 1:
-            groups = {d: [r for r, e in enumerate(digests) if e == d] for d in set(digests)}
             raise AutopartError(
-                "the ranks were given different plans (ranks "
-                + " / ".join(",".join(map(str, ranks)) for ranks in sorted(groups.values()))
-                + " agree among themselves); make the plan once and pass the same file to all"
+                f"the ranks were given different plans ({_agreeing(digests)}); make the plan "
+                "once and pass the same file to all"
             )
 
     def _measured_spec(self) -> DeviceSpec:
@@ -340,14 +338,11 @@ class Module(nn.Module):
         if self.world > 1:  # one collective agrees on the batch layout and the call
             every = _all_gather_ints([local_batch, key_number(key)], self.device)
             sizes = [size for size, _ in every]
-            if len({number for _, number in every}) > 1:
-                groups: dict[int, list[int]] = {}
-                for r, (_, number) in enumerate(every):
-                    groups.setdefault(number, []).append(r)
+            keys = [number for _, number in every]
+            if len(set(keys)) > 1:
                 raise AutopartError(
-                    "the ranks called the model with different arguments or modes (ranks "
-                    + " / ".join(",".join(map(str, g)) for g in groups.values())
-                    + " agree among themselves); every rank must make the same kind of call"
+                    f"the ranks called the model with different arguments or modes "
+                    f"({_agreeing(keys)}); every rank must make the same kind of call"
                 )
         schedule = self._schedules.get(key) or self._add_signature(key, args, kwargs)
         local = self._route_inputs(schedule.graph, args, kwargs)
@@ -704,6 +699,15 @@ def _restructure(graph: Graph, values: dict[str, Any]) -> Any:
     return pytree.tree_map(
         lambda n: values[n.name] if isinstance(n, torch.fx.Node) else n, output.args[0]
     )
+
+
+def _agreeing(values: list) -> str:
+    """Which ranks agree with which, from one value per rank: ``ranks 0,2 / 1 agree``."""
+    groups: dict[Any, list[int]] = {}
+    for rank, value in enumerate(values):
+        groups.setdefault(value, []).append(rank)
+    listed = " / ".join(",".join(map(str, ranks)) for ranks in sorted(groups.values()))
+    return f"ranks {listed} agree among themselves"
 
 
 def _all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
