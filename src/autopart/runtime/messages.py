@@ -82,8 +82,8 @@ class Messages:
             for name in io.inputs:
                 self.readers.setdefault(name, []).append(io.index)
         self.outputs = graph.delivered()
-        crossing = sorted({*self.producer, *self.readers, *self.outputs}, key=graph.index)
-        self.value_id = {name: i for i, name in enumerate(crossing)}
+        # ``shapes`` holds every value that crosses ranks, in graph order.
+        self.value_id = {name: i for i, name in enumerate(shapes)}
         self._cache: dict[tuple[BatchLayout, int, str], list[Message]] = {}
         self._by_microbatch: dict[tuple[BatchLayout, int, str], dict[int, list[Message]]] = {}
         self.tags = tags_enabled()
