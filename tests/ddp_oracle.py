@@ -28,8 +28,9 @@ class OracleCase:
     stages: int | None = None
     microbatches: int | None = None
     steps: int = 2
-    #: Rows of rank r's local batch: base + r (unequal on purpose).
+    #: Rows of rank r's local batch: base + r (unequal on purpose), or per step.
     base_rows: int = 3
+    step_rows: tuple[int, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,7 +58,8 @@ def run_oracle(rank: int, world: int, case: OracleCase) -> None:
     )
     ref_params = dict(reference.named_parameters())
     for step in range(case.steps):
-        batches = [make_batch(case.base_rows + r, seed=1000 * step + r) for r in range(world)]
+        base = case.step_rows[step] if case.step_rows else case.base_rows
+        batches = [make_batch(base + r, seed=1000 * step + r) for r in range(world)]
         out = wrapped(*batches[rank][0], **batches[rank][1])
         loss_of(out).backward()
         ref_outs = [reference(*args, **kwargs) for args, kwargs in batches]

@@ -104,6 +104,8 @@ class LossForms(nn.Module):
         self.body = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh())
         self.head = nn.Linear(16, VOCAB)
         self.register_buffer("class_weight", torch.linspace(0.5, 1.5, VOCAB))
+        self.register_buffer("alpha", torch.tensor(0.3))
+        self.log_sigma = nn.Parameter(torch.tensor(0.2))
 
     def forward(self, ids, labels, num_items=None):
         logits = self.head(self.body(self.embed(ids)))
@@ -127,6 +129,20 @@ class LossForms(nn.Module):
             return token + 0.1 * logits.pow(2).mean() - logits.mean() / 4
         if self.form == "row_sum":
             return logits.pow(2).sum() * 0.01
+        token = F.cross_entropy(flat, target, ignore_index=-100)
+        if self.form == "param_decay":  # weight decay written inside forward
+            return token + 0.01 * self.head.weight.pow(2).sum()
+        if self.form == "buffer_weight":
+            return self.alpha * token
+        if self.form == "learned_weight":  # uncertainty weighting: a parameter scales the loss
+            sigma = self.log_sigma.exp()
+            return token / (2 * sigma**2) + torch.log(sigma)
+        if self.form == "batchmean":
+            return F.kl_div(
+                F.log_softmax(logits[:, 0], -1), F.softmax(logits[:, 1], -1), reduction="batchmean"
+            )
+        if self.form == "over_rows":
+            return F.cross_entropy(flat, target, ignore_index=-100, reduction="sum") / ids.shape[0]
         raise ValueError(self.form)
 
 
@@ -139,6 +155,11 @@ LOSS_FORMS = (
     "masked_ratio",
     "mixed",
     "row_sum",
+    "param_decay",
+    "buffer_weight",
+    "learned_weight",
+    "batchmean",
+    "over_rows",
 )
 
 
@@ -147,7 +168,34 @@ def _loss_batch(rows: int, seed: int):
     return (ids, kwargs["labels"]), {"num_items": torch.tensor(7.0)}
 
 
+class SqueezedRegression(nn.Module):
+    """Hugging Face's regression loss pattern: ``mse_loss(logits.squeeze(), labels.squeeze())``,
+    which at one row per chunk must not squeeze the batch away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x, y):
+        return F.mse_loss(self.body(x).squeeze(), y.squeeze())
+
+
+def _regression_batch(rows: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 6, generator=gen), torch.randn(rows, generator=gen)), {}
+
+
+def _padded_with_extras(rows: int, seed: int):
+    """Keywords that reach a Hugging Face forward only through ``**kwargs``."""
+    args, kwargs = _padded(rows, seed)
+    kwargs["num_items_in_batch"] = (kwargs["labels"] != -100).sum() + 5
+    kwargs["output_hidden_states"] = True
+    return args, kwargs
+
+
 HF_ZOO = {
+    "gpt2_extras": (gpt2, _padded_with_extras),
+    "squeezed_regression": (SqueezedRegression, _regression_batch),
     "gpt2": (gpt2, _padded),
     "llama": (llama, _padded),
     "bert_mlm": (bert_mlm, _masked_lm),

@@ -42,6 +42,21 @@ def test_every_loss_form_trains_like_ddp():
 
 
 @pytest.mark.multirank
+@pytest.mark.slow
+def test_small_and_uneven_batches_and_keywords_through_kwargs():
+    """One-row chunks under a squeeze (the regression loss), a last batch smaller than
+    microbatches x replicas (rows 1 and 2 for 4 microbatches), and keywords that only
+    ``**kwargs`` takes (num_items_in_batch, output_hidden_states)."""
+    cases = [
+        OracleCase("squeezed_regression", 1, 2, step_rows=(3, 1)),
+        OracleCase("squeezed_regression", 1, 4, step_rows=(4, 1)),  # an uneven last batch
+        OracleCase("squeezed_regression", 2, 2, base_rows=1),
+        OracleCase("gpt2_extras", 2, 2),
+    ]
+    run_ranks(2, run_oracles, cases, timeout_s=300)
+
+
+@pytest.mark.multirank
 def test_token_mean_on_one_rank_with_microbatches():
     run_ranks(1, run_oracles, [OracleCase("loss_token_mean", 1, 3, base_rows=5)])
 

@@ -107,6 +107,7 @@ def capture(
         raise _capture_error(model, failures, strict) from failures[0][1]
     for gm in (trace.gm, trace.gm_next):
         if gm is not None:
+            _keep_batch_in_squeeze(gm)
             rewrite_scalar_outputs(gm, trace.sources)
     return _build_graph(model, trace, inputs)
 
@@ -222,16 +223,15 @@ def _export(
 ) -> torch.fx.GraphModule:
     args, kwargs = inputs.resized(batch)
     shapes = None
-    if dynamic:
-        auto = torch.export.Dim.AUTO
-        marks = pytree.tree_map(
-            lambda v: {0: auto} if inputs.is_batch(v) else None, (inputs.args, inputs.kwargs)
-        )
-        bound = inspect.signature(model.forward).bind(*marks[0], **marks[1])
-        shapes = dict(bound.arguments)
-    outputs = _OutputLeaves()
-    with _quiet_export(), outputs.flattening(model):
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=strict)
+    with _named_keywords(model, kwargs):
+        if dynamic:
+            auto = torch.export.Dim.AUTO
+            marks = pytree.tree_map(
+                lambda v: {0: auto} if inputs.is_batch(v) else None, (inputs.args, inputs.kwargs)
+            )
+            bound = inspect.signature(model.forward).bind(*marks[0], **marks[1])
+            shapes = dict(bound.arguments)
+        program, outputs = _export_program(model, args, kwargs, shapes, strict)
     # Stripping before unlifting saves recompiling the (possibly huge) generated code twice.
     _strip_checks(program.graph_module, recompile=False)
     if "check_guards" in inspect.signature(program.module).parameters:
@@ -241,6 +241,42 @@ def _export(
         _strip_checks(gm, recompile=False)
     outputs.restore_structure(gm)
     return gm
+
+
+@contextmanager
+def _named_keywords(model: torch.nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
+    """Give keywords that reach ``forward`` through ``**kwargs`` (Hugging Face's
+    ``num_items_in_batch``, ``output_hidden_states``) a parameter of their own while exporting:
+    export matches dynamic shapes to the signature and cannot match them inside ``**kwargs``."""
+    signature = inspect.signature(model.forward)
+    params = list(signature.parameters.values())
+    var = next((p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    extra = [k for k in kwargs if k not in signature.parameters]
+    if var is None or not extra:
+        yield
+        return
+    original = model.forward
+    named = [p for p in params if p is not var]
+    named += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in extra]
+
+    def forward(*args: Any, **kw: Any) -> Any:
+        return original(*args, **kw)
+
+    forward.__signature__ = signature.replace(parameters=named)  # type: ignore[attr-defined]
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+def _export_program(
+    model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], shapes: Any, strict: bool
+) -> tuple[torch.export.ExportedProgram, _OutputLeaves]:
+    outputs = _OutputLeaves()
+    with _quiet_export(), outputs.flattening(model):
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=strict)
+    return program, outputs
 
 
 class _OutputLeaves:
@@ -364,6 +400,30 @@ def _trace_fx(model: torch.nn.Module, inputs: _Inputs, leaves: Sequence[LeafSpec
         return list(bound.arguments.values())
 
     return _Trace(gm, "fx", sources, feed)
+
+
+def _keep_batch_in_squeeze(gm: torch.fx.GraphModule) -> None:
+    """Make ``squeeze()`` drop only the dims that were 1 at capture.
+
+    Export assumes a symbolic batch is at least 2, so ``logits.squeeze()`` (Hugging Face's
+    regression loss) is captured as keeping it; but a microbatch chunk of one row would then
+    lose its batch dimension, and rows could no longer be sent or joined.  The values are
+    the same either way: a squeeze only reshapes."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.aten.squeeze.default:
+            continue
+        value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        if not _is_tensor(value):
+            continue
+        if all(isinstance(size, int) for size in value.shape):
+            continue  # no symbolic (batch) dimension to protect
+        dims = [d for d, size in enumerate(value.shape) if isinstance(size, int) and size == 1]
+        node.target = torch.ops.aten.squeeze.dims
+        node.args = (node.args[0], dims)
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def _placeholders(gm: torch.fx.GraphModule) -> list[str]:

@@ -346,7 +346,7 @@ class Module(nn.Module):
                 )
         schedule = self._schedules.get(key) or self._add_signature(key, args, kwargs)
         local = self._route_inputs(schedule.graph, args, kwargs)
-        layout = BatchLayout.of(sizes, self.plan.microbatches)
+        layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
         grad = torch.is_grad_enabled()
         if self.offload is not None:
             self.offload.reset_peak()
@@ -364,6 +364,18 @@ class Module(nn.Module):
                 "activations": max(tracker.current - resident, 0),
             }
         return self._package(schedule, outputs, state if grad else None)
+
+    def _microbatches_for(self, rows: int) -> int:
+        """The plan's microbatch count, or fewer for a global batch too small to give every
+        replica of every stage rows in each microbatch (an uneven last batch)."""
+        widest = max(stage.replicas for stage in self.plan.stages)
+        if rows < widest:
+            raise AutopartError(
+                f"this call's global batch has {rows} rows, fewer than the {widest} replicas of "
+                "a stage, so some replica would get none; use at least that many rows over all "
+                "ranks (drop_last=True drops such a last batch)"
+            )
+        return min(self.plan.microbatches, rows // widest)
 
     def _resident(self) -> dict[str, list[torch.Tensor]]:
         """This rank's resident tensors by category; what offload keeps in host memory is

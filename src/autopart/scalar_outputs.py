@@ -26,6 +26,7 @@ capture warns, naming the op, since that is exact only when it really is a mean 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -96,7 +97,7 @@ def rewrite_scalar_outputs(gm: torch.fx.GraphModule, user_inputs: Iterable[str])
         value = node.meta.get("val")
         if node.name not in batch or not isinstance(value, torch.Tensor) or value.dim() != 0:
             continue
-        rewriter = _Rewriter(gm.graph, batch, users)
+        rewriter = _Rewriter(gm.graph, batch, users, node)
         terms = rewriter.terms(node)
         if terms is None:
             log.warning(
@@ -142,10 +143,13 @@ def _batch_dependent(gm: torch.fx.GraphModule, users: set[str]) -> set[str]:
 class _Rewriter:
     """Walks back from one scalar through the ops it recognizes, inserting term nodes."""
 
-    def __init__(self, graph: torch.fx.Graph, batch: set[str], users: set[str]) -> None:
+    def __init__(
+        self, graph: torch.fx.Graph, batch: set[str], users: set[str], root: torch.fx.Node
+    ) -> None:
         self.graph = graph
         self.batch = batch
         self.users = users
+        self.root = root
         self.visited: list[torch.fx.Node] = []
         self.stopped_at = ""
         self._nodes = {n.name: n for n in graph.nodes}
@@ -158,6 +162,50 @@ class _Rewriter:
             made = self.graph.call_function(target, args, kwargs)
         self._nodes[made.name] = made
         return made
+
+    def _at_root(self, target: Any, *args: Any) -> torch.fx.Node:
+        """A new node just before the scalar: every value it can read exists by then."""
+        with self.graph.inserting_before(self.root):
+            made = self.graph.call_function(target, args)
+        self._nodes[made.name] = made
+        return made
+
+    def _is_fixed(self, value: Any) -> bool:
+        """A number, or a scalar tensor that does not depend on the batch (a buffer, a
+        parameter, a value computed from them): the same on every rank."""
+        if _is_number(value):
+            return True
+        if not isinstance(value, torch.fx.Node) or value.name in self.batch:
+            return False
+        meta = value.meta.get("val")
+        return isinstance(meta, torch.Tensor) and meta.dim() == 0
+
+    def _times(self, terms: list[RowTerm] | None, factor: Any, op: Any) -> list[RowTerm] | None:
+        """Terms multiplied (``op`` mul) or divided (``op`` div) by a fixed factor; a tensor
+        factor joins each numerator inside the graph, so autograd sees it (a learned loss
+        weight gets its gradient)."""
+        if terms is None:
+            return None
+        if _is_number(factor):
+            return _scaled(terms, float(factor) if op is aten.mul.Tensor else 1.0 / float(factor))
+        made = []
+        for term in terms:
+            rows = self._at_root(op, self.node(term.numerator), factor)
+            made.append(dataclasses.replace(term, numerator=rows.name))
+        return made
+
+    def _constant_term(self, terms: list[RowTerm], value: Any, sign: float) -> RowTerm:
+        """A fixed value as a mean over rows: ``ones_like(N) · value``, averaged, is the value
+        on every rank, and its gradient reaches a parameter it came from."""
+        ones = self._at_root(aten.ones_like.default, self.node(terms[0].numerator))
+        rows = self._at_root(aten.mul.Tensor, ones, value)
+        return RowTerm(numerator=rows.name, mean_scale=1.0, coef=sign)
+
+    def _through(self, node: Any) -> Any:
+        while isinstance(node, torch.fx.Node) and node.target in _PASS_THROUGH:
+            self.visited.append(node)
+            node = node.args[0]
+        return node
 
     def _fail(self, node: Any) -> None:
         target = getattr(node, "target", node)
@@ -176,10 +224,10 @@ class _Rewriter:
             return _scaled(self.terms(args[0]), -1.0)
         if target in (aten.mul.Tensor, aten.mul.Scalar):
             a, b = args[0], args[1]
-            if _is_number(b) and isinstance(a, torch.fx.Node):
-                return _scaled(self.terms(a), float(b))
-            if _is_number(a) and isinstance(b, torch.fx.Node):
-                return _scaled(self.terms(b), float(a))
+            if self._is_fixed(b) and isinstance(a, torch.fx.Node):
+                return self._times(self.terms(a), b, aten.mul.Tensor)
+            if self._is_fixed(a) and isinstance(b, torch.fx.Node):
+                return self._times(self.terms(b), a, aten.mul.Tensor)
             return self._fail(node)
         if target in (aten.div.Tensor, aten.div.Scalar):
             return self._divide(node)
@@ -194,18 +242,22 @@ class _Rewriter:
         return self._fail(node)
 
     def _divide(self, node: torch.fx.Node) -> list[RowTerm] | None:
-        a, b = node.args[0], node.args[1]
+        a, b = node.args[0], self._through(node.args[1])
         if not isinstance(a, torch.fx.Node):
             return self._fail(node)
-        if _is_number(b):
-            return _scaled(self.terms(a), 1.0 / float(b))
+        if self._is_fixed(b):
+            return self._times(self.terms(a), b, aten.div.Tensor)
         if not isinstance(b, torch.fx.Node):
             return self._fail(node)
         top = self.terms(a)
         if top is None:
             return None
         divisor = b.meta.get("val")
-        if b.op == "placeholder" and b.name in self.users and getattr(divisor, "ndim", 1) == 0:
+        per_rank = b.op == "placeholder" and b.name in self.users and _is_scalar_tensor(divisor)
+        # A batch size (``x.size(0)``, KL's 'batchmean'): shape arithmetic the caller's side
+        # rebuilds from its own rows, so each rank divides by its own batch size.
+        per_rank = per_rank or (b.name in self.batch and isinstance(divisor, torch.SymInt))
+        if per_rank:
             if any(t.divisor is not None for t in top):
                 return self._fail(node)
             return [t.with_divisor(b.name) for t in top]
@@ -224,6 +276,12 @@ class _Rewriter:
         alpha = float(node.kwargs.get("alpha", 1.0))
         if node.target is aten.sub.Tensor:
             alpha = -alpha
+        if self._is_fixed(b) and isinstance(a, torch.fx.Node):
+            left = self.terms(a)
+            return None if left is None else [*left, self._constant_term(left, b, alpha)]
+        if self._is_fixed(a) and isinstance(b, torch.fx.Node) and alpha == 1.0:
+            right = self.terms(b)
+            return None if right is None else [*right, self._constant_term(right, a, 1.0)]
         if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
             return self._fail(node)
         left, right = self.terms(a), self.terms(b)
@@ -312,6 +370,10 @@ def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 0
 
 
 def _is_number(value: Any) -> bool:

@@ -140,11 +140,6 @@ class GPipeSchedule:
         recompute = self.stage.recompute and grad
         for m in range(layout.microbatches):
             rows = layout.replicas(m, self.stage.ranks)[self.rank]
-            if rows[0] == rows[1]:
-                raise routing.RuntimeCommError(
-                    f"microbatch {m} has fewer rows than stage {self.stage.index} has replicas; "
-                    f"use a global batch of at least {self.plan.microbatches * self.stage.replicas}"
-                )
             inputs = [self._receive(state, name, m, rows) for name in self.io.inputs]
             rng = _rng_state(self.device) if recompute else None
             if grad and not recompute:
