@@ -3,9 +3,10 @@
     python bench/gpu_check.py [--layers 12] [--width 8192] [--steps 3]
 
 One process, one GPU.  The model is a stack of ``--layers`` square Linear+ReLU layers
-(12 x 8192: 3.2 GB of fp32 parameters, so parameters + gradients + Adam state are 12.9 GB).
-``torch.cuda.set_per_process_memory_fraction`` caps this process at ``--cap-gb`` (default: a
-third of that), and the planner is told the same capacity.  The script shows, in order:
+(12 x 8192: 3.2 GB of fp32 parameters, so parameters + gradients are 6.4 GB; SGD keeps no
+state).
+``torch.cuda.set_per_process_memory_fraction`` caps this process at ``--cap-gb`` (default: two
+thirds of that), and the planner is told the same capacity.  The script shows, in order:
 
 1. without offload, the planner reports that no plan fits (and a plain training step on the
    GPU runs out of memory under the cap);
@@ -96,7 +97,7 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--cap-gb", type=float, help="GPU memory cap (default: a third of need)")
+    parser.add_argument("--cap-gb", type=float, help="GPU memory cap (default: 2/3 of need)")
     parser.add_argument("--cpu-dry-run", action="store_true", help="check the script on a CPU")
     args = parser.parse_args()
     if args.cpu_dry_run:
@@ -123,13 +124,13 @@ def main() -> int:
         name, total = "cpu (dry run: no cap, no CUDA measurements)", 0
     base = build(args.layers, args.width)
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
-    need = 4 * weights  # parameters, gradients, two Adam moments
-    cap = int(args.cap_gb * 2**30) if args.cap_gb else need // 3
+    need = 2 * weights  # parameters and gradients (plain SGD keeps no state)
+    cap = int(args.cap_gb * 2**30) if args.cap_gb else 2 * need // 3
     data = batches(args.steps, args.rows, args.width)
     print(f"device: {name}, {format_bytes(total)}; torch {torch.__version__}")
     print(
         f"model: {args.layers} x Linear({args.width}, {args.width}): parameters "
-        f"{format_bytes(weights)}, with gradients and Adam state {format_bytes(need)}; "
+        f"{format_bytes(weights)}, with gradients {format_bytes(need)}; "
         f"cap {format_bytes(cap)}"
     )
 

@@ -91,4 +91,5 @@ def test_gpu_check_script_runs_its_steps_on_the_cpu():
     )
     assert result.returncode == 0, result.stderr
     assert "planner without offload: infeasible" in result.stdout
-    assert "(equal)" in result.stdout
+    assert result.stdout.count("(equal)") == 3, result.stdout  # updates, recompute, buffers
+    assert "DIFFER" not in result.stdout, result.stdout
