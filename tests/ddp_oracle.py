@@ -95,7 +95,9 @@ def run_oracles(rank: int, world: int, cases: list[OracleCase]) -> None:
         run_oracle(rank, world, case)
 
 
-def eval_without_labels(rank: int, world: int, name: str, stages: int) -> None:
+def eval_without_labels(
+    rank: int, world: int, name: str, stages: int, options: dict | None = None
+) -> None:
     """Train a step with labels and dropout on, then evaluate without labels in eval mode:
     the outputs equal the plain model's in eval mode, and repeat exactly; training resumes."""
     from hf_zoo import DROPOUT_ZOO
@@ -104,7 +106,7 @@ def eval_without_labels(rank: int, world: int, name: str, stages: int) -> None:
     torch.manual_seed(0)
     model = build()
     opt = sgd(model.parameters())
-    wrapped = autopart.Module(model, opt, stages=stages, microbatches=2)
+    wrapped = autopart.Module(model, opt, stages=stages, microbatches=2, **(options or {}))
     args, kwargs = make_batch(3 + rank, seed=rank)
     loss_of(wrapped(*args, **kwargs)).backward()
     opt.step()

@@ -110,3 +110,10 @@ def test_evaluation_without_labels_matches_the_plain_model_in_eval_mode(name, st
     self.training): after a training step with labels, eval() and a call without labels give
     exactly the plain model's eval outputs, twice the same; training then resumes."""
     run_ranks(2, eval_without_labels, name, stages, timeout_s=300)
+
+
+@pytest.mark.multirank
+def test_evaluation_of_an_offloaded_model():
+    """A new kind of call (eval, without labels) on offloaded stages: its own graph, its own
+    fetches of the same host-resident parameters."""
+    run_ranks(2, eval_without_labels, "gpt2", 2, {"offload": True}, timeout_s=300)

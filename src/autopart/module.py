@@ -138,20 +138,8 @@ class Module(nn.Module):
         graph = self._capture(args, kwargs)
         plan = derive_plan(self.plan, graph)
         plan.validate_for(graph, self.world, idle_stages=True)
-        ios = stage_ios(graph, plan)
-        stage = plan.stage_of_rank(self.rank)
-        if stage.offload != "none":
-            raise AutopartError(
-                f"stage {stage.index} offloads its parameters, and a call with other arguments "
-                "or in another train/eval mode than the first call is not supported there yet; "
-                "call the model the same way on every step"
-            )
-        module = build_stage_module(graph, ios[stage.index]).to(self.device)
-        _share_buffers(module, self.model)
-        schedule = GPipeSchedule(
-            graph, plan, ios, module, self.rank, self.device, self._autocast, None
-        )
-        self._add_state_update(schedule, stage)
+        schedule = self._build_schedule(graph, plan)
+        self._add_state_update(schedule, plan.stage_of_rank(self.rank))
         self._schedules[key] = schedule
         log.info(
             "rank %d captured another call signature (%d so far)", self.rank, len(self._schedules)
@@ -174,13 +162,13 @@ class Module(nn.Module):
                     ranks.setdefault(buffer, []).extend(schedule.plan.stages[index].ranks)
         return ranks
 
-    def _setup(self, key: str, args: tuple, kwargs: dict[str, Any]) -> None:
-        self.graph = self._capture(args, kwargs)
-        self.plan = self._agree_on_plan(self._local_batch(args, kwargs))
-        self.plan.validate_for(self.graph, self.world)
-        ios = stage_ios(self.graph, self.plan)
-        stage = self.plan.stage_of_rank(self.rank)
-        module = build_stage_module(self.graph, ios[stage.index])
+    def _build_schedule(self, graph: Graph, plan: Plan) -> GPipeSchedule:
+        """This rank's stage of ``graph`` under ``plan``, on the device (its parameters in
+        host memory where the stage offloads), ready to run."""
+        ios = stage_ios(graph, plan)
+        stage = plan.stage_of_rank(self.rank)
+        module = build_stage_module(graph, ios[stage.index])
+        offload = None
         if stage.offload != "none":
             if self.world > 1 and "gloo" not in dist.get_backend():
                 raise AutopartError(
@@ -189,16 +177,25 @@ class Module(nn.Module):
                     "initialize the process group with backend='cpu:gloo,cuda:nccl' (or let "
                     "autopart initialize it)"
                 )
-            self.offload = ParamOffload(module, self.device, self._prefetch)
+            # Parameters already in host memory (an earlier call signature's) stay there.
+            offload = ParamOffload(module, self.device, self._prefetch)
             _move_buffers(module, self.device)
         else:
             module.to(self.device)
         _share_buffers(module, self.model)
         module.train(self.training)
-        self.__dict__["stage_module"] = module
-        self.schedule = GPipeSchedule(
-            self.graph, self.plan, ios, module, self.rank, self.device, self._autocast, self.offload
+        return GPipeSchedule(
+            graph, plan, ios, module, self.rank, self.device, self._autocast, offload
         )
+
+    def _setup(self, key: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.graph = self._capture(args, kwargs)
+        self.plan = self._agree_on_plan(self._local_batch(args, kwargs))
+        self.plan.validate_for(self.graph, self.world)
+        stage = self.plan.stage_of_rank(self.rank)
+        self.schedule = self._build_schedule(self.graph, self.plan)
+        self.offload = self.schedule.offload
+        self.__dict__["stage_module"] = self.schedule.module
         self._schedules = {key: self.schedule}
         updated = self._add_state_update(self.schedule, stage)
         self._names = _canonical_names(self.model, self.graph)
@@ -348,8 +345,8 @@ class Module(nn.Module):
         local = self._route_inputs(schedule.graph, args, kwargs)
         layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
         grad = torch.is_grad_enabled()
-        if self.offload is not None:
-            self.offload.reset_peak()
+        if schedule.offload is not None:
+            schedule.offload.reset_peak()
         tracker = (
             LiveBytes(_flat(self._on_device())) if self._track_memory else contextlib.nullcontext()
         )
