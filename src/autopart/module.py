@@ -185,7 +185,7 @@ class Module(nn.Module):
         _share_buffers(module, self.model)
         module.train(self.training)
         return GPipeSchedule(
-            graph, plan, ios, module, self.rank, self.device, self._autocast, offload
+            graph, plan, ios, module, self.rank, self.device, self._autocast, offload, self._upward
         )
 
     def _setup(self, key: str, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -193,6 +193,8 @@ class Module(nn.Module):
         self.plan = self._agree_on_plan(self._local_batch(args, kwargs))
         self.plan.validate_for(self.graph, self.world)
         stage = self.plan.stage_of_rank(self.rank)
+        # Messages to higher ranks get a process group of their own (`runtime.messages`).
+        self._upward = dist.new_group(list(range(self.world))) if self.world > 1 else None
         self.schedule = self._build_schedule(self.graph, self.plan)
         self.offload = self.schedule.offload
         self.__dict__["stage_module"] = self.schedule.module

@@ -10,6 +10,12 @@ before the labels that came first; an owner collects outputs only after its own 
 early until it is asked for.  A message never waits for one posted after it, so this adds no
 waiting that the schedule did not already have.
 
+Messages to a higher rank and messages to a lower rank travel in two process groups.  NCCL
+runs the sends and receives between two ranks on one stream per communicator, in posting order;
+with both directions on one communicator, a rank's send could wait behind its own receive of
+the peer's message that waits behind the peer's receive of that send.  Apart, each direction is
+one ordered queue, which the sender's order alone keeps consistent.
+
 Tags are not needed for matching.  ``AUTOPART_P2P_TAGS=1`` adds them anyway (on gloo, a
 message then also has to carry the expected tag), as a debugging aid.
 """
@@ -22,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from autopart.ir import Graph, NodeKind, TensorSpec
 from autopart.plan.plan import Plan
@@ -69,9 +76,16 @@ class Messages:
     """Who holds and who needs each value crossing ranks, and every rank's sends."""
 
     def __init__(
-        self, graph: Graph, plan: Plan, ios: list[StageIO], shapes: dict[str, ValueShape]
+        self,
+        graph: Graph,
+        plan: Plan,
+        ios: list[StageIO],
+        shapes: dict[str, ValueShape],
+        upward: dist.ProcessGroup | None = None,
     ) -> None:
         self.graph = graph
+        #: The process group of messages to a higher rank (the default group: to a lower one).
+        self.upward = upward
         self.plan = plan
         self.ios = ios
         self.shapes = shapes
@@ -105,6 +119,9 @@ class Messages:
     def output_needers(self, spec: TensorSpec, layout: BatchLayout, m: int) -> dict[int, Rows]:
         """A batch output goes to the ranks owning its rows; any other to every rank."""
         return layout.owners(m) if spec.is_batch else {r: (0, 0) for r in range(self.world)}
+
+    def group_of(self, message: Message) -> dist.ProcessGroup | None:
+        return self.upward if message.src < message.dst else None
 
     def tag_of(self, message: Message) -> int:
         if not self.tags:
@@ -220,7 +237,8 @@ class Inbox:
             spec = self.messages.shapes[message.name].leaves[message.leaf]
             buffer = routing.empty_like_spec(spec, message.rows[1] - message.rows[0], self.device)
             what = f"{PHASE_NAMES[message.phase]} of {message.name}"
-            routing.recv(buffer, src, self.messages.tag_of(message), what)
+            tag = self.messages.tag_of(message)
+            routing.recv(buffer, src, tag, what, self.messages.group_of(message))
             if message.key == key:
                 return buffer
             self._early[(src, message.key)] = buffer

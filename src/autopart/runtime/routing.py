@@ -100,13 +100,13 @@ def tag(phase: int, microbatch: int, value: int, leaf: int) -> int:
     return ((phase * 128 + microbatch) * 65536 + value) * 16 + leaf
 
 
-def send(tensor: torch.Tensor, dst: int, message: int, pending: list) -> None:
-    pending.append((dist.isend(tensor.contiguous(), dst, tag=message), tensor))
+def send(tensor: torch.Tensor, dst: int, message: int, pending: list, group=None) -> None:
+    pending.append((dist.isend(tensor.contiguous(), dst, group=group, tag=message), tensor))
 
 
-def recv(buffer: torch.Tensor, src: int, message: int, what: str) -> torch.Tensor:
+def recv(buffer: torch.Tensor, src: int, message: int, what: str, group=None) -> torch.Tensor:
     try:
-        dist.recv(buffer, src, tag=message)
+        dist.recv(buffer, src, group=group, tag=message)
     except RuntimeError as err:
         raise RuntimeCommError(
             f"rank {dist.get_rank()} got no {what} from rank {src}: {first_line(err)}. "

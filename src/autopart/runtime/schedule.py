@@ -88,6 +88,7 @@ class GPipeSchedule:
         device: torch.device,
         autocast: torch.dtype | None = None,
         offload: ParamOffload | None = None,
+        upward: dist.ProcessGroup | None = None,
     ) -> None:
         self.graph = graph
         self.autocast = autocast
@@ -104,7 +105,7 @@ class GPipeSchedule:
         read = {name for io in ios for name in io.inputs}
         crossing = sorted({*producer, *read, *self.outputs}, key=graph.index)
         self.shapes = {name: value_shape(graph, name) for name in crossing}
-        self.messages = Messages(graph, plan, ios, self.shapes)
+        self.messages = Messages(graph, plan, ios, self.shapes, upward)
         #: Buffer updates that run once per call (`stage_module.state_updates`), if any.
         self.state_update: fx.GraphModule | None = None
 
@@ -114,7 +115,8 @@ class GPipeSchedule:
         if message.dst == self.rank:
             state.mailbox[message.key] = tensor
         else:
-            routing.send(tensor, message.dst, self.messages.tag_of(message), state.pending)
+            tag, group = self.messages.tag_of(message), self.messages.group_of(message)
+            routing.send(tensor, message.dst, tag, state.pending, group)
 
     def _fetch(self, state: StepState, key: Key, src: int) -> torch.Tensor:
         if src == self.rank:
