@@ -160,6 +160,19 @@ class Graph:
     def __post_init__(self) -> None:
         self._index = {n.name: i for i, n in enumerate(self.nodes)}
 
+    def param_only_closure(self) -> dict[str, frozenset[str]]:
+        """Each parameter-only value with every parameter-only value it is computed from
+        (itself included): what a stage that reads it must compute, since such values are
+        never sent between stages."""
+        closure: dict[str, frozenset[str]] = {}
+        for node in self.nodes:
+            if node.kind is NodeKind.PARAM_ONLY:
+                deps = {node.name}
+                for src in node.inputs:
+                    deps |= closure.get(src, frozenset())
+                closure[node.name] = frozenset(deps)
+        return closure
+
     def delivered(self) -> list[str]:
         """The values the stages hand to the caller: the outputs, with each split scalar
         replaced by the batch values its terms read (the caller combines them)."""

@@ -24,13 +24,7 @@ def atomic_components(graph: Graph) -> list[Component]:
     """Return one component per batch node, in the graph's topological order."""
     by_name = {n.name: n for n in graph.nodes}
 
-    closure: dict[str, frozenset[str]] = {}
-    for node in graph.nodes:
-        if node.kind is NodeKind.PARAM_ONLY:
-            deps = {node.name}
-            for src in node.inputs:
-                deps |= closure.get(src, frozenset())
-            closure[node.name] = frozenset(deps)
+    closure = graph.param_only_closure()
 
     components = []
     for node in graph.nodes:

@@ -55,14 +55,15 @@ def derive_plan(plan: Plan, graph: Graph) -> Plan:
         for name in stage.params:
             holders.setdefault(name, set()).add(stage.index)
     trainable = {name for name, spec in graph.params.items() if spec.requires_grad}
-    derived = _param_only_params(graph)
+    closure = graph.param_only_closure()
     stage_of: dict[str, int] = {}
     members: list[set[str]] = [set() for _ in plan.stages]
     for node in graph.nodes:
         if node.kind is not NodeKind.BATCH:
             continue
         earliest = max((stage_of[i] for i in node.inputs if i in stage_of), default=0)
-        reads = set(node.params).union(*(derived.get(i, set()) for i in node.inputs))
+        ancestors = set().union(*(closure.get(i, frozenset()) for i in node.inputs))
+        reads = set(node.params).union(*(graph.node(a).params for a in ancestors))
         needed = reads & trainable
         choices = [
             s
@@ -78,7 +79,7 @@ def derive_plan(plan: Plan, graph: Graph) -> Plan:
             )
         stage_of[node.name] = choices[0]
         members[choices[0]].add(node.name)
-        members[choices[0]].update(_param_only_ancestors(graph, node.name))
+        members[choices[0]].update(ancestors)
     stages = []
     for stage, names in zip(plan.stages, members, strict=True):
         nodes = [n.name for n in graph.nodes if n.name in names]
@@ -90,27 +91,3 @@ def derive_plan(plan: Plan, graph: Graph) -> Plan:
             )
         )
     return dataclasses.replace(plan, fingerprint=graph.fingerprint, stages=stages)
-
-
-def _param_only_params(graph: Graph) -> dict[str, set[str]]:
-    """For each parameter-only value, the parameters it is computed from."""
-    found: dict[str, set[str]] = {}
-    for node in graph.nodes:
-        if node.kind is NodeKind.PARAM_ONLY:
-            found[node.name] = set(node.params).union(*(found.get(i, set()) for i in node.inputs))
-    return found
-
-
-def _param_only_ancestors(graph: Graph, name: str) -> set[str]:
-    """The parameter-only values ``name`` reads, directly or through each other: a stage
-    computes its own copy of each."""
-    found: set[str] = set()
-    todo = [i for i in graph.node(name).inputs if graph.node(i).kind is NodeKind.PARAM_ONLY]
-    while todo:
-        current = todo.pop()
-        if current not in found:
-            found.add(current)
-            todo += [
-                i for i in graph.node(current).inputs if graph.node(i).kind is NodeKind.PARAM_ONLY
-            ]
-    return found

@@ -49,7 +49,8 @@ def stage_ios(graph: Graph, plan: Plan) -> list[StageIO]:
                         "corrupt, re-plan"
                     )
                 owner[name] = stage.index
-    for name in graph.delivered():
+    delivered = graph.delivered()
+    for name in delivered:
         kind = graph.node(name).kind
         if kind is NodeKind.PARAM_ONLY:
             raise StageBuildError(
@@ -74,7 +75,7 @@ def stage_ios(graph: Graph, plan: Plan) -> list[StageIO]:
                     inputs.append(src)
                     needed_later.setdefault(src, set()).add(stage.index)
         ios.append((stage, nodes, inputs))
-    graph_outputs = set(graph.delivered())
+    graph_outputs = set(delivered)
     result = []
     for stage, nodes, inputs in ios:
         outputs = [
@@ -125,10 +126,11 @@ def state_updates(graph: Graph, plan: Plan) -> dict[int, tuple[str, ...]]:
     if not updates:
         return {}
     paths = [{graph.node(n).module_path for n in stage.nodes} for stage in plan.stages]
+    closure = graph.param_only_closure()
     found: dict[int, set[str]] = {}
     for node in updates:
         stages = [s for s, held in enumerate(paths) if node.module_path in held] or [0]
-        needed = {node.name, *_param_only_inputs(graph, node.name)}
+        needed = closure[node.name]
         for index in stages:
             found.setdefault(index, set()).update(needed)
     return {
@@ -141,14 +143,3 @@ def _in_place(op: str) -> bool:
     """ATen spells in-place ops with a trailing underscore: ``aten.add_.Tensor``."""
     parts = op.split(".")
     return len(parts) >= 2 and parts[0] == "aten" and parts[1].endswith("_")
-
-
-def _param_only_inputs(graph: Graph, name: str) -> set[str]:
-    found: set[str] = set()
-    todo = list(graph.node(name).inputs)
-    while todo:
-        current = todo.pop()
-        if current not in found and graph.node(current).kind is NodeKind.PARAM_ONLY:
-            found.add(current)
-            todo += graph.node(current).inputs
-    return found
