@@ -302,9 +302,9 @@ class _OutputLeaves:
             handle.remove()
 
     def _flatten(self, module: torch.nn.Module, args: Any, output: Any) -> tuple:
-        self.spec = pytree.tree_structure(output)
+        leaves, self.spec = pytree.tree_flatten_with_path(output)
         kept = []
-        for path, leaf in pytree.tree_flatten_with_path(output)[0]:
+        for path, leaf in leaves:
             if _is_tensor(leaf) or isinstance(leaf, _PLAIN):
                 kept.append(leaf)
                 continue
