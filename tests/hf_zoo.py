@@ -41,11 +41,11 @@ def _masked_lm(rows: int, seed: int):
     return args, kwargs
 
 
-def gpt2(dropout: float = 0.0):
+def gpt2(dropout: float = 0.0, layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        n_layer=2,
+        n_layer=layers,
         n_embd=32,
         n_head=4,
         n_positions=SEQ,
@@ -197,6 +197,7 @@ HF_ZOO = {
     "gpt2_extras": (gpt2, _padded_with_extras),
     "squeezed_regression": (SqueezedRegression, _regression_batch),
     "gpt2": (gpt2, _padded),
+    "gpt2_deep": (lambda: gpt2(layers=4), _padded),
     "llama": (llama, _padded),
     "bert_mlm": (bert_mlm, _masked_lm),
     **{f"loss_{form}": (lambda form=form: LossForms(form), _loss_batch) for form in LOSS_FORMS},

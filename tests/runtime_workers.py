@@ -580,3 +580,39 @@ def zero_bf16_matches_autocast_reference(rank: int, world: int) -> None:
     for name, param in wrapped.named_parameters():
         step, ref_step = param - before[name], ref_params[name] - before[name]
         assert_near(step, ref_step, f"update of {name}", BF16_REL)
+
+
+class _PeakOutput(nn.Module):
+    """A scalar output autopart cannot split into rows (``amax``): it is the row-weighted
+    mean of the chunks' values over the global batch, the same on every rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.second = nn.Linear(6, 6)
+
+    def forward(self, x):
+        y = self.second(torch.tanh(self.first(x)))
+        return y, y.amax(), (y.amax() > 0).to(torch.int64)
+
+
+def unsplit_scalar_is_the_chunk_mean(rank: int, world: int, stages: int) -> None:
+    torch.manual_seed(0)
+    model = _PeakOutput()
+    reference = copy.deepcopy(model)
+    wrapped = autopart.Module(model, stages=stages, microbatches=2)
+    full = torch.randn(LOCAL * world, 6, generator=torch.Generator().manual_seed(5))
+    y, peak, flag = wrapped(full[rank * LOCAL : (rank + 1) * LOCAL])
+    replicas = world // stages
+    chunks = full.tensor_split(2 * replicas)  # equal local batches: 2 microbatches x replicas
+    outputs = [reference(chunk) for chunk in chunks]
+    expected = sum(out[1] * len(chunk) for out, chunk in zip(outputs, chunks, strict=True)) / len(
+        full
+    )
+    assert_close(peak.detach(), expected.detach(), f"the chunk mean on rank {rank}")
+    assert flag == outputs[0][2], "a non-float scalar is the first chunk's value"
+    (peak + y.sum() * 0).backward()
+    expected.backward()
+    for name, param in wrapped.named_parameters():
+        grad = dict(reference.named_parameters())[name].grad
+        assert_close(param.grad, grad, f"grad of {name} on rank {rank}")

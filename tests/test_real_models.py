@@ -73,6 +73,14 @@ def test_each_loss_form_is_split_and_the_graph_still_returns_it(form):
     torch.testing.assert_close(graph.fx_module(*args, **kwargs), model(*args, **kwargs))
 
 
+@pytest.mark.multirank
+@pytest.mark.parametrize("stages", [1, 2])
+def test_an_unrecognized_scalar_is_the_row_weighted_chunk_mean_on_every_rank(stages):
+    import runtime_workers
+
+    run_ranks(2, runtime_workers.unsplit_scalar_is_the_chunk_mean, stages)
+
+
 def test_an_unrecognized_scalar_is_named_in_a_warning(caplog):
     class Peak(torch.nn.Module):
         def __init__(self):

@@ -2,7 +2,16 @@
 
 from autopart.errors import AutopartError
 
-__all__ = ["AutopartError", "GradScaler", "Module", "Plan"]
+__all__ = [
+    "AutopartError",
+    "GradScaler",
+    "Module",
+    "Plan",
+    "get_state_dict",
+    "load_checkpoint",
+    "save_checkpoint",
+    "set_state_dict",
+]
 __version__ = "0.1.0"
 
 
@@ -20,4 +29,8 @@ def __getattr__(name: str):
         from autopart.plan.plan import Plan
 
         return Plan
+    if name in ("get_state_dict", "set_state_dict", "save_checkpoint", "load_checkpoint"):
+        from autopart import checkpointing
+
+        return getattr(checkpointing, name)
     raise AttributeError(f"module 'autopart' has no attribute {name!r}")

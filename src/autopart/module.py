@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +48,27 @@ from autopart.runtime import routing
 from autopart.runtime.distenv import ensure_initialized, local_device
 from autopart.runtime.gradients import Holders
 from autopart.runtime.layout import BatchLayout
+from autopart.runtime.materialize import (
+    InitFn,
+    has_meta,
+    materialize,
+    meta_view,
+    needed_names,
+    on_meta,
+    rebind,
+    rebind_optimizer,
+)
 from autopart.runtime.offload import ParamOffload, StepOnDevice
 from autopart.runtime.schedule import GPipeSchedule, StepState
 from autopart.runtime.signatures import call_key, derive_plan, key_number
 from autopart.runtime.stage_module import StageIO, build_stage_module, stage_ios, state_updates
+from autopart.runtime.state_gather import gather, to_cpu
 from autopart.runtime.zero import ShardedStep, assign_shards
 
 log = logging.getLogger(__name__)
+
+#: Builds the optimizer from the model's parameters (which may be on the meta device).
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer | None) -> str:
@@ -73,7 +87,7 @@ class Module(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | OptimizerFactory | None = None,
         *,
         stages: int | None = None,
         microbatches: int | None = None,
@@ -86,8 +100,19 @@ class Module(nn.Module):
         prefetch: int = 1,
         track_memory: bool = False,
         timeout: float | None = None,
+        checkpoint: str | Path | None = None,
+        init_fn: InitFn | None = None,
     ) -> None:
         super().__init__()
+        if (checkpoint is not None or init_fn is not None) and not has_meta(model):
+            raise AutopartError(
+                "checkpoint= and init_fn= give values to a model built on the meta device, "
+                "and this model has none there; load a real model's weights with "
+                "load_state_dict() before wrapping it"
+            )
+        self._sources = (str(checkpoint) if checkpoint is not None else None, init_fn)
+        if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer(list(model.parameters()))  # over meta parameters is fine
         self._offload = offload_option(offload)
         if prefetch < 0:
             raise AutopartError(f"prefetch must be 0 or more parameters ahead, got {prefetch}")
@@ -125,7 +150,12 @@ class Module(nn.Module):
     # -- setup on the first call -------------------------------------------------------------
 
     def _capture(self, args: tuple, kwargs: dict[str, Any]) -> Graph:
-        graph = capture(self.model, args, kwargs)
+        if has_meta(self.model):  # wholly or partly on meta: capture it all there
+            with meta_view(self.model) as originals:
+                graph = capture(self.model, *on_meta((args, kwargs)))
+            rebind([graph.fx_module], originals)
+        else:
+            graph = capture(self.model, args, kwargs)
         if graph.static_batch is not None:
             raise AutopartError(
                 "the model fixes its batch size (it could only be captured at one batch size), "
@@ -138,6 +168,7 @@ class Module(nn.Module):
         graph = self._capture(args, kwargs)
         plan = derive_plan(self.plan, graph)
         plan.validate_for(graph, self.world, idle_stages=True)
+        self._materialize(graph, plan, first=False)  # the constants of its own capture
         schedule = self._build_schedule(graph, plan)
         self._add_state_update(schedule, plan.stage_of_rank(self.rank))
         self._schedules[key] = schedule
@@ -153,7 +184,9 @@ class Module(nn.Module):
         mine = updates.get(stage.index)
         if mine:
             io = StageIO(stage.index, mine, (), ())
-            schedule.state_update = build_stage_module(schedule.graph, io).to(self.device)
+            schedule.state_update = build_stage_module(schedule.graph, io, self.device).to(
+                self.device
+            )
             _share_buffers(schedule.state_update, self.model)
         ranks: dict[str, list] = {}
         for index, names in updates.items():
@@ -167,7 +200,7 @@ class Module(nn.Module):
         host memory where the stage offloads), ready to run."""
         ios = stage_ios(graph, plan)
         stage = plan.stage_of_rank(self.rank)
-        module = build_stage_module(graph, ios[stage.index])
+        module = build_stage_module(graph, ios[stage.index], self.device)
         offload = None
         if stage.offload != "none":
             if self.world > 1 and "gloo" not in dist.get_backend():
@@ -193,6 +226,7 @@ class Module(nn.Module):
         self.plan = self._agree_on_plan(self._local_batch(args, kwargs))
         self.plan.validate_for(self.graph, self.world)
         stage = self.plan.stage_of_rank(self.rank)
+        initialized = self._materialize(self.graph, self.plan, first=True)
         # Messages to higher ranks get a process group of their own (`runtime.messages`).
         self._upward = dist.new_group(list(range(self.world))) if self.world > 1 else None
         self.schedule = self._build_schedule(self.graph, self.plan)
@@ -208,6 +242,8 @@ class Module(nn.Module):
         }
         shards = assign_shards(stage, self.graph.params) if self._sharded(stage) else None
         self.holders = Holders(self.plan, self.rank, trainable, self.device, shards, updated)
+        if initialized:  # random values: every holder takes the first holder's, as DDP does
+            self.holders.broadcast_from_first(self._local_tensors(initialized))
         self._local_ids = {id(trainable[n]) for n in self.holders.local}
         self._state_owner = self._optimizer_state_owners(trainable)
         self._stepped_ids = self._local_ids
@@ -228,6 +264,40 @@ class Module(nn.Module):
             )
             self.optimizer.register_step_post_hook(lambda *_: step.after_step())
         log.info("rank %d runs stage %d of %d", self.rank, stage.index, self.plan.num_stages)
+
+    def _materialize(self, graph: Graph, plan: Plan, first: bool) -> tuple[str, ...]:
+        """Real tensors for this rank's part of a meta-device model (`runtime.materialize`);
+        returns the names whose values came from the initializer.  Only the first capture
+        materializes parameters; a later one has only its own constants to fill."""
+        if not has_meta(self.model) and not has_meta(graph.fx_module):
+            return ()
+        checkpoint, init_fn = self._sources
+        stage = plan.stage_of_rank(self.rank)
+        where = torch.device("cpu") if stage.offload != "none" else self.device
+        done = materialize(
+            self.model,
+            graph,
+            needed_names(graph, plan, self.rank),
+            where,
+            checkpoint=checkpoint if first else None,
+            init_fn=init_fn,
+            initialize=first,
+        )
+        if self.optimizer is not None:
+            rebind_optimizer(self.optimizer, self._original_groups, done.replaced)
+        return done.initialized
+
+    def _local_tensors(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers among ``names``, by canonical name."""
+        found = {}
+        for name, tensor in (
+            *self.model.named_parameters(remove_duplicate=False),
+            *self.model.named_buffers(remove_duplicate=False),
+        ):
+            canonical = self._names.get(name)
+            if canonical in names and not tensor.is_meta:
+                found[canonical] = tensor
+        return found
 
     def _local_batch(self, args, kwargs) -> int:
         first = next(
@@ -546,18 +616,20 @@ class Module(nn.Module):
         return total
 
     def state_dict(self, *args, rank0_only: bool = False, **kwargs) -> dict[str, torch.Tensor]:
-        """The full model state dict, gathered from the ranks that train each part."""
+        """The full model state dict, gathered from the ranks that train each part: on every
+        rank (each then holds the whole model), or with ``rank0_only`` streamed to rank 0 one
+        rank's part at a time (`runtime.state_gather`), the others getting ``{}``."""
         self._require_setup("state_dict")
-        mine = {}
-        for key, value in self.model.state_dict().items():
-            canonical = self._names.get(key, key)
-            if self.holders.owner(canonical) == self.rank:
-                mine[key] = value.detach().cpu()
-        merged = _merge_objects(mine, self.world, rank0_only)
+        keys = self.model.state_dict(keep_vars=True)
+        mine = {
+            key: to_cpu(value)
+            for key, value in keys.items()
+            if self.holders.owner(self._names.get(key, key)) == self.rank
+        }
+        merged = gather(mine, rank0_only, self.device)
         if merged is None:
             return {}
-        full = self.model.state_dict()
-        return {key: merged.get(key, value.detach().cpu()) for key, value in full.items()}
+        return {key: merged[key] for key in keys}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
@@ -568,11 +640,11 @@ class Module(nn.Module):
         opt = self._require_optimizer()
         index = {id(p): i for i, p in enumerate(p for g in self._original_groups for p in g)}
         mine = {
-            index[id(param)]: {k: _to_cpu(v) for k, v in state.items()}
+            index[id(param)]: {k: to_cpu(v) for k, v in state.items()}
             for param, state in opt.state.items()
             if self._state_owner.get(id(param)) == self.rank
         }
-        merged = _merge_objects(mine, self.world, rank0_only)
+        merged = gather(mine, rank0_only, self.device)
         if merged is None:
             return {}
         groups, start = [], 0
@@ -594,16 +666,20 @@ class Module(nn.Module):
         for saved, group in zip(groups, opt.param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
         opt.state.clear()
-        # Under offload="params" the state lives on the device, though the parameters do not.
-        on_device = self.plan.stage_of_rank(self.rank).offload == "params"
         for i, state in state_dict.get("state", {}).items():
             param = flat[int(i)]
             if id(param) in self._stepped_ids:
-                device = self.device if on_device else param.device
-                opt.state[param] = {
-                    k: v.to(device) if isinstance(v, torch.Tensor) and v.dim() else v
-                    for k, v in state.items()
-                }
+                opt.state[param] = self._placed_state(param, state)
+
+    def _placed_state(self, param: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """Optimizer state for ``param`` where this rank's step keeps it: under
+        offload="params" on the device, though the parameter itself is in host memory."""
+        on_device = self.plan.stage_of_rank(self.rank).offload == "params"
+        device = self.device if on_device else param.device
+        return {
+            k: v.to(device) if isinstance(v, torch.Tensor) and v.dim() else v
+            for k, v in state.items()
+        }
 
     def _require_setup(self, what: str) -> None:
         if self.plan is None:
@@ -734,24 +810,3 @@ def _all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]
             "A rank has probably died or raised; see its own error"
         ) from err
     return [t.tolist() for t in every]
-
-
-def _merge_objects(mine: dict, world: int, rank0_only: bool) -> dict | None:
-    if world == 1:
-        return dict(mine)
-    if rank0_only:
-        gathered = [None] * world if dist.get_rank() == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
-        if gathered is None:
-            return None
-    else:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-    merged: dict = {}
-    for part in gathered:
-        merged.update(part)
-    return merged
-
-
-def _to_cpu(value: Any) -> Any:
-    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value

@@ -115,6 +115,25 @@ class Holders:
             for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                 grad.copy_(synced)
 
+    def broadcast_from_first(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Give every holder of each tensor the first holder's value, in one message per
+        holder set and dtype (freshly initialized values differ from rank to rank)."""
+        buckets: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        for name in sorted(tensors):
+            holders = self.ranks_of.get(name, ())
+            if len(holders) > 1:
+                buckets[holders, tensors[name].dtype].append(tensors[name])
+        for (holders, _), values in sorted(
+            buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
+        ):
+            flat = _flatten_dense_tensors([v.detach() for v in values]).to(self.device)
+            dist.broadcast(flat, src=holders[0], group=self.groups[holders])
+            with torch.no_grad():
+                for value, first in zip(
+                    values, _unflatten_dense_tensors(flat, values), strict=True
+                ):
+                    value.copy_(first)
+
     def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """The norm of the full gradient, each parameter counted once over all ranks.
         Each gradient is reduced where it lives (offloaded ones in host memory)."""

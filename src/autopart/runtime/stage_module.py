@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.utils._pytree as pytree
 from torch import fx
 
 from autopart.errors import AutopartError
@@ -88,8 +90,14 @@ def stage_ios(graph: Graph, plan: Plan) -> list[StageIO]:
     return result
 
 
-def build_stage_module(graph: Graph, io: StageIO) -> fx.GraphModule:
-    """An executable module for one stage, sharing parameters with the captured model."""
+def build_stage_module(graph: Graph, io: StageIO, device: torch.device) -> fx.GraphModule:
+    """An executable module for one stage on ``device``, sharing parameters with the
+    captured model.
+
+    Export bakes the capture's device into the ops that make tensors (``arange``, ``full``,
+    ``to``): the parameters' device, which is the CPU or, for a model built on it, meta.
+    Those arguments are pointed at ``device``, where the plain model would have run them."""
+    retarget = _retarget(device)
     source: fx.GraphModule = graph.fx_module
     if source is None:
         raise StageBuildError("the graph has no captured module to execute; capture it again")
@@ -103,7 +111,10 @@ def build_stage_module(graph: Graph, io: StageIO) -> fx.GraphModule:
             for dep in node.all_input_nodes:
                 if dep.op == "get_attr" and dep.name not in env:
                     env[dep.name] = new.node_copy(dep, lambda n: env[n.name])
-            env[node.name] = new.node_copy(node, lambda n: env[n.name])
+            copied = new.node_copy(node, lambda n: env[n.name])
+            copied.args = pytree.tree_map(retarget, copied.args)
+            copied.kwargs = pytree.tree_map(retarget, copied.kwargs)
+            env[node.name] = copied
     new.output(tuple(env[name] for name in io.outputs))
     return fx.GraphModule(source, new)
 
@@ -137,6 +148,15 @@ def state_updates(graph: Graph, plan: Plan) -> dict[int, tuple[str, ...]]:
         index: tuple(n.name for n in graph.nodes if n.name in names)
         for index, names in found.items()
     }
+
+
+def _retarget(device: torch.device):
+    def point(value):
+        if isinstance(value, torch.device) and value.type in ("cpu", "meta") and value != device:
+            return device
+        return value
+
+    return point
 
 
 def _in_place(op: str) -> bool:
