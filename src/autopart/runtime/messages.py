@@ -116,10 +116,6 @@ class Messages:
             found.update(layout.replicas(m, self.plan.stages[index].ranks))
         return found
 
-    def output_needers(self, spec: TensorSpec, layout: BatchLayout, m: int) -> dict[int, Rows]:
-        """A batch output goes to the ranks owning its rows; any other to every rank."""
-        return layout.owners(m) if spec.is_batch else {r: (0, 0) for r in range(self.world)}
-
     def group_of(self, message: Message) -> dist.ProcessGroup | None:
         return self.upward if message.src < message.dst else None
 
@@ -168,13 +164,9 @@ class Messages:
                     if spec.affine is not None:
                         continue  # rebuilt by each needer from its own row count
                     targets = [(ACT, self.needers(name, layout, m))]
-                    if name in self.outputs:
-                        targets.append((OUT, self.output_needers(spec, layout, m)))
+                    if name in self.outputs and spec.is_batch:  # others: one all-reduce
+                        targets.append((OUT, layout.owners(m)))
                     for phase, needers in targets:
-                        if phase == OUT and not spec.is_batch:  # every replica's value
-                            for dst in needers:
-                                yield Message(OUT, m, name, li, rank, dst, (0, 0))
-                            continue
                         for move in routing.moves_for(spec, holders, needers):
                             if move.src == rank:
                                 yield Message(phase, m, name, li, rank, move.dst, move.rows)

@@ -11,8 +11,9 @@ The messages, by phase:
 
 * ``INPUT``: the caller's rows, from the rank that owns them to the stages that read them;
 * ``ACT``: a stage's output, to the later stages that read it;
-* ``OUT``: a model output, back to the ranks that own those rows (batch outputs), or every
-  microbatch replica's value to every rank (scalars such as a loss, averaged over the batch);
+* ``OUT``: a batch output, back to the ranks that own those rows.  An output without a batch
+  dimension (a scalar autopart could not split into rows) is no message: every rank gets the
+  row-weighted mean of the chunks' values from one all-reduce per call, over all such outputs;
 * ``GRAD`` / ``OUT_GRAD``: the gradients of ``ACT`` / ``OUT`` messages, back to their senders.
 
 Gradients follow DistributedDataParallel: every rank's output gradient is divided by the
@@ -73,6 +74,8 @@ class StepState:
     pending: list = field(default_factory=list)
     mailbox: dict[Key, torch.Tensor] = field(default_factory=dict)  # sent to this rank itself
     inbox: Inbox | None = None
+    #: This rank's share of each whole (non-batch) output leaf, summed for the all-reduce.
+    shares: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
 class GPipeSchedule:
@@ -106,6 +109,14 @@ class GPipeSchedule:
         crossing = sorted({*producer, *read, *self.outputs}, key=graph.index)
         self.shapes = {name: value_shape(graph, name) for name in crossing}
         self.messages = Messages(graph, plan, ios, self.shapes, upward)
+        #: The output leaves without a batch dimension, in one order on every rank.
+        self.whole = [
+            (name, li)
+            for name in self.outputs
+            if graph.node(name).kind is not NodeKind.INPUT
+            for li, spec in enumerate(self.shapes[name].leaves)
+            if not spec.is_batch and spec.affine is None
+        ]
         #: Buffer updates that run once per call (`stage_module.state_updates`), if any.
         self.state_update: fx.GraphModule | None = None
 
@@ -193,6 +204,9 @@ class GPipeSchedule:
 
     def _send_outputs(self, state: StepState, outputs, m: int, rows: Rows) -> None:
         values = dict(zip(self.io.outputs, outputs, strict=True))
+        for name, li in self.whole:
+            if name in values:
+                self._add_share(state, name, li, values[name][li], m, rows)
         tensors: dict[tuple[str, int], torch.Tensor] = {}
         for message in self.messages.sends_in(self.rank, state.layout, FORWARD, m):
             spec = self.shapes[message.name].leaves[message.leaf]
@@ -204,6 +218,47 @@ class GPipeSchedule:
                 tensors[where] = _to_tensor(leaf, spec).detach().to(dtype)
             piece = routing.take_rows(tensors[where], spec, rows, message.rows)
             self._post(state, message, piece)
+
+    def _add_share(self, state: StepState, name: str, li: int, leaf, m: int, rows: Rows) -> None:
+        """A float's value weighted by this chunk's rows; anything else only from the first
+        chunk (the lowest rank of microbatch 0), so that the sum over ranks is that value."""
+        spec = self.shapes[name].leaves[li]
+        value = _to_tensor(leaf, spec).detach()
+        if value.is_floating_point():
+            share = value.double() * _count(rows)
+        elif m == 0 and self.rank == min(self._holders(name, state.layout, 0)):
+            share = _as_real(value)
+        else:
+            return
+        key = (name, li)
+        state.shares[key] = state.shares[key] + share if key in state.shares else share
+
+    def _combine_whole(self, state: StepState) -> dict[tuple[str, int], Any]:
+        """Every rank's value of each whole output leaf, from one all-reduce of the shares."""
+        if not self.whole:
+            return {}
+        specs = [self.shapes[name].leaves[li] for name, li in self.whole]
+        zeros = [_as_real(torch.zeros(s.shape, dtype=routing.torch_dtype(s.dtype))) for s in specs]
+        parts = [
+            state.shares.get(key, zero).to(self.device).double().flatten()
+            for key, zero in zip(self.whole, zeros, strict=True)
+        ]
+        flat = torch.cat(parts)
+        if self.world > 1:
+            dist.all_reduce(flat)
+        combined, start = {}, 0
+        for key, spec, zero in zip(self.whole, specs, zeros, strict=True):
+            piece = flat[start : start + zero.numel()].view(zero.shape)
+            start += zero.numel()
+            dtype = routing.torch_dtype(spec.dtype)
+            if dtype.is_floating_point:
+                value = (piece / state.layout.global_batch).to(dtype)
+            elif dtype.is_complex:
+                value = torch.view_as_complex(piece.contiguous()).to(dtype)
+            else:
+                value = piece.round().to(dtype)
+            combined[key] = _from_tensor(value, spec)
+        return combined
 
     # -- the model's outputs on every rank ---------------------------------------------------
 
@@ -233,15 +288,12 @@ class GPipeSchedule:
                         ]
                     leaves.append(_join(pieces, spec))
                 else:
-                    parts = [
-                        (self._fetch(state, (OUT, m, name, li), src), _count(rows))
-                        for m in range(layout.microbatches)
-                        for src, rows in self._holders(name, layout, m).items()
-                    ]
-                    leaves.append(_from_tensor(_batch_mean(parts, layout.global_batch), spec))
+                    leaves.append(None)  # from the all-reduce below
             result[name] = leaves
         state.inbox.finish()
         routing.wait_all(state.pending)
+        for (name, li), value in self._combine_whole(state).items():
+            result[name][li] = value
         return result
 
     # -- backward ----------------------------------------------------------------------------
@@ -298,15 +350,19 @@ class GPipeSchedule:
         """Post this rank's output gradients to their producers; average the scalar ones."""
         own = state.layout.rows_of(self.rank)
         means: dict[tuple[str, int], torch.Tensor] = {}
-        for name in self.outputs:
-            if self.graph.node(name).kind is NodeKind.INPUT:
-                continue
-            for li, spec in enumerate(self.shapes[name].leaves):
-                if differentiable(spec) and not spec.is_batch:
-                    grad = grads[name][li]
-                    total = torch.as_tensor(grad, dtype=torch.float64, device=self.device).clone()
-                    dist.all_reduce(total)
-                    means[(name, li)] = total / self.world
+        keys = [k for k in self.whole if differentiable(self.shapes[k[0]].leaves[k[1]])]
+        if keys:  # every rank's gradient of the whole outputs, averaged in one all-reduce
+            totals = [
+                torch.as_tensor(grads[name][li], dtype=torch.float64, device=self.device)
+                for name, li in keys
+            ]
+            flat = torch.cat([t.flatten() for t in totals])
+            if self.world > 1:
+                dist.all_reduce(flat)
+            start = 0
+            for key, total in zip(keys, totals, strict=True):
+                means[key] = flat[start : start + total.numel()].view(total.shape) / self.world
+                start += total.numel()
         for message in self._sends(state.layout, BACKWARD):
             if message.phase == OUT_GRAD:
                 spec = self.shapes[message.name].leaves[message.leaf]
@@ -409,11 +465,6 @@ def _from_tensor(value: torch.Tensor, spec: TensorSpec):
     return value.item() if routing.is_scalar(spec) else value
 
 
-def _batch_mean(parts: list[tuple[torch.Tensor, int]], global_batch: int) -> torch.Tensor:
-    """Combine per-chunk values of a non-batch output: the row-weighted mean for floats (a
-    loss computed as a batch mean), the first chunk's value for anything else."""
-    first = parts[0][0]
-    if not first.is_floating_point():
-        return first
-    total = sum(value.double() * rows for value, rows in parts) / global_batch
-    return total.to(first.dtype)
+def _as_real(value: torch.Tensor) -> torch.Tensor:
+    """A complex value as its real and imaginary parts, which a float64 all-reduce carries."""
+    return torch.view_as_real(value) if value.is_complex() else value
