@@ -11,7 +11,10 @@ vocabulary) is trained for one step on ``--ranks`` processes with as many stages
   the rank's own stage (values from the model's initializer).
 
 Each rank reports its peak resident set size (``ru_maxrss``, which includes the Python and
-torch runtime) and the bytes of real parameter and buffer storage it holds after the step.
+torch runtime: the "before the model" column is that peak once torch, transformers and the
+process group are up) and the bytes of real parameter and buffer storage it holds after the
+step.  The peak also holds the gradients (as large as the parameters) and one step's
+activations.
 The runs are sequential, each in fresh processes, so neither sees the other's peak.
 """
 
@@ -50,8 +53,11 @@ def _build(layers: int, width: int, meta: bool):
 def _rank(rank: int, world: int, port: int, mode: str, layers: int, width: int, out) -> None:
     set_local_launch_env(rank, world, port)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
+    import transformers  # noqa: F401  (imported before the baseline is taken)
+
     import autopart
 
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = _build(layers, width, meta=mode == "meta")
     params = sum(p.numel() for p in model.parameters())
     wrapped = autopart.Module(
@@ -66,7 +72,7 @@ def _rank(rank: int, world: int, port: int, mode: str, layers: int, width: int, 
         if not t.is_meta
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out.put((mode, rank, params, held, peak))
+    out.put((mode, rank, params, held, peak, baseline))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -103,12 +109,15 @@ def main() -> None:
         f"GPT-2, {args.layers} layers x {args.width}, {params / 1e6:.0f}M parameters "
         f"({params * 4 / gib:.2f} GiB fp32), {args.ranks} ranks x {args.ranks} stages\n"
     )
-    print("| rank | plain: peak RSS | plain: tensors held | meta: peak RSS | meta: tensors held |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| rank | before the model | plain: peak RSS | plain: tensors held "
+        "| meta: peak RSS | meta: tensors held |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for plain, meta in zip(rows["plain"], rows["meta"], strict=True):
         print(
-            f"| {plain[1]} | {plain[4] / gib:.2f} GiB | {plain[3] / gib:.2f} GiB "
-            f"| {meta[4] / gib:.2f} GiB | {meta[3] / gib:.2f} GiB |"
+            f"| {plain[1]} | {meta[5] / gib:.2f} GiB | {plain[4] / gib:.2f} GiB "
+            f"| {plain[3] / gib:.2f} GiB | {meta[4] / gib:.2f} GiB | {meta[3] / gib:.2f} GiB |"
         )
 
 

@@ -52,26 +52,34 @@ def run_oracle(rank: int, world: int, case: OracleCase) -> None:
     torch.manual_seed(0)
     model = build()
     reference = copy.deepcopy(model)
-    opt, ref_opt = sgd(model.parameters()), sgd(reference.parameters())
+    opt = sgd(model.parameters())
     wrapped = autopart.Module(
         model, opt, stages=case.stages, microbatches=case.microbatches, **case.options
     )
+    rows = list(case.step_rows) or [case.base_rows] * case.steps
+    train_like_ddp(wrapped, reference, make_batch, rows, rank, world, str(case))
+    if case.stages is not None:
+        assert wrapped.plan.num_stages == case.stages
+
+
+def train_like_ddp(wrapped, reference, make_batch, rows, rank: int, world: int, label: str):
+    """One SGD step per entry of ``rows`` (rank r's local batch has ``rows[step] + r`` rows)
+    on the wrapped model and on ``reference``, DDP's average over every rank's batch; outputs,
+    gradients and parameters must match after each step."""
+    opt, ref_opt = wrapped.optimizer, sgd(reference.parameters())
     ref_params = dict(reference.named_parameters())
-    for step in range(case.steps):
-        base = case.step_rows[step] if case.step_rows else case.base_rows
+    for step, base in enumerate(rows):
         batches = [make_batch(base + r, seed=1000 * step + r) for r in range(world)]
         out = wrapped(*batches[rank][0], **batches[rank][1])
         loss_of(out).backward()
         ref_outs = [reference(*args, **kwargs) for args, kwargs in batches]
         (sum(loss_of(o) for o in ref_outs) / world).backward()
-        what = f"{case} step {step} rank {rank}"
+        what = f"{label} step {step} rank {rank}"
         compare_outputs(out, ref_outs[rank], what)
         for name, param in wrapped.named_parameters():
             expected = ref_params[name].grad
             assert expected is not None and param.grad is not None, f"{what}: no grad of {name}"
             assert_close(param.grad, expected, f"{what} grad of {name}")
-        if case.stages is not None:
-            assert wrapped.plan.num_stages == case.stages
         opt.step()
         opt.zero_grad()
         ref_opt.step()

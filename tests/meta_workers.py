@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import autopart
 from autopart.runtime.materialize import needed_names
-from ddp_oracle import compare_outputs, loss_of, sgd
+from ddp_oracle import compare_outputs, loss_of, sgd, train_like_ddp
 from equivalence import assert_close
 from hf_zoo import HF_ZOO
 
@@ -42,7 +42,14 @@ def check_stage_only(wrapped: autopart.Module) -> None:
 
 
 def meta_from_checkpoint_trains_like_ddp(
-    rank: int, world: int, name: str, stages: int, weights: str, factory: bool, reference: str
+    rank: int,
+    world: int,
+    name: str,
+    stages: int,
+    weights: str,
+    factory: bool,
+    reference: str,
+    options: dict,
 ) -> None:
     """A meta-built model loaded from ``weights`` trains exactly like DDP over the plain model
     with the same weights, evaluates like it mid-training, and holds only its stage."""
@@ -50,26 +57,16 @@ def meta_from_checkpoint_trains_like_ddp(
     model = build_on_meta(name)
     reference = reference_from(name, Path(reference))
     optimizer = sgd if factory else sgd(model.parameters())
-    wrapped = autopart.Module(model, optimizer, stages=stages, microbatches=2, checkpoint=weights)
-    opt, ref_opt = wrapped.optimizer, sgd(reference.parameters())
-    ref_params = dict(reference.named_parameters())
-    for step in range(2):
-        batches = [make_batch(3 + r, seed=100 * step + r) for r in range(world)]
-        out = wrapped(*batches[rank][0], **batches[rank][1])
-        loss_of(out).backward()
-        ref_outs = [reference(*args, **kwargs) for args, kwargs in batches]
-        (sum(loss_of(o) for o in ref_outs) / world).backward()
-        what = f"{name} from {Path(weights).name}, {stages} stage(s), step {step}, rank {rank}"
-        compare_outputs(out, ref_outs[rank], what)
-        for key, param in wrapped.named_parameters():
-            assert_close(param.grad, ref_params[key].grad, f"{what} grad of {key}")
-        opt.step()
-        opt.zero_grad()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        for key, param in wrapped.named_parameters():
-            assert_close(param.detach(), ref_params[key].detach(), f"{what} param {key}")
+    wrapped = autopart.Module(
+        model, optimizer, stages=stages, microbatches=2, checkpoint=weights, **options
+    )
+    label = f"{name} from {Path(weights).name}, {stages} stage(s)"
+    train_like_ddp(wrapped, reference, make_batch, [3, 3], rank, world, label)
     check_stage_only(wrapped)
+    tied = getattr(model, "lm_head", None), model.get_input_embeddings()
+    if model.config.tie_word_embeddings and not tied[1].weight.is_meta:
+        head = tied[0].weight
+        assert head.is_meta or head is tied[1].weight, "the tied head was materialized apart"
     wrapped.eval()
     reference.eval()
     args, kwargs = make_batch(3 + rank, seed=7)
@@ -78,13 +75,13 @@ def meta_from_checkpoint_trains_like_ddp(
     check_stage_only(wrapped)  # the evaluation's own capture allocated nothing
 
 
-def meta_initializer(rank: int, world: int, name: str, stages: int) -> None:
+def meta_initializer(rank: int, world: int, name: str, stages: int, options: dict) -> None:
     """Without a checkpoint, the model's own initializer fills this rank's stage: replicas
     and the stages sharing a tied weight agree, and the deterministic buffers (rotary
     frequencies, position ids) equal those of plain construction."""
     _, make_batch = HF_ZOO[name]
     model = build_on_meta(name)
-    wrapped = autopart.Module(model, sgd, stages=stages, microbatches=2)
+    wrapped = autopart.Module(model, sgd, stages=stages, microbatches=2, **options)
     args, kwargs = make_batch(3, seed=rank)
     loss_of(wrapped(*args, **kwargs)).backward()
     check_stage_only(wrapped)
@@ -195,8 +192,12 @@ def dcp_round_trip_reshards(rank: int, world: int, path: str, plain_path: str) -
 
 
 def refuses_another_models_checkpoint(rank: int, world: int, path: str) -> None:
+    """Also: two replicas of one stage write the model and its Adam state once, not twice."""
     first = _trained("gpt2", 1, seed=0, steps=1, rank=rank, world=world)
     autopart.save_checkpoint(path, first, first.optimizer)
+    once = 3 * sum(p.numel() * p.element_size() for p in first.model.parameters())
+    written = sum(f.stat().st_size for f in Path(path).glob("*.distcp"))
+    assert 0.9 * once < written < 1.3 * once, (written, once)
     other = _trained("llama", 1, seed=0, steps=0, rank=rank, world=world)
     try:
         autopart.load_checkpoint(path, other, other.optimizer)

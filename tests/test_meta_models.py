@@ -52,17 +52,19 @@ def _save_plain(name: str, path: Path, layout: str) -> Path:
 @pytest.mark.multirank
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "stages", "layout", "factory"),
+    ("name", "stages", "layout", "factory", "options"),
     [
-        ("gpt2", 1, "safetensors", True),
-        ("gpt2", 2, "sharded", False),
-        ("llama", 2, "torch", True),
+        ("gpt2", 1, "safetensors", True, {"offload": True}),
+        ("gpt2", 2, "sharded", False, {}),
+        ("llama", 2, "torch", True, {}),
     ],
 )
-def test_meta_model_from_checkpoint_trains_like_ddp(tmp_path, name, stages, layout, factory):
-    """GPT-2 ties its head to the embedding (the checkpoint stores it once, and the two
-    stages hold it apart); Llama's rotary frequencies are in no checkpoint and come from the
-    initializer."""
+def test_meta_model_from_checkpoint_trains_like_ddp(
+    tmp_path, name, stages, layout, factory, options
+):
+    """GPT-2 ties its head to the embedding (the checkpoint stores it once, and both stages
+    hold it); Llama's rotary frequencies are in no checkpoint and come from the initializer.
+    Offloaded stages materialize in host memory."""
     weights = _save_plain(name, tmp_path, layout)
     # The reference reads the same values from one file.
     reference = _save_plain(name, tmp_path, "safetensors") if layout == "sharded" else weights
@@ -74,15 +76,19 @@ def test_meta_model_from_checkpoint_trains_like_ddp(tmp_path, name, stages, layo
         str(weights),
         factory,
         str(reference),
+        options,
         timeout_s=300,
     )
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "stages"), [("llama", 1), ("bert_mlm", 2)])
-def test_meta_model_without_checkpoint_uses_its_initializer(name, stages):
-    run_ranks(2, workers.meta_initializer, name, stages, timeout_s=300)
+@pytest.mark.parametrize(
+    ("name", "stages", "options"), [("llama", 1, {"zero": True}), ("bert_mlm", 2, {})]
+)
+def test_meta_model_without_checkpoint_uses_its_initializer(name, stages, options):
+    """Llama with two ZeRO replicas (which must start equal), BERT over two stages."""
+    run_ranks(2, workers.meta_initializer, name, stages, options, timeout_s=300)
 
 
 @pytest.mark.multirank
