@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,6 +87,9 @@ def meta_initializer(rank: int, world: int, name: str, stages: int, options: dic
     loss_of(wrapped(*args, **kwargs)).backward()
     check_stage_only(wrapped)
     full = wrapped.state_dict()  # gathered from the owners
+    with warnings.catch_warnings():  # a full state dict loads without a warning per meta tensor
+        warnings.simplefilter("error")
+        wrapped.load_state_dict(full)
     mine = {k: v for k, v in wrapped.model.state_dict().items() if not v.is_meta}
     for key, value in mine.items():
         assert torch.equal(value.cpu(), full[key]), f"rank {rank} disagrees with the owner on {key}"
@@ -197,7 +201,9 @@ def refuses_another_models_checkpoint(rank: int, world: int, path: str) -> None:
     autopart.save_checkpoint(path, first, first.optimizer)
     once = 3 * sum(p.numel() * p.element_size() for p in first.model.parameters())
     written = sum(f.stat().st_size for f in Path(path).glob("*.distcp"))
-    assert 0.9 * once < written < 1.3 * once, (written, once)
+    # DCP frames every item (about 0.6x more on a model this small); a copy per replica
+    # would double all of it, to over 3x.
+    assert once < written < 2 * once, (written, once)
     other = _trained("llama", 1, seed=0, steps=0, rank=rank, world=world)
     try:
         autopart.load_checkpoint(path, other, other.optimizer)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -632,7 +633,11 @@ class Module(nn.Module):
         return {key: merged[key] for key in keys}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+        """Load a full state dict into this rank's tensors.  Of a meta-built model, the other
+        stages' tensors stay on meta: copying into them is the no-op torch warns about."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model")
+            return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def optimizer_state_dict(self, rank0_only: bool = False) -> dict[str, Any]:
         """The optimizer state as the unwrapped model's optimizer would write it."""
