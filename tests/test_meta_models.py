@@ -153,6 +153,53 @@ def _uninitialized_parameter_is_named(rank: int, world: int) -> None:
     assert torch.equal(model.scale.detach(), torch.full((4,), 2.0))
 
 
+class _PartlyReal(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(4, 4)
+        self.second = torch.nn.Linear(4, 4)
+        self.register_buffer("counts", torch.zeros(4, dtype=torch.uint8))
+
+    def forward(self, x):
+        return self.second(self.first(x)) + self.counts
+
+
+def _initializer_leaves_real_tensors_alone(rank: int, world: int) -> None:
+    """Only the materialized tensors are initialized: a layer built for real keeps its values,
+    and a uint8 buffer the initializer zeroes counts as set (0 is not its sentinel)."""
+    with torch.device("meta"):
+        model = _PartlyReal()
+    model.second = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.second.weight.fill_(7.0)
+
+    def init(module: _PartlyReal) -> None:
+        module.first.reset_parameters()
+        module.second.reset_parameters()  # on meta while it runs: a no-op
+        module.counts.zero_()
+
+    wrapped = autopart.Module(model, init_fn=init)
+    assert torch.isfinite(wrapped(torch.randn(2, 4))).all()
+    assert torch.equal(model.second.weight.detach(), torch.full((4, 4), 7.0))
+    assert not model.first.weight.is_meta and torch.equal(model.counts, torch.zeros(4).byte())
+
+
+@pytest.mark.multirank
+def test_the_initializer_writes_only_the_tensors_it_materializes():
+    run_ranks(1, _initializer_leaves_real_tensors_alone)
+
+
+@pytest.mark.multirank
+def test_one_stages_checkpoint_problem_stops_every_rank(tmp_path):
+    torch.manual_seed(0)
+    values = dict(HF_ZOO["gpt2"][0]().state_dict())
+    values.pop("lm_head.weight")
+    values.pop("transformer.ln_f.bias")  # read by the last stage only
+    save_file(values, tmp_path / "lacking.safetensors")
+    fragment = "lacks 1 tensor(s) of this rank's stage: transformer.ln_f.bias"
+    run_ranks(2, workers.expect_error, "gpt2", str(tmp_path / "lacking.safetensors"), fragment)
+
+
 @pytest.mark.multirank
 def test_a_parameter_no_initializer_sets_is_an_error_and_init_fn_sets_it():
     run_ranks(1, _uninitialized_parameter_is_named)

@@ -54,12 +54,12 @@ def get_state_dict(
     state = {
         names[id(param)]: dict(values)
         for param, values in optimizers.state.items()
-        if id(param) in model._stepped_ids
+        if id(param) in model._stepped_ids and id(param) in names
     }
     groups = [
         {
             **{k: v for k, v in group.items() if k != "params"},
-            "params": [names[id(p)] for p in original],
+            "params": [names[id(p)] for p in original if id(p) in names],
         }
         for group, original in zip(optimizers.param_groups, model._original_groups, strict=True)
     ]
@@ -104,8 +104,9 @@ def set_state_dict(
     for saved, group in zip(groups, optimizers.param_groups, strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})
     saved_state = optim_state_dict.get("state", {})
+    names = _param_names(model)
     for param in [p for g in model._original_groups for p in g]:
-        name = _param_names(model)[id(param)]
+        name = names.get(id(param))
         if id(param) in model._stepped_ids and name in saved_state:
             optimizers.state[param] = model._placed_state(param, saved_state[name])
 
@@ -203,7 +204,8 @@ def _init_optimizer_state(model: Module, optimizer: torch.optim.Optimizer) -> No
     rates = [group.get("lr") for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         if "lr" in group:
-            group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+            rate = group["lr"]
+            group["lr"] = torch.zeros_like(rate) if isinstance(rate, torch.Tensor) else 0.0
     optimizer.step()
     for group, rate in zip(optimizer.param_groups, rates, strict=True):
         if rate is not None:

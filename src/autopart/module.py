@@ -112,6 +112,7 @@ class Module(nn.Module):
                 "load_state_dict() before wrapping it"
             )
         self._sources = (str(checkpoint) if checkpoint is not None else None, init_fn)
+        self._meta_built = has_meta(model)
         if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(list(model.parameters()))  # over meta parameters is fine
         self._offload = offload_option(offload)
@@ -270,20 +271,25 @@ class Module(nn.Module):
         """Real tensors for this rank's part of a meta-device model (`runtime.materialize`);
         returns the names whose values came from the initializer.  Only the first capture
         materializes parameters; a later one has only its own constants to fill."""
-        if not has_meta(self.model) and not has_meta(graph.fx_module):
+        if not self._meta_built:  # the same on every rank, unlike what each holds by now
             return ()
         checkpoint, init_fn = self._sources
         stage = plan.stage_of_rank(self.rank)
         where = torch.device("cpu") if stage.offload != "none" else self.device
-        done = materialize(
-            self.model,
-            graph,
-            needed_names(graph, plan, self.rank),
-            where,
-            checkpoint=checkpoint if first else None,
-            init_fn=init_fn,
-            initialize=first,
-        )
+        failure: AutopartError | None = None
+        try:
+            done = materialize(
+                self.model,
+                graph,
+                needed_names(graph, plan, self.rank),
+                where,
+                checkpoint=checkpoint if first else None,
+                init_fn=init_fn,
+                initialize=first,
+            )
+        except AutopartError as err:  # one stage's problem: every rank must stop with it
+            failure = err
+        _raise_on_every_rank(failure, self.world)
         if self.optimizer is not None:
             rebind_optimizer(self.optimizer, self._original_groups, done.replaced)
         return done.initialized
@@ -635,6 +641,11 @@ class Module(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load a full state dict into this rank's tensors.  Of a meta-built model, the other
         stages' tensors stay on meta: copying into them is the no-op torch warns about."""
+        if assign and has_meta(self.model):
+            raise AutopartError(
+                "load_state_dict(assign=True) would put every stage's tensors on this rank and "
+                "cut them off from the stage that trains them; load without assign"
+            )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model")
             return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
@@ -791,6 +802,19 @@ def _restructure(graph: Graph, values: dict[str, Any]) -> Any:
     return pytree.tree_map(
         lambda n: values[n.name] if isinstance(n, torch.fx.Node) else n, output.args[0]
     )
+
+
+def _raise_on_every_rank(failure: AutopartError | None, world: int) -> None:
+    """Raise ``failure`` here, and on every other rank the first rank's failure, so that a
+    problem one stage has stops all ranks instead of leaving them to time out."""
+    if world > 1:
+        failures: list[Any] = [None] * world
+        dist.all_gather_object(failures, None if failure is None else str(failure))
+        first = next(((r, f) for r, f in enumerate(failures) if f is not None), None)
+        if first is not None and failure is None:
+            raise AutopartError(f"rank {first[0]} failed: {first[1]}")
+    if failure is not None:
+        raise failure
 
 
 def _agreeing(values: list) -> str:

@@ -19,6 +19,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from autopart.plan.plan import Plan
 from autopart.runtime.overlap import OverlappedAllReduce
 
+#: The most bytes one broadcast of freshly initialized values carries.
+BROADCAST_BUCKET_BYTES = 64 * 2**20
+
 
 class Holders:
     """Parameter placement from a plan, with one process group per holder set."""
@@ -116,23 +119,28 @@ class Holders:
                 grad.copy_(synced)
 
     def broadcast_from_first(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Give every holder of each tensor the first holder's value, in one message per
-        holder set and dtype (freshly initialized values differ from rank to rank)."""
-        buckets: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        """Give every holder of each tensor the first holder's value (freshly initialized
+        values differ from rank to rank), in buckets of at most `BROADCAST_BUCKET_BYTES` per
+        holder set and dtype, each where its tensors live (an offloaded stage's in host
+        memory, over gloo, never all on the device at once)."""
+        buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[]])
         for name in sorted(tensors):
-            holders = self.ranks_of.get(name, ())
-            if len(holders) > 1:
-                buckets[holders, tensors[name].dtype].append(tensors[name])
-        for (holders, _), values in sorted(
-            buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
-        ):
-            flat = _flatten_dense_tensors([v.detach() for v in values]).to(self.device)
-            dist.broadcast(flat, src=holders[0], group=self.groups[holders])
-            with torch.no_grad():
-                for value, first in zip(
-                    values, _unflatten_dense_tensors(flat, values), strict=True
-                ):
-                    value.copy_(first)
+            holders, value = self.ranks_of.get(name, ()), tensors[name]
+            if len(holders) < 2:
+                continue
+            chain = buckets[holders, str(value.dtype), str(value.device)]
+            if sum(t.numel() * t.element_size() for t in chain[-1]) >= BROADCAST_BUCKET_BYTES:
+                chain.append([])
+            chain[-1].append(value)
+        for key in sorted(buckets):
+            for values in buckets[key]:
+                flat = _flatten_dense_tensors([v.detach() for v in values])
+                dist.broadcast(flat, src=key[0][0], group=self.groups[key[0]])
+                with torch.no_grad():
+                    for value, first in zip(
+                        values, _unflatten_dense_tensors(flat, values), strict=True
+                    ):
+                        value.copy_(first)
 
     def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """The norm of the full gradient, each parameter counted once over all ranks.

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 InitFn = Callable[[nn.Module], None]
 
+#: How much of a checkpoint is read into memory at once before it is copied into place.
+READ_BATCH_BYTES = 256 * 2**20
+
 
 class MaterializeError(AutopartError):
     """A meta tensor this rank needs could not be given a value."""
@@ -56,17 +59,21 @@ def has_meta(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def meta_view(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
-    """Swap every real parameter and buffer of a partly materialized model for a meta twin
-    while it is captured (one device throughout, as export needs), then put them back.
-    Yields the real tensor of each twin (by ``id``), to `rebind` the captured module to."""
+def meta_view(
+    model: nn.Module, keep: Iterable[torch.Tensor] = ()
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Swap every real parameter and buffer of a partly materialized model (but those in
+    ``keep``) for a meta twin, then put them back.  Capture runs in this view, because export
+    needs one device throughout; so does the initializer, so that it writes only the tensors
+    being materialized.  Yields the real tensor of each twin (by ``id``), to `rebind` to."""
+    kept = {id(t) for t in keep}
     twins: dict[int, torch.Tensor] = {}
     originals: dict[int, torch.Tensor] = {}
     swapped: list[tuple[dict, str, torch.Tensor]] = []
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for key, value in table.items():
-                if value is None or value.is_meta:
+                if value is None or value.is_meta or id(value) in kept:
                     continue
                 twin = twins.get(id(value))
                 if twin is None:
@@ -138,13 +145,21 @@ def materialize(
     pending = [name for name in fresh if name not in wanted and fresh[name].numel()]
     if pending:
         if initialize:
-            _initialize(model, init_fn, device)
+            with meta_view(model, keep=fresh.values()):  # real tensors keep their values
+                _initialize(model, init_fn, device)
         unfilled = [name for name in pending if _holds_sentinel(fresh[name])]
+        listed = f"{', '.join(unfilled[:5])}{' ...' if len(unfilled) > 5 else ''}"
+        if unfilled and not initialize:
+            raise MaterializeError(
+                f"this call reads {len(unfilled)} tensor(s) that this rank's stage did not "
+                f"read in the first call, and that are still on the meta device: {listed}. "
+                "Make the first call one that reads them (or build them outside the meta "
+                "device)"
+            )
         if unfilled:
             raise MaterializeError(
                 f"{len(unfilled)} tensor(s) of this rank's stage have no value after "
-                f"materialization: {', '.join(unfilled[:5])}{' ...' if len(unfilled) > 5 else ''}"
-                ". They were on the meta device, "
+                f"materialization: {listed}. They were on the meta device, "
                 + ("the checkpoint lacks them, " if checkpoint is not None else "")
                 + "and the model's initializer (reset_parameters(), or _init_weights for "
                 "Hugging Face models) does not set them. Pass init_fn= to set them, load them "
@@ -170,7 +185,7 @@ def rebind(roots: Iterable[nn.Module], replaced: dict[int, torch.Tensor]) -> Non
                         table[key] = replaced[id(value)]
             for key, value in list(vars(module).items()):
                 if isinstance(value, torch.Tensor) and id(value) in replaced:
-                    setattr(module, key, replaced[id(value)])
+                    module.__dict__[key] = replaced[id(value)]  # not registered anew
 
 
 def rebind_optimizer(
@@ -218,7 +233,7 @@ def _fill_sentinel(tensor: torch.Tensor) -> None:
     elif tensor.dtype == torch.bool:
         tensor.view(torch.uint8).fill_(0xFF)  # neither False (0) nor True (1)
     else:
-        tensor.fill_(torch.iinfo(tensor.dtype).min)
+        tensor.fill_(_int_sentinel(tensor.dtype))
 
 
 def _holds_sentinel(tensor: torch.Tensor) -> bool:
@@ -227,7 +242,14 @@ def _holds_sentinel(tensor: torch.Tensor) -> bool:
             return bool(torch.isnan(tensor).any())
         if tensor.dtype == torch.bool:
             return bool((tensor.view(torch.uint8) == 0xFF).any())
-        return bool((tensor == torch.iinfo(tensor.dtype).min).any())
+        return bool((tensor == _int_sentinel(tensor.dtype)).any())
+
+
+def _int_sentinel(dtype: torch.dtype) -> int:
+    """The most negative value, or for unsigned types (whose minimum, 0, initializers write)
+    the largest."""
+    info = torch.iinfo(dtype)
+    return info.min if info.min < 0 else info.max
 
 
 def _keys_in(
@@ -261,10 +283,27 @@ def _keys_in(
 def _copy(
     source: TensorSource, wanted: dict[str, str], fresh: dict[str, torch.Tensor], path: str
 ) -> None:
+    """Copy in batches of about `READ_BATCH_BYTES`, so a rank never holds its whole stage
+    twice (once read, once materialized)."""
+    batch: list[str] = []
+    size = 0
+    for name in wanted:
+        batch.append(name)
+        size += fresh[name].numel() * fresh[name].element_size()
+        if size >= READ_BATCH_BYTES:
+            _copy_batch(source, {n: wanted[n] for n in batch}, fresh, path)
+            batch, size = [], 0
+    if batch:
+        _copy_batch(source, {n: wanted[n] for n in batch}, fresh, path)
+
+
+def _copy_batch(
+    source: TensorSource, wanted: dict[str, str], fresh: dict[str, torch.Tensor], path: str
+) -> None:
     values = source.read(list(wanted.values()))
     with torch.no_grad():
         for name, key in wanted.items():
-            value, target = values[key], fresh[name]
+            value, target = values.pop(key), fresh[name]
             if tuple(value.shape) != tuple(target.shape):
                 raise MaterializeError(
                     f"checkpoint {path} holds {key} with shape {tuple(value.shape)}, the model "

@@ -7,8 +7,8 @@ Three formats, told apart by what is on disk:
 * a ``torch.save`` state dict (``.pt``, ``.bin``, ``pytorch_model.bin`` in a directory),
   memory-mapped so that untouched tensors are never read;
 * a ``torch.distributed.checkpoint`` directory (its ``.metadata`` file), read without
-  collectives, so each rank loads just its own keys.  A model saved by
-  ``autopart.get_state_dict`` sits under the ``model.`` prefix, which is looked through.
+  collectives, so each rank loads just its own keys.  A model saved by `autopart.save_checkpoint`
+  sits under the ``model.`` prefix beside ``optim.``, which is looked through.
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ class _Dcp:
         self._path = path
         metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
         self._meta = {key: value for key, value in metadata.items() if hasattr(value, "size")}
-        prefixed = any(key.startswith(self.PREFIX) for key in self._meta)
+        # autopart's layout nests the model under "model." beside "optim."; a plain
+        # dcp.save(model.state_dict()) of a Hugging Face model has "model." keys of its own.
+        prefixed = any(key.startswith("optim.") for key in metadata)
         self._stored = {
             (key[len(self.PREFIX) :] if prefixed else key): key
             for key in self._meta
