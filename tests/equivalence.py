@@ -117,7 +117,7 @@ def run_case(rank: int, world: int, case: Case) -> autopart.Module:
             expected = ref_params[name].grad
             if expected is None:
                 expected = torch.zeros_like(param)
-            canonical = wrapped._names[name]
+            canonical = wrapped.names[name]
             if case.zero and wrapped.holders.owner(canonical) != rank:
                 # ZeRO sums a gradient onto the replica that steps it; the others drop it.
                 if canonical in wrapped.holders.sharded:

@@ -54,7 +54,7 @@ class _Pair:
 
     def check_grads(self, what: str) -> None:
         for name, param in self.wrapped.named_parameters():
-            canonical = self.wrapped._names[name]
+            canonical = self.wrapped.names[name]
             if self.wrapped.holders.owner(canonical) != self.rank and (
                 canonical in self.wrapped.holders.sharded
             ):

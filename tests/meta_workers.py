@@ -38,7 +38,7 @@ def check_stage_only(wrapped: autopart.Module) -> None:
     """Exactly this rank's tensors are real; every other stage's stay on meta."""
     needed = needed_names(wrapped.graph, wrapped.plan, wrapped.rank)
     for key, tensor in (*wrapped.model.named_parameters(), *wrapped.model.named_buffers()):
-        canonical = wrapped._names[key]
+        canonical = wrapped.names[key]
         assert tensor.is_meta == (canonical not in needed), (wrapped.rank, key, tensor.device)
 
 
@@ -118,7 +118,7 @@ def four_stage_run_allocates_only_its_stage(rank: int, world: int) -> None:
     loss_of(wrapped(*args, **kwargs)).backward()
     wrapped.optimizer.step()
     check_stage_only(wrapped)
-    held = {wrapped._names[k] for k, t in model.named_parameters() if not t.is_meta}
+    held = {wrapped.names[k] for k, t in model.named_parameters() if not t.is_meta}
     assert held == set(wrapped.plan.stage_of_rank(rank).params) & held
     assert len(held) < len(wrapped.graph.params) // 2, "a rank holds most of the model"
 

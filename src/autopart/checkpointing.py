@@ -54,14 +54,16 @@ def get_state_dict(
     state = {
         names[id(param)]: dict(values)
         for param, values in optimizers.state.items()
-        if id(param) in model._stepped_ids and id(param) in names
+        if id(param) in model.local_optimizer.stepped_ids and id(param) in names
     }
     groups = [
         {
             **{k: v for k, v in group.items() if k != "params"},
             "params": [names[id(p)] for p in original if id(p) in names],
         }
-        for group, original in zip(optimizers.param_groups, model._original_groups, strict=True)
+        for group, original in zip(
+            optimizers.param_groups, model.local_optimizer.original_groups, strict=True
+        )
     ]
     return tensors, {"state": state, "param_groups": groups}
 
@@ -105,10 +107,10 @@ def set_state_dict(
         group.update({k: v for k, v in saved.items() if k != "params"})
     saved_state = optim_state_dict.get("state", {})
     names = _param_names(model)
-    for param in [p for g in model._original_groups for p in g]:
+    for param in [p for g in model.local_optimizer.original_groups for p in g]:
         name = names.get(id(param))
-        if id(param) in model._stepped_ids and name in saved_state:
-            optimizers.state[param] = model._placed_state(param, saved_state[name])
+        if id(param) in model.local_optimizer.stepped_ids and name in saved_state:
+            optimizers.state[param] = model.local_optimizer.placed_state(param, saved_state[name])
 
 
 def save_checkpoint(
@@ -177,7 +179,7 @@ def _local_tensors(model: Module) -> dict[str, torch.Tensor]:
     """This rank's entries of the unwrapped model's state dict."""
     found = {}
     for key, tensor in model.model.state_dict().items():
-        canonical = model._names.get(key, key)
+        canonical = model.names.get(key, key)
         if model.rank in model.holders.ranks_of.get(canonical, (0,)) and not tensor.is_meta:
             found[key] = tensor
     return found

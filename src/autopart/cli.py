@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from autopart import __version__
+from autopart.config import PRECISIONS, Offload
 from autopart.errors import AutopartError
-from autopart.plan.plan import OFFLOAD_MODES
 
-OFFLOAD_CHOICES = (*OFFLOAD_MODES, "auto")
+OFFLOAD_CHOICES = (*(m.value for m in Offload), "auto")
 
 log = logging.getLogger("autopart")
 
@@ -24,6 +24,7 @@ log = logging.getLogger("autopart")
 def _plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from autopart.config import Config
     from autopart.cost import parse_bytes
     from autopart.factory import call_factory
     from autopart.plan.planner import PlanOptions
@@ -35,19 +36,23 @@ def _plan(args: argparse.Namespace) -> int:
     split_points = None
     if args.split_points:
         split_points = tuple(p.strip() for p in args.split_points.split(",") if p.strip())
-    options = PlanOptions(
+    config = Config(
+        stages=args.stages,
+        microbatches=args.microbatches,
+        split_points=split_points,
+        device_memory=args.device_memory,
+        precision=args.precision,
+        zero={"on": True, "off": False}.get(args.zero, args.zero),
+        offload=args.offload,
+        prefetch=args.prefetch,
+    )
+    options = PlanOptions.from_config(
+        config,
         devices=args.devices,
         global_batch=args.batch_size or args.devices,
         optimizer=args.optimizer,
         memory_margin=args.margin,
-        device_memory=parse_bytes(args.device_memory) if args.device_memory else None,
-        stages=args.stages,
-        microbatches=args.microbatches,
-        split_points=split_points,
         target_blocks=args.blocks,
-        zero={"on": True, "off": False}.get(args.zero, args.zero),
-        offload=args.offload,
-        prefetch=args.prefetch,
         host_memory=parse_bytes(args.host_memory) if args.host_memory else None,
     )
     _, plan = plan_model(
@@ -119,6 +124,12 @@ def _add_plan_parser(sub) -> None:
     )
     plan.add_argument(
         "--prefetch", type=int, default=1, help="parameters an offloaded stage copies ahead"
+    )
+    plan.add_argument(
+        "--precision",
+        default="fp32",
+        choices=sorted(set(PRECISIONS.values())),
+        help="cost the stages at fp32, or under bf16/fp16 autocast (fp32 master weights)",
     )
     plan.add_argument(
         "--host-memory",

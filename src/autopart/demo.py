@@ -68,20 +68,17 @@ def _worker(rank: int, settings: dict, port: int) -> None:
 
 def _train(rank: int, s: dict) -> None:
     import autopart
+    from autopart.config import Config
 
     console = Console()
     world = s["processes"]
     local = s["batch_size"] // world
     model, _ = build_model(s["layers"], s["hidden"], s["seq"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model = autopart.Module(
-        model,
-        optimizer,
-        stages=s["stages"],
-        microbatches=s["microbatches"],
-        offload=s["offload"],
-        zero=s["zero"],
+    config = Config.from_keywords(
+        stages=s["stages"], microbatches=s["microbatches"], offload=s["offload"], zero=s["zero"]
     )
+    model = autopart.Module(model, optimizer, config=config)
     generator = torch.Generator().manual_seed(1234)
     losses, rates = [], []
     progress = Progress(

@@ -1,6 +1,8 @@
-"""One call from a model to a plan: capture, cost, partition.
+"""From a model to a plan: capture, cost, partition.
 
-This is what the CLI, the demo and ``autopart.Module`` use; each phase is still its own module
+`plan_model` does all three, for the CLI.  `autopart.Module` captures on its own (it keeps the
+graph to run it) and measures its links first, then calls `plan_graph` with
+`analytic_cost_model` (`autopart.runtime.plan_agreement`); each phase is still its own module
 and can be driven separately.
 """
 
@@ -15,7 +17,13 @@ import torch
 from rich.console import Console
 
 from autopart.capture import capture
-from autopart.cost import AnalyticCostModel, CostModel, MeasuredCostModel, get_device_spec
+from autopart.cost import (
+    AnalyticCostModel,
+    CostModel,
+    DeviceSpec,
+    MeasuredCostModel,
+    get_device_spec,
+)
 from autopart.ir import Graph
 from autopart.plan.plan import Plan
 from autopart.plan.planner import PlanOptions, make_plan
@@ -41,15 +49,32 @@ def compute_dtype(graph: Graph) -> str:
     return max(totals, key=totals.get) if totals else "torch.float32"
 
 
+#: The dtype matmuls run at under each precision (fp32: the parameters' own).
+_AUTOCAST_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}
+
+
+def analytic_cost_model(graph: Graph, spec: DeviceSpec, precision: str = "fp32") -> CostModel:
+    """The roofline model of ``spec``, at the dtype ``precision`` runs matmuls in."""
+    return AnalyticCostModel(spec, dtype=_AUTOCAST_DTYPES.get(precision) or compute_dtype(graph))
+
+
+def plan_graph(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Plan:
+    """Partition a captured graph (`make_plan`, logged)."""
+    plan = make_plan(graph, cost_model, options)
+    log.info("planned %d stage(s) x %d microbatch(es)", plan.num_stages, plan.microbatches)
+    return plan
+
+
 def cost_model_for(
     graph: Graph,
     cost: str,
     device_type: str,
     device_memory: int | None,
+    precision: str = "fp32",
 ) -> CostModel:
     spec = get_device_spec(device_type, memory_bytes=device_memory)
     if cost == "analytic":
-        return AnalyticCostModel(spec, dtype=compute_dtype(graph))
+        return analytic_cost_model(graph, spec, precision)
     if cost == "measured":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return MeasuredCostModel(graph, device, spec=spec)
@@ -71,7 +96,9 @@ def plan_model(
         graph = capture(model, args, kwargs)
     log.info("captured %d nodes, %d parameters", len(graph.nodes), len(graph.params))
     with _phase(progress, f"costing ops ({cost})…"):
-        cost_model = cost_model_for(graph, cost, device_type, options.device_memory)
+        cost_model = cost_model_for(
+            graph, cost, device_type, options.device_memory, options.precision
+        )
     with _phase(progress, "searching stages x replicas…"):
-        plan = make_plan(graph, cost_model, options)
+        plan = plan_graph(graph, cost_model, options)
     return graph, plan

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autopart.config import Offload
 from autopart.errors import AutopartError
 from autopart.ir import Graph, NodeKind
 
@@ -23,28 +24,8 @@ PLAN_FORMAT_VERSION = 1
 #: What every "this plan does not fit the graph" error tells the user to do.
 _REPLAN = "the plan is corrupt or was edited by hand; re-plan to make a new one"
 
-#: Where a stage keeps its parameters (and optimizer state): on the device, or in host memory.
-OFFLOAD_MODES = ("none", "params", "params+optimizer")
-
-
-def offload_option(value: bool | str | None) -> str:
-    """The canonical name of an ``offload=`` argument: ``True`` offloads parameters and
-    optimizer state, ``"auto"`` lets the planner offload only the stages that need it."""
-    if value is None or value is False:
-        return "none"
-    if value is True:
-        return "params+optimizer"
-    if value in OFFLOAD_MODES or value == "auto":
-        return value
-    raise AutopartError(
-        f"unknown offload {value!r}; use False, True, 'params', 'params+optimizer' or 'auto'"
-    )
-
-
-def check_zero_option(value: bool | str) -> None:
-    """``zero=`` is True, False, or ``"auto"`` (the planner splits only where it must)."""
-    if value not in (True, False, "auto"):
-        raise AutopartError(f"unknown zero {value!r}; use True, False or 'auto'")
+#: Where a stage keeps its parameters (and optimizer state), in the planner's index order.
+OFFLOAD_MODES = tuple(Offload)
 
 
 class PlanError(AutopartError):
@@ -66,11 +47,14 @@ class StagePlan:
     recompute: bool
     microbatch_rows: int
     allreduce_seconds: float = 0.0
-    offload: str = "none"
+    offload: Offload = Offload.NONE
     #: Whether the replicas split the optimizer state and gradients (ZeRO).
     zero: bool = False
     #: Predicted host memory per rank that offload uses (0 without offload).
     host_bytes: int = 0
+    #: Parameters an offloaded stage copies ahead of use, as costed (0 where nothing is
+    #: offloaded; 1, the default depth, in plans saved before this field).
+    prefetch: int = 1
 
     @property
     def replicas(self) -> int:
@@ -94,6 +78,10 @@ class Plan:
     cost_source: str = "analytic"
     version: int = PLAN_FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
+    #: "fp32", or "bf16" / "fp16" (autocast, fp32 masters): what the stages were costed at.
+    precision: str = "fp32"
+    #: The pipeline schedule the step time was costed for.
+    schedule: str = "gpipe"
 
     @property
     def num_stages(self) -> int:
@@ -161,11 +149,19 @@ class Plan:
         if self.microbatches < 1 or self.global_batch_size < 1:
             raise PlanError("plan has a non-positive batch size or microbatch count")
         for stage in self.stages:
-            if stage.offload not in OFFLOAD_MODES:
+            if stage.offload not in [m.value for m in Offload]:
                 raise PlanError(
                     f"stage {stage.index} has offload {stage.offload!r}, not one of "
-                    f"{', '.join(OFFLOAD_MODES)}; the file is corrupt or was edited by hand"
+                    f"{', '.join(m.value for m in Offload)}; the file is corrupt or was edited "
+                    "by hand"
                 )
+            stage.offload = Offload(stage.offload)
+            if stage.prefetch < 0:
+                raise PlanError(f"stage {stage.index} has a negative prefetch; {_REPLAN}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise PlanError(f"plan precision {self.precision!r} is unknown; {_REPLAN}")
+        if self.schedule != "gpipe":
+            raise PlanError(f"plan schedule {self.schedule!r} is unknown; {_REPLAN}")
 
     def validate_for(
         self, graph: Graph, world_size: int | None = None, *, idle_stages: bool = False

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from autopart.config import Config, Offload, check_prefetch, check_zero
 from autopart.cost import CostModel
 from autopart.cost.units import format_bytes
 from autopart.errors import AutopartError
@@ -22,7 +23,7 @@ from autopart.ir import Graph
 from autopart.plan.atomic import Component, atomic_components
 from autopart.plan.blocks import Block, coarsen
 from autopart.plan.memory import OPTIMIZER_FACTORS, MemoryModel
-from autopart.plan.plan import OFFLOAD_MODES, Plan, StagePlan, check_zero_option
+from autopart.plan.plan import OFFLOAD_MODES, Plan, StagePlan
 from autopart.plan.stage_costs import StageCoster
 from autopart.plan.stage_dp import Solution, search
 from autopart.plan.traffic import RangeTraffic
@@ -60,6 +61,30 @@ class PlanOptions:
     prefetch: int = 1
     #: Host memory per node for what offload keeps there; None: not checked.
     host_memory: int | None = None
+    #: What the stages are costed at (recorded in the plan; the cost model is chosen for it).
+    precision: str = "fp32"
+
+    @staticmethod
+    def from_config(
+        config: Config, *, devices: int, global_batch: int, optimizer: str, **tuning
+    ) -> PlanOptions:
+        """The planner's options for ``config`` on a cluster of ``devices`` at
+        ``global_batch``; ``tuning`` sets the planner's own knobs (margin, blocks, host memory)."""
+        offload = config.offload if config.offload == "auto" else config.offload.value
+        return PlanOptions(
+            devices=devices,
+            global_batch=global_batch,
+            optimizer=optimizer,
+            device_memory=config.device_memory,  # type: ignore[arg-type]
+            stages=config.stages,
+            microbatches=config.microbatches,
+            split_points=config.split_points,
+            zero=config.zero,
+            offload=offload,
+            prefetch=config.prefetch,
+            precision=config.precision,
+            **tuning,
+        )
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -72,15 +97,12 @@ class PlanOptions:
             raise AutopartError(
                 f"unknown optimizer {self.optimizer!r}; use one of {sorted(OPTIMIZER_FACTORS)}"
             )
-        if self.offload not in (*OFFLOAD_MODES, "auto"):
-            raise AutopartError(
-                f"unknown offload {self.offload!r}; use one of {', '.join(OFFLOAD_MODES)} or auto"
-            )
-        check_zero_option(self.zero)
+        if self.offload != "auto":
+            Offload.of(self.offload)
+        check_zero(self.zero)
         if self.host_memory is not None and self.host_memory <= 0:
             raise AutopartError(f"host memory must be positive, got {self.host_memory}")
-        if self.prefetch < 0:
-            raise AutopartError(f"prefetch depth must be at least 0, got {self.prefetch}")
+        check_prefetch(self.prefetch)
         if not 0 <= self.memory_margin < 1:
             raise AutopartError(f"memory margin must be in [0, 1), got {self.memory_margin}")
         if self.stages is not None and not 1 <= self.stages <= self.devices:
@@ -226,6 +248,7 @@ def plan_from_partition(
                 allreduce_seconds=float(choice.allreduce_seconds),
                 offload=OFFLOAD_MODES[choice.offload],
                 zero=choice.zero,
+                prefetch=options.prefetch if choice.offload else 0,
                 host_bytes=int(
                     part.coster.memory.host_bytes(
                         part.coster.footprint(choice.start, choice.end),
@@ -251,6 +274,7 @@ def plan_from_partition(
         step_seconds=sol.step_seconds,
         samples_per_second=options.global_batch / sol.step_seconds if sol.step_seconds else 0.0,
         cost_source=cost_model.source,
+        precision=options.precision,
     )
 
 

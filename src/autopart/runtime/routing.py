@@ -16,6 +16,8 @@ ranks are matched by the order they are posted in, as NCCL matches them; tags ar
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -131,3 +133,29 @@ def wait_all(pending: list) -> None:
 def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def comm_errors(rank: int, phase: str) -> Iterator[None]:
+    """Turn torch.distributed's errors (a peer died, a timeout) into one clear message."""
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, AutopartError):
+            raise
+        raise RuntimeCommError(f"rank {rank} failed in {phase}: {first_line(err)}") from err
+
+
+def all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values``, in rank order."""
+    world = dist.get_world_size()
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    try:
+        dist.all_gather(every, mine)
+    except RuntimeError as err:
+        raise RuntimeCommError(
+            f"rank {dist.get_rank()} could not reach every rank: {first_line(err)}. "
+            "A rank has probably died or raised; see its own error"
+        ) from err
+    return [t.tolist() for t in every]

@@ -1,0 +1,182 @@
+"""Everything a user chooses, in one frozen, validated value: `Config`.
+
+`autopart.Module`'s keywords, the command line and the demo each build one; the planner's
+options derive from it (`autopart.plan.planner.PlanOptions.from_config`).  After planning, the
+runtime reads none of it: every choice it acts on is in the `Plan`, which records what it was
+costed with.  A plan loaded from disk must agree with the keywords given explicitly
+(`Config.given`), or it is refused (`check_plan_agrees`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from autopart.cost.units import parse_bytes
+from autopart.errors import AutopartError
+
+
+class Offload(str, Enum):
+    """Where a stage keeps its parameters (and optimizer state)."""
+
+    NONE = "none"
+    PARAMS = "params"
+    PARAMS_OPTIMIZER = "params+optimizer"
+
+    @classmethod
+    def of(cls, value: bool | str | None) -> Offload:
+        if value is None or value is False:
+            return cls.NONE
+        if value is True:
+            return cls.PARAMS_OPTIMIZER
+        try:
+            return cls(value)
+        except ValueError:
+            raise AutopartError(
+                f"unknown offload {value!r}; use False, True, 'params', 'params+optimizer' "
+                "or 'auto'"
+            ) from None
+
+
+#: Precision names, with their aliases.
+PRECISIONS = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
+PRECISIONS.update(fp16="fp16", float16="fp16")
+
+#: Pipeline schedules; "auto" lets the planner choose among the ones that apply.
+SCHEDULES = ("auto", "gpipe")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The user's choices for one wrapped model.  None means "let the planner choose"."""
+
+    stages: int | None = None
+    """Pipeline stages; None: the planner picks the count."""
+
+    microbatches: int | None = None
+    """Microbatches per step; None: the planner picks."""
+
+    split_points: tuple[str, ...] | None = None
+    """Module paths where stages begin (``("layers.6", ...)``), instead of automatic cuts."""
+
+    device_memory: int | str | None = None
+    """Memory per device to plan for (bytes, or ``"40GB"``); None: the device's own."""
+
+    plan: Any = None
+    """A `Plan` or the path of a saved one: skips planning and runs it as it was costed."""
+
+    precision: str = "fp32"
+    """``"fp32"``, or ``"bf16"`` / ``"fp16"`` under native autocast with fp32 master weights."""
+
+    zero: bool | str = False
+    """Split optimizer state and gradients over a stage's replicas: True, False or "auto"."""
+
+    offload: Offload | str = Offload.NONE
+    """Keep parameters in host memory: an `Offload` (True is params+optimizer) or "auto"."""
+
+    prefetch: int = 1
+    """Parameters an offloaded stage copies to the device ahead of use."""
+
+    schedule: str = "auto"
+    """The pipeline schedule: "auto" or "gpipe"."""
+
+    timeout: float | None = None
+    """Seconds a rank waits on a dead peer before failing; None: ``AUTOPART_TIMEOUT`` or 300."""
+
+    track_memory: bool = False
+    """Measure live tensor bytes during each step, for `memory_report()`."""
+
+    checkpoint: str | None = None
+    """Where a meta-device model's values come from: safetensors, torch.save or DCP."""
+
+    init_fn: Callable[[Any], None] | None = None
+    """Initializes a meta-device model's materialized tensors, instead of its own initializer."""
+
+    given: frozenset[str] = field(default=frozenset(), compare=False)
+    """The fields the user set explicitly (`from_keywords` fills it): a loaded plan must
+    agree with these."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalize once, here
+        if self.split_points is not None:
+            set_(self, "split_points", tuple(self.split_points) or None)
+        if self.device_memory is not None:
+            set_(self, "device_memory", parse_bytes(self.device_memory))
+        if self.precision not in PRECISIONS:
+            raise AutopartError(
+                f"unknown precision {self.precision!r}; use 'fp32', 'bf16' or 'fp16'"
+            )
+        set_(self, "precision", PRECISIONS[self.precision])
+        check_zero(self.zero)
+        set_(self, "offload", "auto" if self.offload == "auto" else Offload.of(self.offload))
+        check_prefetch(self.prefetch)
+        if self.schedule not in SCHEDULES:
+            raise AutopartError(
+                f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}"
+            )
+        for name in ("stages", "microbatches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AutopartError(f"{name} must be at least 1, got {value}")
+        if self.checkpoint is not None:
+            set_(self, "checkpoint", str(Path(self.checkpoint)))
+
+    @classmethod
+    def from_keywords(cls, **keywords: Any) -> Config:
+        """A config from keyword arguments, remembering which were given (not None)."""
+        names = {f.name for f in fields(cls)} - {"given"}
+        unknown = set(keywords) - names
+        if unknown:
+            raise AutopartError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        given = frozenset(k for k, v in keywords.items() if v is not None)
+        return cls(**{k: v for k, v in keywords.items() if v is not None}, given=given)
+
+
+def check_zero(value: bool | str) -> None:
+    """``zero=`` is True, False, or ``"auto"`` (the planner splits only where it must)."""
+    if value not in (True, False, "auto"):
+        raise AutopartError(f"unknown zero {value!r}; use True, False or 'auto'")
+
+
+def check_prefetch(value: int) -> None:
+    if value < 0:
+        raise AutopartError(f"prefetch must be 0 or more parameters ahead, got {value}")
+
+
+def check_plan_agrees(plan: Any, config: Config, source: str) -> None:
+    """Refuse a loaded plan that contradicts a keyword the user gave explicitly: it would
+    otherwise run as costed while the user believes otherwise."""
+    found = []
+    if "stages" in config.given and plan.num_stages != config.stages:
+        found.append(f"{plan.num_stages} stages, not stages={config.stages}")
+    if "microbatches" in config.given and plan.microbatches != config.microbatches:
+        found.append(f"{plan.microbatches} microbatches, not microbatches={config.microbatches}")
+    if "precision" in config.given and plan.precision != config.precision:
+        found.append(f"precision {plan.precision!r}, not {config.precision!r}")
+    scheduled = "schedule" in config.given and config.schedule != "auto"
+    if scheduled and plan.schedule != config.schedule:
+        found.append(f"schedule {plan.schedule!r}, not {config.schedule!r}")
+    if "zero" in config.given and config.zero != "auto":
+        wrong = [s.index for s in plan.stages if s.replicas > 1 and s.zero != config.zero]
+        if wrong:
+            found.append(f"zero={not config.zero} on stage(s) {wrong}, not zero={config.zero}")
+    if "offload" in config.given and config.offload != "auto":
+        wrong = [s.index for s in plan.stages if s.offload != config.offload]
+        if wrong:
+            found.append(f"other offload on stage(s) {wrong}, not offload={config.offload.value!r}")
+    if "prefetch" in config.given:
+        wrong = [
+            s.index
+            for s in plan.stages
+            if s.offload != Offload.NONE and s.prefetch != config.prefetch
+        ]
+        if wrong:
+            found.append(f"another prefetch on stage(s) {wrong}, not prefetch={config.prefetch}")
+    if found:
+        raise AutopartError(
+            f"the plan from {source} says {'; '.join(found)}. It runs as it was costed: drop "
+            "the conflicting keywords, or re-plan with them"
+        )

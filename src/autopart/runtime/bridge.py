@@ -1,0 +1,128 @@
+"""Between the caller and the pipeline: inputs routed in, outputs handed back, and the
+autograd node that joins them.
+
+The forward pass of every microbatch runs inside ``forward``; the outputs handed back are
+joined to one custom autograd node (`_Bridge`), whose backward runs the pipeline's backward for
+every microbatch (``run_backward``).  The outputs come back in the model's own structure, with
+each split scalar combined from this rank's rows of its terms (`autopart.scalar_outputs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from autopart.errors import AutopartError
+from autopart.ir import Graph
+from autopart.runtime import routing
+from autopart.runtime.schedule import GPipeSchedule
+
+#: Runs the pipeline's backward: (output order, differentiable leaf positions, their grads).
+RunBackward = Callable[[list[str], list[int], tuple[torch.Tensor, ...]], None]
+
+
+def local_batch(args: tuple, kwargs: dict[str, Any]) -> int:
+    first = next(
+        (t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None
+    )
+    if first is None or first.dim() == 0:
+        raise AutopartError("call the model with at least one tensor whose dim 0 is the batch")
+    return int(first.shape[0])
+
+
+def route_inputs(
+    graph: Graph, args: tuple, kwargs: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """This call's inputs by graph input name, tensors on the device; an argument that
+    differs in kind from the captured call is an error naming it."""
+    given = {
+        ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value
+        for path, value in pytree.tree_flatten_with_path((args, kwargs))[0]
+    }
+    local = {}
+    for name, source in graph.input_sources.items():
+        if source not in given and any(key.startswith(source) for key in given):
+            raise AutopartError(
+                f"{source} was a tensor when the model was captured, got a container; "
+                "pass the same kinds of arguments on every step"
+            )
+        if source not in given:
+            raise AutopartError(
+                f"this call has no {source}, but the model was captured with it; call the "
+                "model with the same arguments on every step"
+            )
+        value = given[source]
+        spec = graph.node(name).outputs[0] if graph.node(name).outputs else None
+        if spec is not None and not routing.is_scalar(spec):
+            if not isinstance(value, torch.Tensor):
+                raise AutopartError(
+                    f"{source} was a tensor when the model was captured, got {type(value).__name__}"
+                )
+            value = value.to(device)
+        local[name] = value
+    return local
+
+
+def package(
+    schedule: GPipeSchedule,
+    outputs: dict[str, list[Any]],
+    run_backward: RunBackward | None,
+    anchor: torch.Tensor,
+) -> Any:
+    """The call's result: the outputs in the model's structure, the floating ones joined to
+    one autograd node when ``run_backward`` is given (a call that records gradients)."""
+    order = list(outputs)
+    flat = [leaf for name in order for leaf in outputs[name]]
+    if run_backward is not None:
+        differentiable = [
+            i
+            for i, leaf in enumerate(flat)
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+        ]
+        bridged = _Bridge.apply(
+            run_backward, order, differentiable, anchor, *[flat[i] for i in differentiable]
+        )
+        for i, value in zip(differentiable, bridged, strict=True):
+            flat[i] = value
+    values = {}
+    position = 0
+    for name in order:
+        count = len(outputs[name])
+        values[name] = schedule.shapes[name].pack(flat[position : position + count])
+        position += count
+    return restructure(schedule.graph, values)
+
+
+def restructure(graph: Graph, values: dict[str, Any]) -> Any:
+    """The model's own output structure (tensor, tuple, dict, ModelOutput) around ``values``;
+    each split scalar is combined here from this rank's rows of its terms, so it is this
+    rank's own value, as under DDP, and its gradient flows back through those rows."""
+    for name, reduction in graph.reductions.items():
+        values[name] = reduction.combine(values)
+    output = next(iter(graph.fx_module.graph.find_nodes(op="output")))
+    codegen = graph.fx_module.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.out_spec is not None:
+        leaves = [values[n.name] if isinstance(n, torch.fx.Node) else n for n in output.args[0]]
+        return pytree.tree_unflatten(leaves, info.out_spec)
+    return pytree.tree_map(
+        lambda n: values[n.name] if isinstance(n, torch.fx.Node) else n, output.args[0]
+    )
+
+
+class _Bridge(torch.autograd.Function):
+    """Joins the outputs of a pipelined forward to one node whose backward runs the pipeline."""
+
+    @staticmethod
+    def forward(ctx, run_backward, order, differentiable, anchor, *tensors):
+        ctx.run_backward, ctx.order, ctx.differentiable = run_backward, order, differentiable
+        return tuple(t.detach().clone() for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.run_backward(ctx.order, ctx.differentiable, grads)
+        ctx.run_backward = None
+        return (None, None, None, None, *[None] * len(grads))

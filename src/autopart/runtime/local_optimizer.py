@@ -1,0 +1,134 @@
+"""The user's optimizer, cut down to what this rank steps, and its state dicts.
+
+The optimizer the user built over the whole model is rewritten in place: its groups keep only
+the parameters this rank steps (its stage's, or under ZeRO its shard of them), and hooks are
+added where the plan needs them: `StepOnDevice` for ``offload="params"`` (the step runs on the
+device though the parameters live in host memory), `ShardedStep` for ZeRO (each replica
+broadcasts its shard after the step).  The original groups are kept, because state dicts speak
+of the unwrapped model's optimizer: indices over every parameter of every group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from autopart.config import Offload
+from autopart.errors import AutopartError
+from autopart.ir import Graph
+from autopart.plan.plan import Plan
+from autopart.runtime.gradients import Holders
+from autopart.runtime.offload import ParamOffload, StepOnDevice
+from autopart.runtime.state_gather import gather, to_cpu
+from autopart.runtime.zero import ShardedStep, assign_shards
+
+
+class LocalOptimizer:
+    """What this rank's optimizer steps, who speaks for each parameter's state, and the
+    optimizer state dict in the unwrapped model's terms."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        original_groups: list[list[torch.Tensor]],
+        plan: Plan,
+        graph: Graph,
+        rank: int,
+        holders: Holders,
+        trainable: dict[str, torch.Tensor],
+        offload: ParamOffload | None,
+        device: torch.device,
+    ) -> None:
+        self.optimizer = optimizer
+        self.original_groups = original_groups
+        self.rank = rank
+        self.device = device
+        self.stage = plan.stage_of_rank(rank)
+        self.local_ids = {id(trainable[n]) for n in holders.local}
+        shards = assign_shards(self.stage, graph.params) if self.stage.zero else None
+        self.state_owner = _state_owners(plan, graph, trainable)
+        self.stepped_ids = self.local_ids
+        if shards is not None and optimizer is not None:
+            self.stepped_ids = {id(trainable[n]) for n in holders.local if shards.get(n) == rank}
+        if optimizer is None:
+            return
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) in self.stepped_ids]
+        for param in list(optimizer.state):
+            if id(param) not in self.stepped_ids:
+                del optimizer.state[param]
+        if self.stage.offload == Offload.PARAMS and offload is not None:
+            # First: its post-step hook brings the parameters home before ZeRO shares them.
+            stepped = [p for p in offload.parameters() if id(p) in self.stepped_ids]
+            StepOnDevice(optimizer, stepped, device)
+        if shards is not None:
+            step = ShardedStep(
+                shards,
+                {n: trainable[n] for n in holders.local},
+                holders.groups.get(tuple(self.stage.ranks)),
+            )
+            optimizer.register_step_post_hook(lambda *_: step.after_step())
+
+    def require(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            raise AutopartError("autopart.Module was created without an optimizer")
+        return self.optimizer
+
+    def state_dict(self, rank0_only: bool = False) -> dict[str, Any]:
+        """The optimizer state as the unwrapped model's optimizer would write it."""
+        opt = self.require()
+        flat = [p for g in self.original_groups for p in g]
+        index = {id(p): i for i, p in enumerate(flat)}
+        mine = {
+            index[id(param)]: {k: to_cpu(v) for k, v in state.items()}
+            for param, state in opt.state.items()
+            if self.state_owner.get(id(param)) == self.rank
+        }
+        merged = gather(mine, rank0_only, self.device)
+        if merged is None:
+            return {}
+        groups, start = [], 0
+        for group, original in zip(opt.param_groups, self.original_groups, strict=True):
+            settings = {k: v for k, v in group.items() if k != "params"}
+            groups.append({**settings, "params": list(range(start, start + len(original)))})
+            start += len(original)
+        return {"state": dict(sorted(merged.items())), "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        opt = self.require()
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.original_groups):
+            raise AutopartError(
+                f"optimizer state has {len(groups)} parameter groups, the optimizer has "
+                f"{len(self.original_groups)}; it was saved for another optimizer"
+            )
+        flat = [p for g in self.original_groups for p in g]
+        for saved, group in zip(groups, opt.param_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        opt.state.clear()
+        for i, state in state_dict.get("state", {}).items():
+            param = flat[int(i)]
+            if id(param) in self.stepped_ids:
+                opt.state[param] = self.placed_state(param, state)
+
+    def placed_state(self, param: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """Optimizer state for ``param`` where this rank's step keeps it: under
+        offload="params" on the device, though the parameter itself is in host memory."""
+        device = self.device if self.stage.offload == Offload.PARAMS else param.device
+        return {
+            k: v.to(device) if isinstance(v, torch.Tensor) and v.dim() else v
+            for k, v in state.items()
+        }
+
+
+def _state_owners(plan: Plan, graph: Graph, trainable: dict[str, torch.Tensor]) -> dict[int, int]:
+    """For each parameter (by id), the rank whose optimizer state speaks for it: the first
+    holder, or under ZeRO the owner of its shard in the first stage that holds it."""
+    owners: dict[int, int] = {}
+    for stage in sorted(plan.stages, key=lambda s: min(s.ranks), reverse=True):
+        shards = assign_shards(stage, graph.params) if stage.zero else {}
+        for name in stage.params:
+            if name in trainable:
+                owners[id(trainable[name])] = shards.get(name, min(stage.ranks))
+    return owners
