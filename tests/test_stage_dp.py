@@ -70,7 +70,7 @@ class Synthetic:
             slot_seconds=np.where(fits_plain | fits_again, slot, np.inf),
             allreduce_seconds=np.where(r > 1, params * self.ring, 0.0),
             memory_bytes=np.where(recompute, again, plain).astype(np.int64),
-            recompute=recompute,
+            mode=recompute.astype(np.int64),  # two run modes here: 0 plain, 1 recompute
         )
 
 
@@ -122,17 +122,13 @@ def assert_valid(solution: Solution, blocks: int, devices: int, coster: Syntheti
         assert s.slot_seconds == costs.slot_seconds[k]
         assert s.allreduce_seconds == costs.allreduce_seconds[k]
         assert s.memory_bytes == costs.memory_bytes[k]
-        assert s.recompute == costs.recompute[k]
+        assert s.mode == costs.mode[k]
     assert solution.step_seconds == step_seconds(stages, solution.microbatches)
 
 
 def test_step_seconds_is_fill_drain_then_allreduce():
-    a = StageChoice(
-        0, 2, 2, slot_seconds=1.0, allreduce_seconds=3.0, memory_bytes=0, recompute=False
-    )
-    b = StageChoice(
-        2, 3, 1, slot_seconds=2.0, allreduce_seconds=0.0, memory_bytes=0, recompute=True
-    )
+    a = StageChoice(0, 2, 2, slot_seconds=1.0, allreduce_seconds=3.0, memory_bytes=0, mode=0)
+    b = StageChoice(2, 3, 1, slot_seconds=2.0, allreduce_seconds=0.0, memory_bytes=0, mode=1)
     # M + S - 1 = 5 slots: stage a 5 + 3 = 8, stage b 10 + 0 = 10.
     assert step_seconds([a, b], 4) == 10.0
     assert step_seconds([a], 4) == 7.0
@@ -221,7 +217,7 @@ def test_infeasible_returns_none():
 def test_ties_prefer_fewer_stages_then_fewer_microbatches():
     def flat(start: int, end: int, microbatches: int) -> StageCosts:
         r = np.arange(1, 5)
-        return StageCosts(r, np.zeros(4), np.zeros(4), np.zeros(4, np.int64), np.zeros(4, bool))
+        return StageCosts(r, np.zeros(4), np.zeros(4), np.zeros(4, np.int64), np.zeros(4, int))
 
     for solve in (search, exhaustive):
         got = solve(4, 4, flat, [8, 2, 4])

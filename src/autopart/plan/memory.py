@@ -15,7 +15,7 @@ Per device, a stage holds:
 * communication buffers: one microbatch of sent and received values, and one gradient bucket
   for the allreduce when the stage has replicas.
 
-With parameter offload (``offload``: see `autopart.plan.plan.OFFLOAD_MODES`) the parameters live
+With parameter offload (``offload``: an `autopart.config.Offload`) the parameters live
 in host memory and only the in-flight working set is on the device: the op running now (its
 parameters and their gradients, ``largest_group_bytes`` at most) and ``prefetch`` parameters
 copied ahead.  Buffers stay.  Gradients are summed on the host, so no allreduce bucket.  Under

@@ -24,9 +24,6 @@ PLAN_FORMAT_VERSION = 1
 #: What every "this plan does not fit the graph" error tells the user to do.
 _REPLAN = "the plan is corrupt or was edited by hand; re-plan to make a new one"
 
-#: Where a stage keeps its parameters (and optimizer state), in the planner's index order.
-OFFLOAD_MODES = tuple(Offload)
-
 
 class PlanError(AutopartError):
     """A plan file that is corrupt, from another version, or made for another model."""

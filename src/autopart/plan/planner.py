@@ -23,7 +23,7 @@ from autopart.ir import Graph
 from autopart.plan.atomic import Component, atomic_components
 from autopart.plan.blocks import Block, coarsen
 from autopart.plan.memory import OPTIMIZER_FACTORS, MemoryModel
-from autopart.plan.plan import OFFLOAD_MODES, Plan, StagePlan
+from autopart.plan.plan import Plan, StagePlan
 from autopart.plan.stage_costs import StageCoster
 from autopart.plan.stage_dp import Solution, search
 from autopart.plan.traffic import RangeTraffic
@@ -228,6 +228,7 @@ def plan_from_partition(
     stages = []
     next_rank = 0
     for index, choice in enumerate(sol.stages):
+        mode = part.coster.modes[choice.mode]
         nodes = _dedupe(n for b in part.coster.block_names[choice.start : choice.end] for n in b)
         rows = int(
             part.coster.rows(sol.microbatches)[list(part.coster.replicas).index(choice.replicas)]
@@ -243,18 +244,18 @@ def plan_from_partition(
                 memory_bytes=int(choice.memory_bytes),
                 forward_seconds=fwd,
                 backward_seconds=bwd,
-                recompute=bool(choice.recompute),
+                recompute=mode.recompute,
                 microbatch_rows=rows,
                 allreduce_seconds=float(choice.allreduce_seconds),
-                offload=OFFLOAD_MODES[choice.offload],
-                zero=choice.zero,
-                prefetch=options.prefetch if choice.offload else 0,
+                offload=mode.offload,
+                zero=mode.zero,
+                prefetch=options.prefetch if mode.offload != Offload.NONE else 0,
                 host_bytes=int(
                     part.coster.memory.host_bytes(
                         part.coster.footprint(choice.start, choice.end),
                         choice.replicas,
-                        OFFLOAD_MODES[choice.offload],
-                        choice.zero,
+                        mode.offload,
+                        mode.zero,
                     )
                 ),
             )

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 
+from autopart.config import Offload
 from autopart.cost import CostModel, DeviceSpec, allreduce_seconds_array, p2p_seconds_array
 from autopart.ir import Graph
 from autopart.plan.memory import MemoryModel, StageFootprint
-from autopart.plan.plan import OFFLOAD_MODES
 from autopart.plan.stage_dp import StageCosts
 from autopart.plan.traffic import RangeTraffic
 
@@ -61,8 +62,14 @@ class StageCoster:
         self.replicas = np.asarray(replicas, dtype=np.int64)
         self.spec: DeviceSpec = cost_model.device
         self.cross_node_p2p = devices > self.spec.devices_per_node
-        self.offload_modes = OFFLOAD_MODES if offload == "auto" else (offload,)
-        self.zero_modes = (False, True) if zero == "auto" else (bool(zero),)
+        offload_modes = tuple(Offload) if offload == "auto" else (Offload(offload),)
+        zero_modes = (False, True) if zero == "auto" else (bool(zero),)
+        #: The ways a stage may run, in order of preference; the search picks by index.
+        self.modes = [
+            RunMode(recompute, mode, zero)
+            for mode, zero, recompute in itertools.product(offload_modes, zero_modes, (False, True))
+        ]
+        self.offload_modes = offload_modes
         self._block_params = [
             frozenset(p for node in nodes for p in node.params) for nodes in self.block_nodes
         ]
@@ -140,29 +147,40 @@ class StageCoster:
         compute = {False: fwd + bwd, True: 2 * fwd + bwd}
         weights = fp.param_bytes - fp.buffer_bytes
         link = self.spec.host_link_bandwidth
-        ways = []  # (slot, peak, recompute, offload code, zero), in order of preference
-        for mode, zero, recompute in itertools.product(
-            self.offload_modes, self.zero_modes, (False, True)
-        ):
-            code = OFFLOAD_MODES.index(mode)
+        slots, peaks = [], []
+        for mode in self.modes:
             peak = self.memory.peak_bytes(
-                fp, rows, microbatches, self.replicas, recompute, offload=mode, zero=zero
+                fp,
+                rows,
+                microbatches,
+                self.replicas,
+                mode.recompute,
+                offload=mode.offload,
+                zero=mode.zero,
             )
-            slot = compute[recompute]
-            if code:
-                copies = (3 if recompute else 2) * weights / link
+            slot = compute[mode.recompute]
+            if mode.offload != Offload.NONE:
+                copies = (3 if mode.recompute else 2) * weights / link
                 slot = np.maximum(slot, copies) + fp.trainable_bytes / link
             fits = usable & (peak <= self.capacity)
-            ways.append((np.where(fits, slot + comm, np.inf), peak, recompute, code, zero))
-        slots = np.stack([w[0] for w in ways])
-        best = np.argmin(slots, axis=0)  # the first of equals: the order of preference
+            slots.append(np.where(fits, slot + comm, np.inf))
+            peaks.append(peak)
+        best = np.argmin(np.stack(slots), axis=0)  # the first of equals: the order of preference
         pick = np.arange(len(rows))
         return StageCosts(
             replicas=self.replicas,
-            slot_seconds=slots[best, pick],
+            slot_seconds=np.stack(slots)[best, pick],
             allreduce_seconds=allreduce_seconds_array(fp.trainable_bytes, self.replicas, self.spec),
-            memory_bytes=np.stack([w[1] for w in ways])[best, pick].astype(np.int64),
-            recompute=np.array([ways[b][2] for b in best], dtype=bool),
-            offload=np.array([ways[b][3] for b in best], dtype=np.int8),
-            zero=np.array([ways[b][4] for b in best], dtype=bool),
+            memory_bytes=np.stack(peaks)[best, pick].astype(np.int64),
+            mode=best.astype(np.int64),
         )
+
+
+@dataclass(frozen=True)
+class RunMode:
+    """How a stage runs: the choices the planner makes per stage besides its blocks and
+    replicas.  A new knob is a field here and a term in `StageCoster._stage_costs`."""
+
+    recompute: bool
+    offload: Offload
+    zero: bool

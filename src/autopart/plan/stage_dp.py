@@ -54,21 +54,12 @@ class StageCosts:
     allreduce_seconds: np.ndarray
     #: int64, predicted peak bytes per device.
     memory_bytes: np.ndarray
-    #: bool, whether the stage must recompute activations to fit.
-    recompute: np.ndarray
-    #: int, where the stage keeps its parameters: an index into ``OFFLOAD_MODES`` (0: device).
-    offload: np.ndarray | None = None
-    #: bool, whether the stage's replicas split optimizer state and gradients (ZeRO).
-    zero: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.offload is None:
-            object.__setattr__(self, "offload", np.zeros(np.shape(self.replicas), dtype=np.int8))
-        if self.zero is None:
-            object.__setattr__(self, "zero", np.zeros(np.shape(self.replicas), dtype=bool))
+    #: int, how the stage runs: an index into the coster's run modes (recompute, offload,
+    #: ZeRO), which the search carries along without reading.
+    mode: np.ndarray
 
 
-class StageCoster(Protocol):
+class CostsOf(Protocol):
     """Costs a candidate stage; may be expensive, so the search calls it once per triple."""
 
     def __call__(self, start: int, end: int, microbatches: int) -> StageCosts: ...
@@ -84,9 +75,8 @@ class StageChoice:
     slot_seconds: float
     allreduce_seconds: float
     memory_bytes: int
-    recompute: bool
-    offload: int = 0
-    zero: bool = False
+    #: How the stage runs: an index into the coster's run modes.
+    mode: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,7 +99,7 @@ def step_seconds(stages: Sequence[StageChoice], microbatches: int) -> float:
 def search(
     num_blocks: int,
     devices: int,
-    coster: StageCoster,
+    coster: CostsOf,
     microbatch_options: Sequence[int],
     *,
     stages: int | None = None,
@@ -172,7 +162,7 @@ def search(
 def exhaustive(
     num_blocks: int,
     devices: int,
-    coster: StageCoster,
+    coster: CostsOf,
     microbatch_options: Sequence[int],
     *,
     stages: int | None = None,
@@ -192,9 +182,7 @@ def exhaustive(
                     float(costs.slot_seconds[k]),
                     float(costs.allreduce_seconds[k]),
                     int(costs.memory_bytes[k]),
-                    bool(costs.recompute[k]),
-                    int(costs.offload[k]),
-                    bool(costs.zero[k]),
+                    int(costs.mode[k]),
                 )
                 for k in range(len(costs.replicas))
                 if math.isfinite(costs.slot_seconds[k]) and costs.replicas[k] <= devices
@@ -259,9 +247,7 @@ class _Table:
     slot: np.ndarray  # float64[P, R]; inf where it does not fit or r > devices
     allreduce: np.ndarray  # float64[P, R]
     memory: np.ndarray  # int64[P, R]
-    recompute: np.ndarray  # bool[P, R]
-    offload: np.ndarray  # int8[P, R]
-    zero: np.ndarray  # bool[P, R]
+    mode: np.ndarray  # int64[P, R]
     #: Some stage must hold each block; the slowest of those blocks' fastest slots, a lower
     #: bound on every plan's max slot.  ``inf`` when some block fits no stage at all.
     slowest_slot: float
@@ -271,7 +257,7 @@ class _Table:
     calls: int
 
     @classmethod
-    def build(cls, num_blocks: int, coster: StageCoster, m: int, devices: int) -> _Table:
+    def build(cls, num_blocks: int, coster: CostsOf, m: int, devices: int) -> _Table:
         spans: list[tuple[int, int]] = []
         costs: list[StageCosts] = []
         replicas: np.ndarray | None = None
@@ -311,9 +297,7 @@ class _Table:
             slot=slot,
             allreduce=stack("allreduce_seconds", np.float64),
             memory=stack("memory_bytes", np.int64),
-            recompute=stack("recompute", np.bool_),
-            offload=stack("offload", np.int8),
-            zero=stack("zero", np.bool_),
+            mode=stack("mode", np.int64),
             slowest_slot=float(fastest.min(axis=0, initial=np.inf).max()),
             fewest_stages=fewest[num_blocks],
             calls=calls,
@@ -327,9 +311,7 @@ class _Table:
             slot_seconds=float(self.slot[p, k]),
             allreduce_seconds=float(self.allreduce[p, k]),
             memory_bytes=int(self.memory[p, k]),
-            recompute=bool(self.recompute[p, k]),
-            offload=int(self.offload[p, k]),
-            zero=bool(self.zero[p, k]),
+            mode=int(self.mode[p, k]),
         )
 
 
@@ -342,14 +324,7 @@ def _check_costs(costs: StageCosts, replicas: np.ndarray | None) -> np.ndarray:
         replicas = got
     elif not np.array_equal(got, replicas):
         raise ValueError("the coster returned different replica counts for different stages")
-    for name in (
-        "slot_seconds",
-        "allreduce_seconds",
-        "memory_bytes",
-        "recompute",
-        "offload",
-        "zero",
-    ):
+    for name in ("slot_seconds", "allreduce_seconds", "memory_bytes", "mode"):
         if np.shape(getattr(costs, name)) != replicas.shape:
             raise ValueError(f"{name} does not have one entry per replica count")
     return replicas
