@@ -6,7 +6,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-import autopart.capture as capture_module
+import autopart.capture.common as capture_common
+import autopart.capture.meta_runner as capture_meta_runner
 from autopart.capture import capture
 from autopart.errors import CaptureError
 from autopart.ir import Graph, NodeKind, TensorSpec
@@ -137,7 +138,7 @@ def test_module_paths_come_from_the_module_stack(graphs):
     ],
 )
 def test_module_paths_are_normalized(written, path):
-    assert capture_module._normalize_path(written) == path
+    assert capture_common._normalize_path(written) == path
 
 
 def test_inputs_map_to_call_positions_and_keywords(graphs):
@@ -275,7 +276,7 @@ class _InPlaceAfterRepeat(nn.Module):
 def test_replaying_repeated_ops_matches_executing_each(example, monkeypatch):
     model, args, kwargs = example()
     replayed = capture(model, args, kwargs)
-    monkeypatch.setattr(capture_module, "_replay_key", lambda *call: None)
+    monkeypatch.setattr(capture_meta_runner, "_replay_key", lambda *call: None)
     executed = capture(model, args, kwargs)
     assert [n.stats for n in replayed.nodes] == [n.stats for n in executed.nodes]
     assert [n.outputs for n in replayed.nodes] == [n.outputs for n in executed.nodes]

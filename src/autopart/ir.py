@@ -126,6 +126,9 @@ class Node:
     outputs: tuple[TensorSpec, ...]
     module_path: str
     stats: NodeStats = NodeStats()
+    #: "tuple" or "list" when the value is a sequence of leaves (``split`` returns a list);
+    #: None for a single leaf.
+    container: str | None = None
 
     @property
     def is_batch(self) -> bool:
@@ -133,6 +136,14 @@ class Node:
 
     def output_bytes(self, batch: int = 1) -> int:
         return sum(t.nbytes(batch) for t in self.outputs)
+
+
+@dataclass(frozen=True)
+class OutputLeaf:
+    """One leaf of the model's output: the graph value ``value``, or else ``constant``."""
+
+    value: str | None
+    constant: Any = None
 
 
 @dataclass
@@ -156,6 +167,10 @@ class Graph:
     static_batch: int | None = None
     #: Scalar outputs split into per-row terms, by the name of the node that combines them.
     reductions: dict[str, ScalarReduction] = field(default_factory=dict)
+    #: The model's output, flattened: each leaf a value name (`OutputLeaf.value`) or a
+    #: constant; `output_spec` (a pytree spec) rebuilds the model's own structure around them.
+    output_leaves: tuple[OutputLeaf, ...] = ()
+    output_spec: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self._index = {n.name: i for i, n in enumerate(self.nodes)}

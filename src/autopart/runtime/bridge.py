@@ -102,15 +102,11 @@ def restructure(graph: Graph, values: dict[str, Any]) -> Any:
     rank's own value, as under DDP, and its gradient flows back through those rows."""
     for name, reduction in graph.reductions.items():
         values[name] = reduction.combine(values)
-    output = next(iter(graph.fx_module.graph.find_nodes(op="output")))
-    codegen = graph.fx_module.graph._codegen
-    info = getattr(codegen, "pytree_info", None)
-    if info is not None and info.out_spec is not None:
-        leaves = [values[n.name] if isinstance(n, torch.fx.Node) else n for n in output.args[0]]
-        return pytree.tree_unflatten(leaves, info.out_spec)
-    return pytree.tree_map(
-        lambda n: values[n.name] if isinstance(n, torch.fx.Node) else n, output.args[0]
-    )
+    leaves = [
+        values[leaf.value] if leaf.value is not None else leaf.constant
+        for leaf in graph.output_leaves
+    ]
+    return pytree.tree_unflatten(leaves, graph.output_spec)
 
 
 class _Bridge(torch.autograd.Function):

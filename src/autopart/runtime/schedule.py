@@ -407,22 +407,15 @@ class GPipeSchedule:
 
 def value_shape(graph: Graph, name: str) -> ValueShape:
     """The leaves of a value and the container that holds them, from the captured graph."""
-    leaves = graph.node(name).outputs
-    container = None
-    for node in graph.fx_module.graph.nodes:
-        if node.name == name:
-            value = node.meta.get("val")
-            if isinstance(value, (list, tuple)):
-                container = type(value)
-            elif value is None and len(leaves) > 1:
-                container = tuple
-            break
-    if container is None and len(leaves) != 1:
+    node = graph.node(name)
+    containers = {"tuple": tuple, "list": list}
+    container = containers.get(node.container) if node.container else None
+    if container is None and len(node.outputs) != 1:
         raise routing.RuntimeCommError(
-            f"cannot send value {name} between stages: it has {len(leaves)} tensor leaves in "
-            "an unknown structure; re-plan with a split point away from it"
+            f"cannot send value {name} between stages: it has {len(node.outputs)} tensor leaves "
+            "in an unknown structure; re-plan with a split point away from it"
         )
-    return ValueShape(tuple(leaves), container)
+    return ValueShape(tuple(node.outputs), container)
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:

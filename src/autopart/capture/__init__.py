@@ -1,0 +1,82 @@
+"""Capture a PyTorch model into the graph IR.
+
+`torch.export` (non-strict) is the primary tracer: it sees through Python, yields ATen ops with
+the module each came from, and can keep the batch dimension symbolic, so one graph serves every
+microbatch size the runtime feeds.  `torch.fx.symbolic_trace` is the fallback for models export
+rejects, since it tolerates some Python that export does not (and lets users mark leaf modules).
+
+Shapes and costs come from executing the graph twice on the ``meta`` device: at the capture batch
+``a`` (measuring FLOPs, bytes and the tensors autograd saves) and at ``a + 1`` (shapes only).
+Comparing the two runs tells which dimension of every value carries the batch and what it holds
+per sample, uniformly for symbolic exports, static exports and fx graphs.  Running on meta keeps
+capture free of real compute and memory, so a model built under ``torch.device("meta")`` with
+hundreds of billions of parameters can be captured on a laptop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from autopart.capture.build import _build_graph
+from autopart.capture.common import METHODS, LeafSpec, log
+from autopart.capture.errors import _capture_error, _first_line
+from autopart.capture.inputs import _Inputs
+from autopart.capture.tracing import _keep_batch_in_squeeze, _trace_export, _trace_fx
+from autopart.errors import CaptureError
+from autopart.ir import Graph
+from autopart.scalar_outputs import rewrite_scalar_outputs
+
+__all__ = ["METHODS", "LeafSpec", "capture"]
+
+
+def capture(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    method: str = "auto",
+    strict: bool = False,
+    leaf_modules: Sequence[LeafSpec] = (),
+) -> Graph:
+    """Capture ``model`` called as ``model(*args, **kwargs)`` into a `Graph`.
+
+    The batch size is dim 0 of the first tensor argument; every tensor input whose dim 0 equals
+    it carries the batch.  ``method`` is ``"export"``, ``"fx"`` or ``"auto"`` (export, then fx
+    when export fails); ``strict`` is passed to `torch.export.export`.  ``leaf_modules`` (types
+    or qualified names) are kept as single opaque calls by the fx tracer.  Raises `CaptureError`
+    naming the failing op and module when the model cannot be captured.
+
+    The returned ``Graph.fx_module`` is called like the model and accepts any batch size.  If
+    the model pins the batch size (export cannot keep it symbolic), capture falls back to static
+    exports at batch ``b`` and ``b + 1``: per-sample shapes and batch dims still come from the
+    difference, but ``fx_module`` then only runs at ``Graph.static_batch == b``.
+    """
+    if method not in METHODS:
+        raise CaptureError(f"unknown capture method {method!r}; use one of {', '.join(METHODS)}")
+    inputs = _Inputs.of(args, dict(kwargs or {}))
+    failures: list[tuple[str, BaseException]] = []
+    trace = None
+    if method in ("auto", "export"):
+        try:
+            trace = _trace_export(model, inputs, strict=strict)
+        except Exception as exc:
+            failures.append(("torch.export", exc))
+    if trace is None and method in ("auto", "fx"):
+        try:
+            trace = _trace_fx(model, inputs, leaf_modules)
+        except Exception as exc:
+            failures.append(("torch.fx", exc))
+        else:
+            if failures:
+                log.warning(
+                    "torch.export failed (%s); captured with torch.fx", _first_line(failures[0][1])
+                )
+    if trace is None:
+        raise _capture_error(model, failures, strict) from failures[0][1]
+    for gm in (trace.gm, trace.gm_next):
+        if gm is not None:
+            _keep_batch_in_squeeze(gm)
+            rewrite_scalar_outputs(gm, trace.sources)
+    return _build_graph(model, trace, inputs)
