@@ -10,11 +10,11 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
+from autopart.plan.exhaustive import exhaustive
 from autopart.plan.stage_dp import (
     Solution,
     StageChoice,
     StageCosts,
-    exhaustive,
     search,
     step_seconds,
 )

@@ -166,7 +166,8 @@ def check_plan_agrees(plan: Any, config: Config, source: str) -> None:
     if "offload" in config.given and config.offload != "auto":
         wrong = [s.index for s in plan.stages if s.offload != config.offload]
         if wrong:
-            found.append(f"other offload on stage(s) {wrong}, not offload={config.offload.value!r}")
+            wanted = Offload.of(config.offload).value
+            found.append(f"other offload on stage(s) {wrong}, not offload={wanted!r}")
     if "prefetch" in config.given:
         wrong = [
             s.index

@@ -31,6 +31,8 @@ def load_factory(spec: str):
             raise FactoryError(f"model file {target!r} does not exist")
         module_name = f"autopart_user_{path.stem}"
         mod_spec = importlib.util.spec_from_file_location(module_name, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise FactoryError(f"model file {target!r} cannot be imported as a Python module")
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[module_name] = module
         try:

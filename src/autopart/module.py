@@ -34,6 +34,7 @@ from autopart.runtime.gradients import Holders
 from autopart.runtime.layout import BatchLayout
 from autopart.runtime.local_optimizer import LocalOptimizer
 from autopart.runtime.materialize import InitFn
+from autopart.runtime.offload import ParamOffload
 from autopart.runtime.plan_agreement import agree_on_plan, agreeing
 from autopart.runtime.routing import all_gather_ints, comm_errors
 from autopart.runtime.schedule import GPipeSchedule, StepState
@@ -53,6 +54,11 @@ class Module(nn.Module):
 
     The keywords are `autopart.config.Config`'s fields (see there); ``config=`` passes one
     whole.  ``optimizer`` may be a factory, called with the model's parameters."""
+
+    # Kept in ``__dict__``, out of the module tree: only this rank's parameters are ours.
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    stage_module: nn.Module
 
     def __init__(
         self,
@@ -104,7 +110,7 @@ class Module(nn.Module):
         self._stages = StageBuilder(model, optimizer, groups, self.config, self.device)
         self.plan: Plan | None = None
         self.graph: Graph | None = None
-        self.offload = None
+        self.offload: ParamOffload | None = None
         self._sync = True
         #: Whether the gradients hold a sum over holders that no backward has added to yet.
         self._grads_synced = False
@@ -127,7 +133,7 @@ class Module(nn.Module):
         self._schedules = {key: self.schedule}
         updated = self._stages.add_state_update(self.schedule, stage)
         self.names = canonical_names(self.model, self.graph)
-        trainable = {
+        trainable: dict[str, torch.Tensor] = {
             canonical: param
             for name, param in self.model.named_parameters(remove_duplicate=False)
             if (canonical := self.names.get(name)) is not None and param.requires_grad
@@ -152,6 +158,7 @@ class Module(nn.Module):
     def _add_signature(self, key: str, args: tuple, kwargs: dict[str, Any]) -> GPipeSchedule:
         """A call unlike every earlier one: its own graph, on the first call's placement."""
         graph = self._stages.capture(args, kwargs)
+        assert self.plan is not None  # the first call made it
         plan = derive_plan(self.plan, graph)
         plan.validate_for(graph, self.world, idle_stages=True)
         self._stages.materialize(graph, plan, first=False)  # the constants of its own capture
@@ -195,12 +202,11 @@ class Module(nn.Module):
         grad = torch.is_grad_enabled()
         if schedule.offload is not None:
             schedule.offload.reset_peak()
-        track = self.config.track_memory
-        tracker = LiveBytes(self._on_device()) if track else contextlib.nullcontext()
-        with comm_errors(self.rank, "forward"), tracker:
+        tracker = LiveBytes(self._on_device()) if self.config.track_memory else None
+        with comm_errors(self.rank, "forward"), tracker or contextlib.nullcontext():
             state = schedule.forward(local, layout, grad)
             outputs = schedule.gather_outputs(state)
-        if track:
+        if tracker is not None:
             resident = storage_bytes(self._on_device())
             self._memory = {
                 "forward_peak": tracker.peak,
@@ -216,6 +222,7 @@ class Module(nn.Module):
     def _microbatches_for(self, rows: int) -> int:
         """The plan's microbatch count, or fewer for a global batch too small to give every
         replica of every stage rows in each microbatch (an uneven last batch)."""
+        assert self.plan is not None
         widest = max(stage.replicas for stage in self.plan.stages)
         if rows < widest:
             raise AutopartError(
@@ -235,18 +242,18 @@ class Module(nn.Module):
             count = len(schedule.shapes[name].leaves)
             per_value[name] = [flat_grads.get(position + i) for i in range(count)]
             position += count
-        tracker = LiveBytes() if self.config.track_memory else contextlib.nullcontext()
+        tracker = LiveBytes() if self.config.track_memory else None
         overlap = self._sync and self.holders.overlap is not None
         arm = self.holders.arm_overlap if overlap else None
         if self._grads_synced:  # a second backward before step(), as DDP allows
             self.holders.unsum_synced()
             self._grads_synced = False
-        with comm_errors(self.rank, "backward"), tracker:
+        with comm_errors(self.rank, "backward"), tracker or contextlib.nullcontext():
             schedule.backward(state, per_value, before_last=arm)
             if self._sync:
                 self.holders.all_reduce_grads(overlapped=overlap)
                 self._grads_synced = True
-        if self.config.track_memory and self._memory:
+        if tracker is not None and self._memory:
             self._memory["backward_peak"] = self._memory["forward_end"] + tracker.peak
 
     # -- DDP-style methods -------------------------------------------------------------------
@@ -289,7 +296,9 @@ class Module(nn.Module):
                 param.grad.mul_(coef.to(param.grad.device))
         return total
 
-    def state_dict(self, *args, rank0_only: bool = False, **kwargs) -> dict[str, torch.Tensor]:
+    def state_dict(  # type: ignore[override]
+        self, *args, rank0_only: bool = False, **kwargs
+    ) -> dict[str, torch.Tensor]:
         """The full model state dict, gathered from the ranks that train each part: on every
         rank (each then holds the whole model), or with ``rank0_only`` streamed to rank 0 one
         rank's part at a time (`runtime.state_gather`), the others getting ``{}``."""
@@ -329,6 +338,7 @@ class Module(nn.Module):
     # -- memory ------------------------------------------------------------------------------
 
     def _resident(self) -> dict[str, list[torch.Tensor]]:
+        assert self.plan is not None
         on_host = self.plan.stage_of_rank(self.rank).offload == Offload.PARAMS_OPTIMIZER
         return memory_report.resident(
             self.stage_module, self.parameters(), self.offload, self.optimizer, on_host

@@ -46,7 +46,7 @@ def compute_dtype(graph: Graph) -> str:
     for spec in graph.params.values():
         if "float" in spec.dtype and not spec.is_buffer:
             totals[spec.dtype] = totals.get(spec.dtype, 0) + spec.nbytes
-    return max(totals, key=totals.get) if totals else "torch.float32"
+    return max(totals, key=lambda dtype: totals[dtype]) if totals else "torch.float32"
 
 
 #: The dtype matmuls run at under each precision (fp32: the parameters' own).

@@ -51,7 +51,7 @@ def plan_table(plan: Plan) -> Table:
         ("host", "right"),
         ("zero", "center"),
     ):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for s in plan.stages:
         table.add_row(
             str(s.index),

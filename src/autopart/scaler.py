@@ -20,6 +20,7 @@ class GradScaler(torch.amp.GradScaler):
             return
         found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
         local = sum(float(flag.item()) for flag in found.values())
+        assert self._scale is not None  # unscale_ ran, so the scale exists
         flag = torch.tensor([local], dtype=torch.float32, device=self._scale.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         agreed = torch.full((), float(flag.item() > 0), device=self._scale.device)

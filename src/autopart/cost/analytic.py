@@ -135,10 +135,11 @@ class BlockTimer:
         """Cumulative ``(forward, backward)`` seconds: ``[0]`` is 0, ``[k]`` covers units < k."""
         if batch not in self._prefix:
             node_fwd, node_bwd = self.model.array_seconds(self._arrays, batch)
-            self._prefix[batch] = tuple(
+            forward, backward = (
                 np.concatenate(([0.0], np.cumsum(self._per_unit(per_node))))
                 for per_node in (node_fwd, node_bwd)
             )
+            self._prefix[batch] = (forward, backward)
         return self._prefix[batch]
 
     def range_seconds(
@@ -146,7 +147,8 @@ class BlockTimer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(forward, backward)`` seconds of units ``start <= u < end`` (scalars or arrays)."""
         forward, backward = self.prefix(batch)
-        return forward[end] - forward[start], backward[end] - backward[start]
+        lo, hi = np.asarray(start, dtype=np.int64), np.asarray(end, dtype=np.int64)
+        return forward[hi] - forward[lo], backward[hi] - backward[lo]
 
     def _per_unit(self, per_node: np.ndarray) -> np.ndarray:
         return np.bincount(

@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ class LinkMeasurement:
         bandwidth = min(self.p2p_bandwidth, self.allreduce_bandwidth)
         field = "inter_node_bandwidth" if cross_node else "intra_node_bandwidth"
         latency = max(self.p2p_latency_s, self.allreduce_latency_s)
-        return dataclasses.replace(spec, **{field: bandwidth}, link_latency_s=latency)
+        changes: dict[str, Any] = {field: bandwidth, "link_latency_s": latency}
+        return dataclasses.replace(spec, **changes)
 
 
 def measure_links(
@@ -75,8 +77,10 @@ def measure_links(
         raise AutopartError("measure_links needs at least one message size and iters >= 1")
     device = _comm_device(group)
     rank = dist.get_rank(group)
-    first = dist.get_global_rank(group or dist.group.WORLD, 0)
-    second = dist.get_global_rank(group or dist.group.WORLD, 1)
+    members = group or dist.group.WORLD
+    assert members is not None  # the process group is initialized
+    first = dist.get_global_rank(members, 0)
+    second = dist.get_global_rank(members, 1)
 
     p2p, allreduce = [], []
     for size in sizes:

@@ -81,7 +81,7 @@ class MemoryModel:
         send = fp.send_per_sample * rows + fp.send_fixed
         activations = microbatches * recv + saved if recompute else microbatches * (saved + recv)
         transient = 2.0 * (fp.largest_output_per_sample * rows + fp.largest_output_fixed)
-        optimizer = fp.trainable_bytes * self.optimizer_factor
+        optimizer: float | np.ndarray = fp.trainable_bytes * self.optimizer_factor
         if zero:
             optimizer = optimizer / np.asarray(replicas, dtype=float)
         running = activations + transient + recv + send

@@ -31,9 +31,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import combinations, pairwise
 from typing import Protocol
 
 import numpy as np
@@ -159,64 +158,6 @@ def search(
     return best
 
 
-def exhaustive(
-    num_blocks: int,
-    devices: int,
-    coster: CostsOf,
-    microbatch_options: Sequence[int],
-    *,
-    stages: int | None = None,
-) -> Solution | None:
-    """Brute force over every split and replica composition; the reference for tests."""
-    options = _check(num_blocks, devices, microbatch_options, stages)
-    cache: dict[tuple[int, int, int], list[StageChoice]] = {}
-
-    def feasible(start: int, end: int, m: int) -> list[StageChoice]:
-        if (start, end, m) not in cache:
-            costs = coster(start, end, m)
-            cache[start, end, m] = [
-                StageChoice(
-                    start,
-                    end,
-                    int(costs.replicas[k]),
-                    float(costs.slot_seconds[k]),
-                    float(costs.allreduce_seconds[k]),
-                    int(costs.memory_bytes[k]),
-                    int(costs.mode[k]),
-                )
-                for k in range(len(costs.replicas))
-                if math.isfinite(costs.slot_seconds[k]) and costs.replicas[k] <= devices
-            ]
-        return cache[start, end, m]
-
-    counts = [stages] if stages is not None else range(1, min(num_blocks, devices) + 1)
-    best: Solution | None = None
-    for count in counts:
-        for m in options:
-            for cuts in combinations(range(1, num_blocks), count - 1):
-                bounds = (0, *cuts, num_blocks)
-                per_stage = [feasible(a, b, m) for a, b in pairwise(bounds)]
-                for plan in _compositions(per_stage, devices):
-                    seconds = step_seconds(plan, m)
-                    if best is None or seconds < best.step_seconds:
-                        best = Solution(plan, m, seconds)
-    return best
-
-
-def _compositions(
-    per_stage: Sequence[Sequence[StageChoice]], devices: int
-) -> Iterator[tuple[StageChoice, ...]]:
-    """Every pick of one choice per stage whose replicas add up to exactly ``devices``."""
-    if not per_stage:
-        if devices == 0:
-            yield ()
-        return
-    for choice in per_stage[0]:
-        if choice.replicas <= devices:
-            for rest in _compositions(per_stage[1:], devices - choice.replicas):
-                yield (choice, *rest)
-
-
 def _check(
     num_blocks: int, devices: int, microbatch_options: Sequence[int], stages: int | None
 ) -> list[int]:
@@ -279,21 +220,21 @@ class _Table:
             rows = [getattr(costs[p], field) for p in order]
             return np.array(rows, dtype=dtype).reshape(len(order), width)
 
-        start = np.array([spans[p][0] for p in order], dtype=np.int64)
-        end = np.array([spans[p][1] for p in order], dtype=np.int64)
+        starts = np.array([spans[p][0] for p in order], dtype=np.int64)
+        ends = np.array([spans[p][1] for p in order], dtype=np.int64)
         slot = np.where(replicas <= devices, stack("slot_seconds", np.float64), np.inf)
         blocks = np.arange(num_blocks)
-        holds = (start[:, None] <= blocks) & (blocks < end[:, None])
+        holds = (starts[:, None] <= blocks) & (blocks < ends[:, None])
         fastest = np.where(holds, slot.min(axis=1, initial=np.inf)[:, None], np.inf)
         fewest = [0] + [num_blocks + 1] * num_blocks
-        for a, b in zip(start.tolist(), end.tolist(), strict=True):  # by end: fewest[a] is final
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):  # by end: fewest[a] is final
             fewest[b] = min(fewest[b], fewest[a] + 1)
         return cls(
             num_blocks=num_blocks,
             microbatches=m,
             replicas=replicas,
-            start=start,
-            end=end,
+            start=starts,
+            end=ends,
             slot=slot,
             allreduce=stack("allreduce_seconds", np.float64),
             memory=stack("memory_bytes", np.int64),

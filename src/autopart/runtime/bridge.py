@@ -39,7 +39,7 @@ def route_inputs(
     """This call's inputs by graph input name, tensors on the device; an argument that
     differs in kind from the captured call is an error naming it."""
     given = {
-        ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value
+        ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value  # type: ignore[attr-defined]
         for path, value in pytree.tree_flatten_with_path((args, kwargs))[0]
     }
     local = {}

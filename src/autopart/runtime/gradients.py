@@ -146,9 +146,9 @@ class Holders:
         """The norm of the full gradient, each parameter counted once over all ranks.
         Each gradient is reduced where it lives (offloaded ones in host memory)."""
         own = [
-            self.trainable[n].grad
+            grad
             for n in self.local
-            if self.owner(n) == self.rank and self.trainable[n].grad is not None
+            if self.owner(n) == self.rank and (grad := self.trainable[n].grad) is not None
         ]
         infinite = norm_type == float("inf")
         parts = [

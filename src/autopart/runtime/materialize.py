@@ -83,12 +83,12 @@ def meta_view(
                     twins[id(value)] = twin
                     originals[id(twin)] = value
                 swapped.append((table, key, value))
-                table[key] = twin
+                table[key] = twin  # type: ignore[assignment]
     try:
         yield originals
     finally:
         for table, key, value in swapped:
-            table[key] = value
+            table[key] = value  # type: ignore[assignment]
 
 
 def on_meta(values: Any) -> Any:
@@ -139,7 +139,9 @@ def materialize(
     rebind(roots, replaced)
     persistent = set(model.state_dict(keep_vars=True))
     source = open_checkpoint(checkpoint) if checkpoint is not None else None
-    wanted = _keys_in(source, fresh, graph, persistent, checkpoint) if source else {}
+    wanted = {}
+    if source is not None and checkpoint is not None:
+        wanted = _keys_in(source, fresh, graph, persistent, checkpoint)
     # Empty tensors need no value; the rest the checkpoint lacks come from the initializer,
     # which runs first because it writes every tensor it knows, loaded ones included.
     pending = [name for name in fresh if name not in wanted and fresh[name].numel()]
@@ -165,7 +167,7 @@ def materialize(
                 "Hugging Face models) does not set them. Pass init_fn= to set them, load them "
                 "with checkpoint=, or build them outside the meta device"
             )
-    if source is not None:
+    if source is not None and checkpoint is not None:
         _copy(source, wanted, fresh, checkpoint)
     loaded = wanted
     log.info(
@@ -182,7 +184,7 @@ def rebind(roots: Iterable[nn.Module], replaced: dict[int, torch.Tensor]) -> Non
             for table in (module._parameters, module._buffers):
                 for key, value in table.items():
                     if value is not None and id(value) in replaced:
-                        table[key] = replaced[id(value)]
+                        table[key] = replaced[id(value)]  # type: ignore[assignment]
             for key, value in list(vars(module).items()):
                 if isinstance(value, torch.Tensor) and id(value) in replaced:
                     module.__dict__[key] = replaced[id(value)]  # not registered anew
@@ -341,7 +343,7 @@ def default_initializer(model: nn.Module) -> None:
             module.__dict__.pop("_is_hf_initialized", None)
         for tensor in (*model.parameters(), *model.buffers()):
             tensor.__dict__.pop("_is_hf_initialized", None)
-        model.initialize_weights()
+        model.initialize_weights()  # type: ignore[operator]
         return
     for module in model.modules():
         reset = getattr(module, "reset_parameters", None) or getattr(

@@ -155,7 +155,7 @@ class ParamOffload:
         """A new tensor on the live copy's storage, if some alias still keeps it alive."""
         live = self._copies.get(key)
         storage = live.storage() if live is not None else None
-        if storage is None:
+        if live is None or storage is None:
             return None
         empty = torch.empty(0, dtype=live.dtype, device=self.device)
         return empty.set_(storage, 0, live.size, live.stride)
@@ -210,7 +210,7 @@ class ParamOffload:
         if key is None:
             return tensor
         self._saved_order.append(key)
-        return _Saved(key, tensor.size(), tensor.stride(), tensor.storage_offset(), dtype)
+        return _Saved(key, tensor.size(), tensor.stride(), int(tensor.storage_offset()), dtype)
 
     def _cast_of(self, tensor: torch.Tensor) -> str | None:
         """The parameter whose copy ``tensor`` is a whole cast of (or a view of one), as

@@ -58,7 +58,7 @@ class OverlappedAllReduce:
         ]
         self._hooks: list = []
         self._ready: set[int] = set()
-        self._launched: list[tuple] = []
+        self._launched: list[list] = []
 
     def arm(self) -> None:
         """Start listening: the next gradient accumulation of each parameter is its last."""
@@ -91,8 +91,8 @@ class OverlappedAllReduce:
     def _reduce(self, bucket: list[torch.Tensor], flat: torch.Tensor) -> list:
         if self.owners is None:
             return [dist.all_reduce(flat, group=self.group, async_op=True)]
-        works, offset = [], 0
-        for owner, members in itertools.groupby(bucket, key=lambda p: self.owners[id(p)]):
+        works, offset, owners = [], 0, self.owners
+        for owner, members in itertools.groupby(bucket, key=lambda p: owners[id(p)]):
             size = sum(p.numel() for p in members)
             part = flat[offset : offset + size]
             works.append(dist.reduce(part, dst=owner, group=self.group, async_op=True))
@@ -112,8 +112,10 @@ class OverlappedAllReduce:
             offset = 0
             for param in bucket:
                 size = param.numel()
+                grad = param.grad
+                assert grad is not None  # filled when the bucket was launched
                 if self.owners is None or self.owners[id(param)] == me:
-                    param.grad.copy_(flat[offset : offset + size].view_as(param.grad))
+                    grad.copy_(flat[offset : offset + size].view_as(grad))
                 else:
                     param.grad = None
                 offset += size

@@ -63,7 +63,7 @@ def moves_for(
 
 def take_rows(value, spec: TensorSpec, held: Rows, rows: Rows):
     """Rows ``rows`` (global numbering) of a leaf that holds global rows ``held``."""
-    if not spec.is_batch:
+    if spec.batch_dim is None:
         return value
     per = spec.shape[spec.batch_dim]
     start, stop = (rows[0] - held[0]) * per, (rows[1] - held[0]) * per
@@ -72,7 +72,7 @@ def take_rows(value, spec: TensorSpec, held: Rows, rows: Rows):
 
 def empty_like_spec(spec: TensorSpec, rows: int, device: torch.device) -> torch.Tensor:
     shape = list(spec.shape)
-    if spec.is_batch:
+    if spec.batch_dim is not None:
         shape[spec.batch_dim] *= rows
     return torch.empty(shape, dtype=torch_dtype(spec.dtype), device=device)
 
@@ -93,6 +93,7 @@ def is_scalar(spec: TensorSpec) -> bool:
 
 
 def affine_value(spec: TensorSpec, rows: int):
+    assert spec.affine is not None
     per_sample, fixed = spec.affine
     value = per_sample * rows + fixed
     return round(value) if spec.dtype == "symint" else value

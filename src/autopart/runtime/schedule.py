@@ -52,6 +52,7 @@ from autopart.runtime.messages import (
 from autopart.runtime.offload import ParamOffload
 from autopart.runtime.routing import ValueShape
 from autopart.runtime.stage_module import StageIO
+from autopart.runtime.whole_outputs import add_share, combine_whole
 
 
 @dataclass
@@ -132,6 +133,7 @@ class GPipeSchedule:
     def _fetch(self, state: StepState, key: Key, src: int) -> torch.Tensor:
         if src == self.rank:
             return state.mailbox.pop(key)
+        assert state.inbox is not None  # a pass opens its inbox before it receives
         return state.inbox.receive(key, src)
 
     def _holders(self, name: str, layout: BatchLayout, m: int) -> dict[int, Rows]:
@@ -206,7 +208,16 @@ class GPipeSchedule:
         values = dict(zip(self.io.outputs, outputs, strict=True))
         for name, li in self.whole:
             if name in values:
-                self._add_share(state, name, li, values[name][li], m, rows)
+                holders = self._holders(name, state.layout, 0)
+                add_share(
+                    state.shares,
+                    (name, li),
+                    self.shapes[name].leaves[li],
+                    values[name][li],
+                    m,
+                    rows,
+                    self.rank == min(holders),
+                )
         tensors: dict[tuple[str, int], torch.Tensor] = {}
         for message in self.messages.sends_in(self.rank, state.layout, FORWARD, m):
             spec = self.shapes[message.name].leaves[message.leaf]
@@ -218,47 +229,6 @@ class GPipeSchedule:
                 tensors[where] = _to_tensor(leaf, spec).detach().to(dtype)
             piece = routing.take_rows(tensors[where], spec, rows, message.rows)
             self._post(state, message, piece)
-
-    def _add_share(self, state: StepState, name: str, li: int, leaf, m: int, rows: Rows) -> None:
-        """A float's value weighted by this chunk's rows; anything else only from the first
-        chunk (the lowest rank of microbatch 0), so that the sum over ranks is that value."""
-        spec = self.shapes[name].leaves[li]
-        value = _to_tensor(leaf, spec).detach()
-        if value.is_floating_point():
-            share = value.double() * _count(rows)
-        elif m == 0 and self.rank == min(self._holders(name, state.layout, 0)):
-            share = _as_real(value)
-        else:
-            return
-        key = (name, li)
-        state.shares[key] = state.shares[key] + share if key in state.shares else share
-
-    def _combine_whole(self, state: StepState) -> dict[tuple[str, int], Any]:
-        """Every rank's value of each whole output leaf, from one all-reduce of the shares."""
-        if not self.whole:
-            return {}
-        specs = [self.shapes[name].leaves[li] for name, li in self.whole]
-        zeros = [_as_real(torch.zeros(s.shape, dtype=routing.torch_dtype(s.dtype))) for s in specs]
-        parts = [
-            state.shares.get(key, zero).to(self.device).double().flatten()
-            for key, zero in zip(self.whole, zeros, strict=True)
-        ]
-        flat = torch.cat(parts)
-        if self.world > 1:
-            dist.all_reduce(flat)
-        combined, start = {}, 0
-        for key, spec, zero in zip(self.whole, specs, zeros, strict=True):
-            piece = flat[start : start + zero.numel()].view(zero.shape)
-            start += zero.numel()
-            dtype = routing.torch_dtype(spec.dtype)
-            if dtype.is_floating_point:
-                value = (piece / state.layout.global_batch).to(dtype)
-            elif dtype.is_complex:
-                value = torch.view_as_complex(piece.contiguous()).to(dtype)
-            else:
-                value = piece.round().to(dtype)
-            combined[key] = _from_tensor(value, spec)
-        return combined
 
     # -- the model's outputs on every rank ---------------------------------------------------
 
@@ -290,9 +260,13 @@ class GPipeSchedule:
                 else:
                     leaves.append(None)  # from the all-reduce below
             result[name] = leaves
+        assert state.inbox is not None
         state.inbox.finish()
         routing.wait_all(state.pending)
-        for (name, li), value in self._combine_whole(state).items():
+        combined = combine_whole(
+            state.shares, self.whole, self.shapes, state.layout.global_batch, self.device
+        )
+        for (name, li), value in combined.items():
             result[name][li] = value
         return result
 
@@ -333,11 +307,13 @@ class GPipeSchedule:
             self._send_input_grads(state, mb, m)
             mb.outputs = None
             mb.inputs = []
+        assert state.inbox is not None
         state.inbox.finish()
         routing.wait_all(state.pending)
 
     def _recompute(self, mb: _Microbatch) -> list[list[Any]]:
         _track(self.graph, self.io.inputs, mb.inputs)
+        assert mb.rng_state is not None  # a recomputing stage saved it in forward
         accelerator = [self.device] if self.device.type != "cpu" else []
         with torch.random.fork_rng(devices=accelerator, device_type=self.device.type):
             torch.set_rng_state(mb.rng_state[0])
@@ -443,7 +419,7 @@ def _count(rows: Rows) -> int:
 def _join(pieces: list[torch.Tensor], spec: TensorSpec) -> torch.Tensor:
     if len(pieces) == 1:
         return pieces[0]
-    if not spec.is_batch:
+    if spec.batch_dim is None:
         return pieces[0]
     return torch.cat(pieces, dim=spec.batch_dim)
 
@@ -456,8 +432,3 @@ def _to_tensor(leaf, spec: TensorSpec) -> torch.Tensor:
 
 def _from_tensor(value: torch.Tensor, spec: TensorSpec):
     return value.item() if routing.is_scalar(spec) else value
-
-
-def _as_real(value: torch.Tensor) -> torch.Tensor:
-    """A complex value as its real and imaginary parts, which a float64 all-reduce carries."""
-    return torch.view_as_real(value) if value.is_complex() else value

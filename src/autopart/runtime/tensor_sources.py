@@ -122,10 +122,15 @@ class _Dcp:
 
     def __init__(self, path: Path) -> None:
         from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self._path = path
         metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        self._meta = {key: value for key, value in metadata.items() if hasattr(value, "size")}
+        self._meta = {
+            key: value
+            for key, value in metadata.items()
+            if isinstance(value, TensorStorageMetadata)
+        }
         # autopart's layout nests the model under "model." beside "optim."; a plain
         # dcp.save(model.state_dict()) of a Hugging Face model has "model." keys of its own.
         prefixed = any(key.startswith("optim.") for key in metadata)
