@@ -26,19 +26,17 @@ from torch import nn
 from autopart.config import Config, Offload
 from autopart.errors import AutopartError
 from autopart.ir import Graph
-from autopart.memtrack import LiveBytes, storage_bytes
+from autopart.memtrack import storage_bytes
 from autopart.plan.plan import Plan
 from autopart.runtime import bridge, memory_report
+from autopart.runtime.calls import Calls
 from autopart.runtime.distenv import ensure_initialized, local_device
 from autopart.runtime.gradients import Holders
-from autopart.runtime.layout import BatchLayout
 from autopart.runtime.local_optimizer import LocalOptimizer
 from autopart.runtime.materialize import InitFn
 from autopart.runtime.offload import ParamOffload
-from autopart.runtime.plan_agreement import agree_on_plan, agreeing
-from autopart.runtime.routing import all_gather_ints, comm_errors
-from autopart.runtime.schedule import GPipeSchedule, StepState
-from autopart.runtime.signatures import call_key, derive_plan, key_number
+from autopart.runtime.plan_agreement import agree_on_plan
+from autopart.runtime.signatures import call_key
 from autopart.runtime.stages import StageBuilder, canonical_names
 from autopart.runtime.state_gather import gather, to_cpu
 from autopart.runtime.zero import assign_shards
@@ -112,10 +110,6 @@ class Module(nn.Module):
         self.graph: Graph | None = None
         self.offload: ParamOffload | None = None
         self._sync = True
-        #: Whether the gradients hold a sum over holders that no backward has added to yet.
-        self._grads_synced = False
-        self._anchor = torch.zeros((), requires_grad=True)
-        self._memory: dict[str, int] = {}
 
     # -- setup on the first call -------------------------------------------------------------
 
@@ -130,7 +124,6 @@ class Module(nn.Module):
         self.schedule = self._stages.build(self.graph, self.plan, self.training)
         self.offload = self.schedule.offload
         self.__dict__["stage_module"] = self.schedule.module
-        self._schedules = {key: self.schedule}
         updated = self._stages.add_state_update(self.schedule, stage)
         self.names = canonical_names(self.model, self.graph)
         trainable: dict[str, torch.Tensor] = {
@@ -153,20 +146,16 @@ class Module(nn.Module):
             self.offload,
             self.device,
         )
+        self._calls = Calls(
+            self._stages,
+            self.plan,
+            self.holders,
+            (key, self.schedule),
+            lambda: self._sync,
+            self._on_device,
+            self.config.track_memory,
+        )
         log.info("rank %d runs stage %d of %d", self.rank, stage.index, self.plan.num_stages)
-
-    def _add_signature(self, key: str, args: tuple, kwargs: dict[str, Any]) -> GPipeSchedule:
-        """A call unlike every earlier one: its own graph, on the first call's placement."""
-        graph = self._stages.capture(args, kwargs)
-        assert self.plan is not None  # the first call made it
-        plan = derive_plan(self.plan, graph)
-        plan.validate_for(graph, self.world, idle_stages=True)
-        self._stages.materialize(graph, plan, first=False)  # the constants of its own capture
-        schedule = self._stages.build(graph, plan, self.training)
-        self._stages.add_state_update(schedule, plan.stage_of_rank(self.rank))
-        self._schedules[key] = schedule
-        log.info("rank %d captured another call signature (%d)", self.rank, len(self._schedules))
-        return schedule
 
     def local_tensors(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """This rank's real parameters and buffers among ``names``, by canonical name."""
@@ -186,75 +175,7 @@ class Module(nn.Module):
         key = call_key(self.training, args, kwargs)
         if self.plan is None:
             self._setup(key, args, kwargs)
-        sizes = [bridge.local_batch(args, kwargs)]
-        if self.world > 1:  # one collective agrees on the batch layout and the call
-            every = all_gather_ints([sizes[0], key_number(key)], self.device)
-            sizes = [size for size, _ in every]
-            keys = [number for _, number in every]
-            if len(set(keys)) > 1:
-                raise AutopartError(
-                    f"the ranks called the model with different arguments or modes "
-                    f"({agreeing(keys)}); every rank must make the same kind of call"
-                )
-        schedule = self._schedules.get(key) or self._add_signature(key, args, kwargs)
-        local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
-        layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
-        grad = torch.is_grad_enabled()
-        if schedule.offload is not None:
-            schedule.offload.reset_peak()
-        tracker = LiveBytes(self._on_device()) if self.config.track_memory else None
-        with comm_errors(self.rank, "forward"), tracker or contextlib.nullcontext():
-            state = schedule.forward(local, layout, grad)
-            outputs = schedule.gather_outputs(state)
-        if tracker is not None:
-            resident = storage_bytes(self._on_device())
-            self._memory = {
-                "forward_peak": tracker.peak,
-                "forward_end": tracker.current,
-                "activations": max(tracker.current - resident, 0),
-            }
-
-        def run_backward(order: list[str], differentiable: list[int], grads: tuple) -> None:
-            self._backward(schedule, state, order, differentiable, grads)
-
-        return bridge.package(schedule, outputs, run_backward if grad else None, self._anchor)
-
-    def _microbatches_for(self, rows: int) -> int:
-        """The plan's microbatch count, or fewer for a global batch too small to give every
-        replica of every stage rows in each microbatch (an uneven last batch)."""
-        assert self.plan is not None
-        widest = max(stage.replicas for stage in self.plan.stages)
-        if rows < widest:
-            raise AutopartError(
-                f"this call's global batch has {rows} rows, fewer than the {widest} replicas of "
-                "a stage, so some replica would get none; use at least that many rows over all "
-                "ranks (drop_last=True drops such a last batch)"
-            )
-        return min(self.plan.microbatches, rows // widest)
-
-    def _backward(
-        self, schedule: GPipeSchedule, state: StepState, order, differentiable, grads
-    ) -> None:
-        per_value: dict[str, list[Any]] = {}
-        flat_grads: dict[int, torch.Tensor] = dict(zip(differentiable, grads, strict=True))
-        position = 0
-        for name in order:
-            count = len(schedule.shapes[name].leaves)
-            per_value[name] = [flat_grads.get(position + i) for i in range(count)]
-            position += count
-        tracker = LiveBytes() if self.config.track_memory else None
-        overlap = self._sync and self.holders.overlap is not None
-        arm = self.holders.arm_overlap if overlap else None
-        if self._grads_synced:  # a second backward before step(), as DDP allows
-            self.holders.unsum_synced()
-            self._grads_synced = False
-        with comm_errors(self.rank, "backward"), tracker or contextlib.nullcontext():
-            schedule.backward(state, per_value, before_last=arm)
-            if self._sync:
-                self.holders.all_reduce_grads(overlapped=overlap)
-                self._grads_synced = True
-        if tracker is not None and self._memory:
-            self._memory["backward_peak"] = self._memory["forward_end"] + tracker.peak
+        return self._calls.run(key, args, kwargs, self.training)
 
     # -- DDP-style methods -------------------------------------------------------------------
 
@@ -364,7 +285,7 @@ class Module(nn.Module):
         report = {kind: storage_bytes(tensors) for kind, tensors in self._resident().items()}
         if self.offload is not None:
             report["offload_peak"] = self.offload.peak
-        report.update(self._memory)
+        report.update(self._calls.memory)
         return report
 
     def _require_setup(self, what: str) -> None:

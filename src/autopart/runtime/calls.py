@@ -1,0 +1,144 @@
+"""Each call of the wrapped model, from arguments to outputs and back through backward.
+
+A call first agrees with every rank on its kind and batch sizes (one all-gather), finds its
+schedule (a new kind of call is captured once and placed on the first plan's stages,
+`runtime.signatures`), runs the forward of every microbatch, and hands back outputs joined to
+one autograd node (`runtime.bridge`).  That node's backward runs the pipeline's backward and then,
+unless the caller is inside ``no_sync``, sums each gradient over the ranks holding its
+parameter, as DDP does; a second backward before the step first undoes the earlier sum's
+duplication (`Holders.unsum_synced`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from autopart.errors import AutopartError
+from autopart.memtrack import LiveBytes, storage_bytes
+from autopart.plan.plan import Plan
+from autopart.runtime import bridge
+from autopart.runtime.gradients import Holders
+from autopart.runtime.layout import BatchLayout
+from autopart.runtime.plan_agreement import agreeing
+from autopart.runtime.routing import all_gather_ints, comm_errors
+from autopart.runtime.schedule import GPipeSchedule, StepState
+from autopart.runtime.signatures import derive_plan, key_number
+from autopart.runtime.stages import StageBuilder
+
+log = logging.getLogger(__name__)
+
+
+class Calls:
+    def __init__(
+        self,
+        stages: StageBuilder,
+        plan: Plan,
+        holders: Holders,
+        first: tuple[str, GPipeSchedule],
+        sync: Callable[[], bool],
+        resident: Callable[[], list[torch.Tensor]],
+        track_memory: bool,
+    ) -> None:
+        self.stages = stages
+        self.plan = plan
+        self.holders = holders
+        self.schedules = dict([first])
+        self.sync = sync
+        self.resident = resident
+        self.track_memory = track_memory
+        self.rank, self.world, self.device = stages.rank, stages.world, stages.device
+        #: Whether the gradients hold a sum over holders that no backward has added to yet.
+        self.grads_synced = False
+        #: The peaks of the last tracked step (`Module.memory_report`).
+        self.memory: dict[str, int] = {}
+        self._anchor = torch.zeros((), requires_grad=True)
+
+    def run(self, key: str, args: tuple, kwargs: dict[str, Any], training: bool) -> Any:
+        sizes = [bridge.local_batch(args, kwargs)]
+        if self.world > 1:  # one collective agrees on the batch layout and the call
+            every = all_gather_ints([sizes[0], key_number(key)], self.device)
+            sizes = [size for size, _ in every]
+            keys = [number for _, number in every]
+            if len(set(keys)) > 1:
+                raise AutopartError(
+                    f"the ranks called the model with different arguments or modes "
+                    f"({agreeing(keys)}); every rank must make the same kind of call"
+                )
+        schedule = self.schedules.get(key) or self._add_signature(key, args, kwargs, training)
+        local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
+        layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
+        grad = torch.is_grad_enabled()
+        if schedule.offload is not None:
+            schedule.offload.reset_peak()
+        tracker = LiveBytes(self.resident()) if self.track_memory else None
+        with comm_errors(self.rank, "forward"), tracker or contextlib.nullcontext():
+            state = schedule.forward(local, layout, grad)
+            outputs = schedule.gather_outputs(state)
+        if tracker is not None:
+            resident = storage_bytes(self.resident())
+            self.memory = {
+                "forward_peak": tracker.peak,
+                "forward_end": tracker.current,
+                "activations": max(tracker.current - resident, 0),
+            }
+
+        def run_backward(order: list[str], differentiable: list[int], grads: tuple) -> None:
+            self._backward(schedule, state, order, differentiable, grads)
+
+        return bridge.package(schedule, outputs, run_backward if grad else None, self._anchor)
+
+    def _add_signature(
+        self, key: str, args: tuple, kwargs: dict[str, Any], training: bool
+    ) -> GPipeSchedule:
+        """A call unlike every earlier one: its own graph, on the first call's placement."""
+        graph = self.stages.capture(args, kwargs)
+        plan = derive_plan(self.plan, graph)
+        plan.validate_for(graph, self.world, idle_stages=True)
+        self.stages.materialize(graph, plan, first=False)  # the constants of its own capture
+        schedule = self.stages.build(graph, plan, training)
+        self.stages.add_state_update(schedule, plan.stage_of_rank(self.rank))
+        self.schedules[key] = schedule
+        log.info("rank %d captured another call signature (%d)", self.rank, len(self.schedules))
+        return schedule
+
+    def _microbatches_for(self, rows: int) -> int:
+        """The plan's microbatch count, or fewer for a global batch too small to give every
+        replica of every stage rows in each microbatch (an uneven last batch)."""
+        widest = max(stage.replicas for stage in self.plan.stages)
+        if rows < widest:
+            raise AutopartError(
+                f"this call's global batch has {rows} rows, fewer than the {widest} replicas of "
+                "a stage, so some replica would get none; use at least that many rows over all "
+                "ranks (drop_last=True drops such a last batch)"
+            )
+        return min(self.plan.microbatches, rows // widest)
+
+    def _backward(
+        self, schedule: GPipeSchedule, state: StepState, order, differentiable, grads
+    ) -> None:
+        per_value: dict[str, list[Any]] = {}
+        flat_grads: dict[int, torch.Tensor] = dict(zip(differentiable, grads, strict=True))
+        position = 0
+        for name in order:
+            count = len(schedule.shapes[name].leaves)
+            per_value[name] = [flat_grads.get(position + i) for i in range(count)]
+            position += count
+        tracker = LiveBytes() if self.track_memory else None
+        sync = self.sync()
+        overlap = sync and self.holders.overlap is not None
+        arm = self.holders.arm_overlap if overlap else None
+        if self.grads_synced:  # a second backward before step(), as DDP allows
+            self.holders.unsum_synced()
+            self.grads_synced = False
+        with comm_errors(self.rank, "backward"), tracker or contextlib.nullcontext():
+            schedule.backward(state, per_value, before_last=arm)
+            if sync:
+                self.holders.all_reduce_grads(overlapped=overlap)
+                self.grads_synced = True
+        if tracker is not None and self.memory:
+            self.memory["backward_peak"] = self.memory["forward_end"] + tracker.peak
