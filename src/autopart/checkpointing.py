@@ -97,14 +97,7 @@ def set_state_dict(
                 target.copy_(value)
     if optimizers is None or not optim_state_dict:
         return
-    groups = optim_state_dict.get("param_groups", [])
-    if len(groups) != len(optimizers.param_groups):
-        raise CheckpointError(
-            f"optimizer state has {len(groups)} parameter groups, the optimizer has "
-            f"{len(optimizers.param_groups)}; it was saved for another optimizer"
-        )
-    for saved, group in zip(groups, optimizers.param_groups, strict=True):
-        group.update({k: v for k, v in saved.items() if k != "params"})
+    model.local_optimizer.load_settings(optim_state_dict.get("param_groups", []))
     saved_state = optim_state_dict.get("state", {})
     names = _param_names(model)
     for param in [p for g in model.local_optimizer.original_groups for p in g]:

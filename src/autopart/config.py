@@ -15,6 +15,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from autopart.cost.units import parse_bytes
 from autopart.errors import AutopartError
 
@@ -44,6 +46,13 @@ class Offload(str, Enum):
 #: Precision names, with their aliases.
 PRECISIONS = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
 PRECISIONS.update(fp16="fp16", float16="fp16")
+
+#: The dtype autocast runs each precision at (fp32: no autocast, the parameters' own).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 #: Pipeline schedules; "auto" lets the planner choose among the ones that apply.
 SCHEDULES = ("auto", "gpipe")

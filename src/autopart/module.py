@@ -33,7 +33,7 @@ from autopart.runtime.calls import Calls
 from autopart.runtime.distenv import ensure_initialized, local_device
 from autopart.runtime.gradients import Holders
 from autopart.runtime.local_optimizer import LocalOptimizer
-from autopart.runtime.materialize import InitFn
+from autopart.runtime.materialize import InitFn, has_meta
 from autopart.runtime.offload import ParamOffload
 from autopart.runtime.plan_agreement import agree_on_plan
 from autopart.runtime.signatures import call_key
@@ -86,15 +86,13 @@ class Module(nn.Module):
         if config is not None and any(v is not None for v in keywords.values()):
             raise AutopartError("pass either config= or keywords, not both")
         self.config = config or Config.from_keywords(**keywords)
-        if self.config.checkpoint is not None or self.config.init_fn is not None:
-            from autopart.runtime.materialize import has_meta
-
-            if not has_meta(model):
-                raise AutopartError(
-                    "checkpoint= and init_fn= give values to a model built on the meta device, "
-                    "and this model has none there; load a real model's weights with "
-                    "load_state_dict() before wrapping it"
-                )
+        sourced = self.config.checkpoint is not None or self.config.init_fn is not None
+        if sourced and not has_meta(model):
+            raise AutopartError(
+                "checkpoint= and init_fn= give values to a model built on the meta device, "
+                "and this model has none there; load a real model's weights with "
+                "load_state_dict() before wrapping it"
+            )
         if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(list(model.parameters()))  # over meta parameters is fine
         ensure_initialized(self.config.timeout)

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from autopart.capture import capture
+from autopart.config import AUTOCAST_DTYPES
 from autopart.cost import (
     AnalyticCostModel,
     CostModel,
@@ -49,13 +50,10 @@ def compute_dtype(graph: Graph) -> str:
     return max(totals, key=lambda dtype: totals[dtype]) if totals else "torch.float32"
 
 
-#: The dtype matmuls run at under each precision (fp32: the parameters' own).
-_AUTOCAST_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}
-
-
 def analytic_cost_model(graph: Graph, spec: DeviceSpec, precision: str = "fp32") -> CostModel:
     """The roofline model of ``spec``, at the dtype ``precision`` runs matmuls in."""
-    return AnalyticCostModel(spec, dtype=_AUTOCAST_DTYPES.get(precision) or compute_dtype(graph))
+    autocast = AUTOCAST_DTYPES[precision]
+    return AnalyticCostModel(spec, dtype=str(autocast) if autocast else compute_dtype(graph))
 
 
 def plan_graph(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Plan:

@@ -124,14 +124,17 @@ class Holders:
         holder set and dtype, each where its tensors live (an offloaded stage's in host
         memory, over gloo, never all on the device at once)."""
         buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[]])
+        filled: dict[tuple, int] = defaultdict(int)  # bytes in each chain's last bucket
         for name in sorted(tensors):
             holders, value = self.ranks_of.get(name, ()), tensors[name]
             if len(holders) < 2:
                 continue
-            chain = buckets[holders, str(value.dtype), str(value.device)]
-            if sum(t.numel() * t.element_size() for t in chain[-1]) >= BROADCAST_BUCKET_BYTES:
-                chain.append([])
-            chain[-1].append(value)
+            key = (holders, str(value.dtype), str(value.device))
+            if filled[key] >= BROADCAST_BUCKET_BYTES:
+                buckets[key].append([])
+                filled[key] = 0
+            buckets[key][-1].append(value)
+            filled[key] += value.numel() * value.element_size()
         for key in sorted(buckets):
             for values in buckets[key]:
                 flat = _flatten_dense_tensors([v.detach() for v in values])

@@ -95,17 +95,21 @@ class LocalOptimizer:
             start += len(original)
         return {"state": dict(sorted(merged.items())), "param_groups": groups}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_settings(self, groups: list[dict[str, Any]]) -> None:
+        """The saved groups' settings (learning rate, betas, ...); their parameters stay."""
         opt = self.require()
-        groups = state_dict.get("param_groups", [])
         if len(groups) != len(self.original_groups):
             raise AutopartError(
                 f"optimizer state has {len(groups)} parameter groups, the optimizer has "
                 f"{len(self.original_groups)}; it was saved for another optimizer"
             )
-        flat = [p for g in self.original_groups for p in g]
         for saved, group in zip(groups, opt.param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        opt = self.require()
+        self.load_settings(state_dict.get("param_groups", []))
+        flat = [p for g in self.original_groups for p in g]
         opt.state.clear()
         for i, state in state_dict.get("state", {}).items():
             param = flat[int(i)]

@@ -137,10 +137,10 @@ def materialize(
     if not fresh:
         return Materialized({}, ())
     rebind(roots, replaced)
-    persistent = set(model.state_dict(keep_vars=True))
     source = open_checkpoint(checkpoint) if checkpoint is not None else None
     wanted = {}
     if source is not None and checkpoint is not None:
+        persistent = set(model.state_dict(keep_vars=True))
         wanted = _keys_in(source, fresh, graph, persistent, checkpoint)
     # Empty tensors need no value; the rest the checkpoint lacks come from the initializer,
     # which runs first because it writes every tensor it knows, loaded ones included.

@@ -77,6 +77,13 @@ def empty_like_spec(spec: TensorSpec, rows: int, device: torch.device) -> torch.
     return torch.empty(shape, dtype=torch_dtype(spec.dtype), device=device)
 
 
+def to_tensor(leaf, spec: TensorSpec) -> torch.Tensor:
+    """A leaf as a tensor: a Python scalar (a shape value, a loss read out) in its dtype."""
+    if isinstance(leaf, torch.Tensor):
+        return leaf
+    return torch.tensor(leaf, dtype=torch_dtype(spec.dtype))
+
+
 def torch_dtype(name: str) -> torch.dtype:
     base = name.removeprefix("torch.")
     if base in ("symint", "int"):

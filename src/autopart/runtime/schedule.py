@@ -230,7 +230,7 @@ class GPipeSchedule:
                 # Under autocast a value may be narrower than captured; it travels as captured.
                 leaf = values[message.name][message.leaf]
                 dtype = routing.torch_dtype(spec.dtype)
-                tensors[where] = _to_tensor(leaf, spec).detach().to(dtype)
+                tensors[where] = routing.to_tensor(leaf, spec).detach().to(dtype)
             piece = routing.take_rows(tensors[where], spec, rows, message.rows)
             self._post(state, message, piece)
 
@@ -426,12 +426,6 @@ def _join(pieces: list[torch.Tensor], spec: TensorSpec) -> torch.Tensor:
     if spec.batch_dim is None:
         return pieces[0]
     return torch.cat(pieces, dim=spec.batch_dim)
-
-
-def _to_tensor(leaf, spec: TensorSpec) -> torch.Tensor:
-    if isinstance(leaf, torch.Tensor):
-        return leaf
-    return torch.tensor(leaf, dtype=routing.torch_dtype(spec.dtype))
 
 
 def _from_tensor(value: torch.Tensor, spec: TensorSpec):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopart.capture import capture
-from autopart.config import Config, Offload
+from autopart.config import AUTOCAST_DTYPES, Config, Offload
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan, StagePlan
@@ -35,8 +35,6 @@ from autopart.runtime.schedule import GPipeSchedule
 from autopart.runtime.stage_module import StageIO, build_stage_module, stage_ios, state_updates
 
 log = logging.getLogger(__name__)
-
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class StageBuilder:
@@ -123,7 +121,7 @@ class StageBuilder:
             module.to(self.device)
         _share_buffers(module, self.model)
         module.train(training)
-        autocast = _AUTOCAST[plan.precision]
+        autocast = AUTOCAST_DTYPES[plan.precision]
         return GPipeSchedule(
             graph, plan, ios, module, self.rank, self.device, autocast, offload, self.upward
         )

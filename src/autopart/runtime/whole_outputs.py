@@ -30,12 +30,7 @@ def add_share(
     rows: Rows,
     first_holder: bool,
 ) -> None:
-    value = (
-        leaf
-        if isinstance(leaf, torch.Tensor)
-        else torch.tensor(leaf, dtype=routing.torch_dtype(spec.dtype))
-    )
-    value = value.detach()
+    value = routing.to_tensor(leaf, spec).detach()
     if value.is_floating_point():
         share = value.double() * (rows[1] - rows[0])
     elif m == 0 and first_holder:
