@@ -32,13 +32,19 @@ class OracleCase:
     base_rows: int = 3
     step_rows: tuple[int, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    #: Train on a model's scalar output as it is, not on its square (see `loss_of`).
+    direct: bool = False
 
 
-def loss_of(output) -> torch.Tensor:
-    """The model's own loss where it returns one, else the mean square of its first tensor."""
+def loss_of(output, direct: bool = False) -> torch.Tensor:
+    """The model's own loss where it returns one, else the mean square of its first tensor
+    (the scalar itself with ``direct``: what a schedule that back-propagates the model's own
+    loss needs)."""
     loss = getattr(output, "loss", None)
     if loss is not None:
         return loss
+    if direct and isinstance(output, torch.Tensor) and output.dim() == 0:
+        return output
     first = next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor))
     return first.float().pow(2).mean()
 
@@ -57,12 +63,16 @@ def run_oracle(rank: int, world: int, case: OracleCase) -> None:
         model, opt, stages=case.stages, microbatches=case.microbatches, **case.options
     )
     rows = list(case.step_rows) or [case.base_rows] * case.steps
-    train_like_ddp(wrapped, reference, make_batch, rows, rank, world, str(case))
+    train_like_ddp(wrapped, reference, make_batch, rows, rank, world, str(case), case.direct)
     if case.stages is not None:
         assert wrapped.plan.num_stages == case.stages
+    if "schedule" in case.options:
+        assert wrapped.plan.schedule == case.options["schedule"]
 
 
-def train_like_ddp(wrapped, reference, make_batch, rows, rank: int, world: int, label: str):
+def train_like_ddp(
+    wrapped, reference, make_batch, rows, rank: int, world: int, label: str, direct: bool = False
+):
     """One SGD step per entry of ``rows`` (rank r's local batch has ``rows[step] + r`` rows)
     on the wrapped model and on ``reference``, DDP's average over every rank's batch; outputs,
     gradients and parameters must match after each step."""
@@ -71,9 +81,9 @@ def train_like_ddp(wrapped, reference, make_batch, rows, rank: int, world: int, 
     for step, base in enumerate(rows):
         batches = [make_batch(base + r, seed=1000 * step + r) for r in range(world)]
         out = wrapped(*batches[rank][0], **batches[rank][1])
-        loss_of(out).backward()
+        loss_of(out, direct).backward()
         ref_outs = [reference(*args, **kwargs) for args, kwargs in batches]
-        (sum(loss_of(o) for o in ref_outs) / world).backward()
+        (sum(loss_of(o, direct) for o in ref_outs) / world).backward()
         what = f"{label} step {step} rank {rank}"
         compare_outputs(out, ref_outs[rank], what)
         for name, param in wrapped.named_parameters():

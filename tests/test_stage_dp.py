@@ -41,14 +41,16 @@ class Synthetic:
     calls: Counter = field(default_factory=Counter)
     spent: float = 0.0  # seconds inside this coster, to tell its time from the search's
 
-    def __call__(self, start: int, end: int, microbatches: int) -> StageCosts:
+    def __call__(
+        self, start: int, end: int, microbatches: int, in_flight: int | None = None
+    ) -> StageCosts:
         began = time.perf_counter()
-        self.calls[start, end, microbatches] += 1
-        costs = self._costs(start, end, microbatches)
+        self.calls[start, end, microbatches, in_flight or microbatches] += 1
+        costs = self._costs(start, end, microbatches, in_flight or microbatches)
         self.spent += time.perf_counter() - began
         return costs
 
-    def _costs(self, start: int, end: int, microbatches: int) -> StageCosts:
+    def _costs(self, start: int, end: int, microbatches: int, held: int) -> StageCosts:
         r = self.replicas
         per_microbatch = -(-self.batch // microbatches)
         rows = -(-per_microbatch // r)
@@ -57,10 +59,8 @@ class Synthetic:
         inputs = float(self.boundary[start - 1]) if start else 0.0
         comm = 1e-3 * (inputs + float(self.boundary[end - 1])) * rows
         params = float(self.params[start:end].sum())
-        plain = 4 * params + float(self.saved[start:end].sum()) * rows * microbatches
-        again = (
-            4 * params + inputs * rows * microbatches + float(self.saved[start:end].max()) * rows
-        )
+        plain = 4 * params + float(self.saved[start:end].sum()) * rows * held
+        again = 4 * params + inputs * rows * held + float(self.saved[start:end].max()) * rows
         fits_plain = usable & (plain <= self.capacity)
         fits_again = usable & (again <= self.capacity)
         recompute = ~fits_plain & fits_again
@@ -215,7 +215,7 @@ def test_infeasible_returns_none():
 
 
 def test_ties_prefer_fewer_stages_then_fewer_microbatches():
-    def flat(start: int, end: int, microbatches: int) -> StageCosts:
+    def flat(start: int, end: int, microbatches: int, in_flight: int | None = None) -> StageCosts:
         r = np.arange(1, 5)
         return StageCosts(r, np.zeros(4), np.zeros(4), np.zeros(4, np.int64), np.zeros(4, int))
 
@@ -230,11 +230,11 @@ def test_costs_each_stage_once_and_prunes_after_the_first_that_fits_nothing():
     coster = random_coster(rng, 8, np.arange(1, 9), 16, 0.3)
     first = search(8, 8, coster, [1, 2, 4])
     assert max(coster.calls.values()) == 1
-    for start, end, m in coster.calls:
+    for start, end, m, _ in coster.calls:
         for shorter in range(start + 1, end):
             costs = coster(start, shorter, m)
             assert np.isfinite(costs.slot_seconds).any(), "called past a span that fits nothing"
-    assert any(e - s < 8 for s, e, _ in coster.calls)
+    assert any(e - s < 8 for s, e, _, _ in coster.calls)
     again = search(8, 8, coster, [1, 2, 4])
     assert again == first  # deterministic
 

@@ -55,7 +55,7 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 #: Pipeline schedules; "auto" lets the planner choose among the ones that apply.
-SCHEDULES = ("auto", "gpipe")
+SCHEDULES = ("auto", "gpipe", "1f1b")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +90,7 @@ class Config:
     """Parameters an offloaded stage copies to the device ahead of use."""
 
     schedule: str = "auto"
-    """The pipeline schedule: "auto" or "gpipe"."""
+    """The pipeline schedule: "auto", "gpipe" or "1f1b"."""
 
     timeout: float | None = None
     """Seconds a rank waits on a dead peer before failing; None: ``AUTOPART_TIMEOUT`` or 300."""

@@ -7,8 +7,9 @@ Per device, a stage holds:
   the optimizer state split over the stage's replicas under ZeRO (``zero``).  ZeRO also splits
   the gradients, but only once backward has summed them: during backward every replica holds
   its whole partial gradient, so that is what the peak charges;
-* activations for every microbatch in flight.  Under the GPipe schedule all ``M`` microbatches
-  are in flight at the end of the forward pass.  Without recomputation each keeps what autograd
+* activations for every microbatch in flight, as many as the schedule's action list keeps
+  forwarded but not yet backwarded (`autopart.schedules.in_flight`): all ``M`` under GPipe, at
+  most ``S - s`` on stage ``s`` under 1F1B.  Without recomputation each keeps what autograd
   saves plus the stage's received inputs; with recomputation each keeps only its received inputs,
   and one microbatch at a time is re-run, so its saved tensors are charged once;
 * transient working memory: the largest single op output and its gradient;
@@ -73,13 +74,16 @@ class MemoryModel:
         recompute: bool,
         offload: str = "none",
         zero: bool = False,
+        in_flight: int | None = None,
     ) -> np.ndarray:
-        """Predicted peak bytes per device, vectorized over candidate (rows, replicas)."""
+        """Predicted peak bytes per device, vectorized over candidate (rows, replicas);
+        ``in_flight`` microbatches hold activations at once (default: all ``microbatches``)."""
+        held = microbatches if in_flight is None else in_flight
         rows = np.asarray(rows, dtype=float)
         saved = fp.saved_per_sample * rows + fp.saved_fixed
         recv = fp.recv_per_sample * rows + fp.recv_fixed
         send = fp.send_per_sample * rows + fp.send_fixed
-        activations = microbatches * recv + saved if recompute else microbatches * (saved + recv)
+        activations = held * recv + saved if recompute else held * (saved + recv)
         transient = 2.0 * (fp.largest_output_per_sample * rows + fp.largest_output_fixed)
         optimizer: float | np.ndarray = fp.trainable_bytes * self.optimizer_factor
         if zero:

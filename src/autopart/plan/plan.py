@@ -18,6 +18,7 @@ from typing import Any
 from autopart.config import Offload
 from autopart.errors import AutopartError
 from autopart.ir import Graph, NodeKind
+from autopart.schedules import SCHEDULES
 
 PLAN_FORMAT_VERSION = 1
 
@@ -79,6 +80,8 @@ class Plan:
     precision: str = "fp32"
     #: The pipeline schedule the step time was costed for.
     schedule: str = "gpipe"
+    #: Why the planner did not consider every schedule ("" when it did).
+    schedule_note: str = ""
 
     @property
     def num_stages(self) -> int:
@@ -157,7 +160,7 @@ class Plan:
                 raise PlanError(f"stage {stage.index} has a negative prefetch; {_REPLAN}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise PlanError(f"plan precision {self.precision!r} is unknown; {_REPLAN}")
-        if self.schedule != "gpipe":
+        if self.schedule not in SCHEDULES:
             raise PlanError(f"plan schedule {self.schedule!r} is unknown; {_REPLAN}")
 
     def validate_for(

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from autopart.config import Config, Offload, check_prefetch, check_zero
+from autopart.config import SCHEDULES, Config, Offload, check_prefetch, check_zero
 from autopart.cost import CostModel
 from autopart.cost.units import format_bytes
 from autopart.errors import AutopartError
 from autopart.ir import Graph
+from autopart.loss_output import find_loss
 from autopart.plan.atomic import Component, atomic_components
 from autopart.plan.blocks import Block, coarsen
 from autopart.plan.infeasible import infeasible_message
@@ -64,6 +65,8 @@ class PlanOptions:
     host_memory: int | None = None
     #: What the stages are costed at (recorded in the plan; the cost model is chosen for it).
     precision: str = "fp32"
+    #: The pipeline schedule, or "auto": every one that applies, the fastest wins.
+    schedule: str = "auto"
 
     @staticmethod
     def from_config(
@@ -84,6 +87,7 @@ class PlanOptions:
             offload=offload,
             prefetch=config.prefetch,
             precision=config.precision,
+            schedule=config.schedule,
             **tuning,
         )
 
@@ -104,6 +108,10 @@ class PlanOptions:
         if self.host_memory is not None and self.host_memory <= 0:
             raise AutopartError(f"host memory must be positive, got {self.host_memory}")
         check_prefetch(self.prefetch)
+        if self.schedule not in SCHEDULES:
+            raise AutopartError(
+                f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}"
+            )
         if not 0 <= self.memory_margin < 1:
             raise AutopartError(f"memory margin must be in [0, 1), got {self.memory_margin}")
         if self.stages is not None and not 1 <= self.stages <= self.devices:
@@ -217,11 +225,33 @@ def _partition_once(
         mb_options,
     )
     solution = search(
-        len(blocks), options.devices, coster, mb_options, stages=stages, replica_unit=unit
+        len(blocks),
+        options.devices,
+        coster,
+        mb_options,
+        stages=stages,
+        replica_unit=unit,
+        schedules=schedules_for(graph, options.schedule)[0],
     )
     if solution is None:
         return None, blocks, coster
     return Partition(components, blocks, coster, solution), blocks, coster
+
+
+def schedules_for(graph: Graph, schedule: str) -> tuple[tuple[str, ...], str]:
+    """The schedules the search tries for ``schedule``, and why 1F1B is not among them
+    ("" when it is).  1F1B needs the model's own loss (`autopart.loss_output`)."""
+    if schedule == "gpipe":
+        return ("gpipe",), "gpipe was asked for"
+    found = find_loss(graph)
+    if isinstance(found, str):
+        if schedule == "1f1b":
+            raise AutopartError(
+                f"schedule '1f1b' needs the model to compute its loss, and {found}; or use "
+                "schedule='gpipe'"
+            )
+        return ("gpipe",), f"1f1b does not apply: {found}"
+    return (("1f1b",), "") if schedule == "1f1b" else (("gpipe", "1f1b"), "")
 
 
 def plan_from_partition(
@@ -279,6 +309,8 @@ def plan_from_partition(
         samples_per_second=options.global_batch / sol.step_seconds if sol.step_seconds else 0.0,
         cost_source=cost_model.source,
         precision=options.precision,
+        schedule=sol.schedule,
+        schedule_note=schedules_for(graph, options.schedule)[1],
     )
 
 

@@ -1,9 +1,11 @@
 """Cost every candidate stage for the stage DP: time per microbatch slot, allreduce, memory.
 
-A candidate stage is a run of blocks ``[start, end)`` at ``M`` microbatches; the DP asks for all
-candidate replica counts at once, so everything here is vectorized over replicas.  Block times
-come from the cost model (analytic or measured) and are summed per stage, as RaNNC's fast mode
-does; they are computed once per distinct microbatch size and kept as prefix sums.
+A candidate stage is a run of blocks ``[start, end)`` at ``M`` microbatches, of which the
+schedule keeps ``in_flight`` forwarded at once (all ``M`` by default, as GPipe does); the DP
+asks for all candidate replica counts at once, so everything here is vectorized over
+replicas.  Block times come from the cost model (analytic or measured) and are summed per
+stage, as RaNNC's fast mode does; they are computed once per distinct microbatch size and
+kept as prefix sums.
 
 Each candidate is tried in every way it may run: with or without recomputation, and, where
 allowed, with its parameters (and optimizer state) in host memory and with its optimizer state
@@ -77,8 +79,10 @@ class StageCoster:
         self.footprint = cache(self._footprint)
         self._costs = cache(self._stage_costs)
 
-    def __call__(self, start: int, end: int, microbatches: int) -> StageCosts:
-        return self._costs(start, end, microbatches)
+    def __call__(
+        self, start: int, end: int, microbatches: int, in_flight: int | None = None
+    ) -> StageCosts:
+        return self._costs(start, end, microbatches, in_flight)
 
     def rows(self, microbatches: int) -> np.ndarray:
         """Samples per replica per microbatch; 0 where a replica would get no sample."""
@@ -128,7 +132,9 @@ class StageCoster:
             largest_param_bytes=float(max((p.nbytes for p in params), default=0)),
         )
 
-    def _stage_costs(self, start: int, end: int, microbatches: int) -> StageCosts:
+    def _stage_costs(
+        self, start: int, end: int, microbatches: int, in_flight: int | None
+    ) -> StageCosts:
         fp = self.footprint(start, end)
         rows = self.rows(microbatches)
         usable = rows > 0
@@ -157,6 +163,7 @@ class StageCoster:
                 mode.recompute,
                 offload=mode.offload,
                 zero=mode.zero,
+                in_flight=in_flight,
             )
             slot = compute[mode.recompute]
             if mode.offload != Offload.NONE:

@@ -2,15 +2,19 @@
 
 The model arrives coarsened into ``K`` blocks in topological order.  A plan cuts them into ``S``
 consecutive stages, gives stage ``s`` its own data-parallel replica count ``r_s`` with
-``sum(r_s) == D`` (every device is used), and picks the microbatch count ``M``.  Its simulated
-GPipe step time is
+``sum(r_s) == D`` (every device is used), and picks the microbatch count ``M`` and the
+schedule.  Its simulated step time is
 
-    J = max_s [(M + S - 1) * slot_s + allreduce_s]
+    J = max_s [fill(schedule, S, M) * slot_s + allreduce_s]
 
-(every stage is busy for ``M + S - 1`` slots of fill and drain, then allreduces its gradients).
+where ``fill`` comes from simulating the schedule's action lists (`autopart.schedules`):
+``M + S - 1`` slots of fill and drain for GPipe and 1F1B alike, after which each stage
+allreduces its gradients.  The schedules differ in memory: a stage is costed with the
+microbatches its schedule keeps in flight, the most over the schedule's stages (all ``M`` for
+GPipe; ``min(S, M)`` for 1F1B, exact for its first stage and an upper bound for the others).
 
-The fill factor ``M + S - 1`` depends on the final stage count, so the DP runs once per
-``(S, M)``.  Three things keep that affordable at ``K ~ 100`` blocks and 64 replica units:
+The fill factor depends on the final stage count, so the DP runs once per
+``(S, M, schedule)``.  Three things keep that affordable at ``K ~ 100`` blocks and 64 replica units:
 
 * stage costs are fetched once per ``(start, end, M)``, and a start stops growing its end as soon
   as a stage fits no replica count, since memory only grows with the span;
@@ -21,13 +25,14 @@ The fill factor ``M + S - 1`` depends on the final stage count, so the DP runs o
   units any prefix and suffix can take; that rules ``(S, M)`` out outright or narrows the device
   axis of the exact DP to the few counts that can still sum to ``D``.
 
-Candidates are visited in order of preference (fewer stages, then fewer microbatches), and only a
-strictly faster plan replaces the best one, so ties are broken that way and the result is
-deterministic.
+Candidates are visited in order of preference (fewer stages, then fewer microbatches, then
+GPipe before 1F1B, which constrains the caller's loss), and only a strictly faster plan replaces
+the best one, so ties are broken that way and the result is deterministic.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -36,6 +41,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from autopart.schedules import fill_slots, in_flight
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,9 @@ class StageCosts:
 class CostsOf(Protocol):
     """Costs a candidate stage; may be expensive, so the search calls it once per triple."""
 
-    def __call__(self, start: int, end: int, microbatches: int) -> StageCosts: ...
+    def __call__(
+        self, start: int, end: int, microbatches: int, in_flight: int | None = None
+    ) -> StageCosts: ...
 
 
 @dataclass(frozen=True)
@@ -80,18 +89,22 @@ class StageChoice:
 
 @dataclass(frozen=True)
 class Solution:
-    """The chosen stages (in order), the microbatch count and the resulting step time."""
+    """The chosen stages (in order), the microbatch count, the schedule and the resulting step
+    time."""
 
     stages: tuple[StageChoice, ...]
     microbatches: int
     step_seconds: float
+    schedule: str = "gpipe"
 
 
-def step_seconds(stages: Sequence[StageChoice], microbatches: int) -> float:
-    """The objective: GPipe fill-drain of every stage, then its gradient allreduce."""
+def step_seconds(
+    stages: Sequence[StageChoice], microbatches: int, schedule: str = "gpipe"
+) -> float:
+    """The objective: the schedule's fill and drain of every stage, then its allreduce."""
     if not stages:
         raise ValueError("a plan needs at least one stage")
-    fill = microbatches + len(stages) - 1
+    fill = fill_slots(schedule, len(stages), microbatches)
     return max(fill * s.slot_seconds + s.allreduce_seconds for s in stages)
 
 
@@ -103,19 +116,26 @@ def search(
     *,
     stages: int | None = None,
     replica_unit: int = 1,
+    schedules: Sequence[str] = ("gpipe",),
 ) -> Solution | None:
     """The fastest plan, or None when no plan fits memory.
 
     Exact over the coster's replica counts, which must all be multiples of ``replica_unit``
     (counts above ``devices`` are ignored).  ``stages`` forces the stage count; a single-element
-    ``microbatch_options`` forces the microbatch count.
+    ``microbatch_options`` forces the microbatch count; every schedule in ``schedules`` is tried.
     """
     options = _check(num_blocks, devices, microbatch_options, stages)
     if replica_unit < 1 or devices % replica_unit:
         raise ValueError(f"replica_unit {replica_unit} does not divide {devices} devices")
     began = time.perf_counter()
-    tables = [_Table.build(num_blocks, coster, m, devices) for m in options]
-    replicas = tables[0].replicas
+    tables: dict[tuple[int, int], _Table] = {}
+
+    def table(m: int, held: int) -> _Table:
+        if (m, held) not in tables:
+            tables[(m, held)] = _Table.build(num_blocks, coster, m, devices, held)
+        return tables[(m, held)]
+
+    replicas = table(options[0], options[0]).replicas
     if np.any(replicas % replica_unit):
         raise ValueError(f"replica counts {replicas.tolist()} are not multiples of {replica_unit}")
     units = replicas // replica_unit
@@ -131,20 +151,20 @@ def search(
     solved = 0
     for count in counts:
         live = False
-        for table in tables:
-            if (table.microbatches + count - 1) * table.slowest_slot >= bound:
+        for m, name in itertools.product(options, schedules):
+            fill = fill_slots(name, count, m)
+            candidate = table(m, max(in_flight(name, count, m)))
+            if fill * candidate.slowest_slot >= bound:
                 continue
             live = True
-            if count < table.fewest_stages:
+            if count < candidate.fewest_stages:
                 continue
             solved += 1
-            found = _solve(table, count, units, total, bound)
+            found = _solve(candidate, count, units, total, bound, fill)
             if found is not None:
                 bound, picks = found
-                chosen = tuple(table.choice(p, k) for p, k in picks)
-                best = Solution(
-                    chosen, table.microbatches, step_seconds(chosen, table.microbatches)
-                )
+                chosen = tuple(candidate.choice(p, k) for p, k in picks)
+                best = Solution(chosen, m, step_seconds(chosen, m, name), name)
         if not live:
             break
     log.debug(
@@ -152,7 +172,7 @@ def search(
         num_blocks,
         total,
         solved,
-        sum(t.calls for t in tables),
+        sum(t.calls for t in tables.values()),
         time.perf_counter() - began,
     )
     return best
@@ -182,6 +202,8 @@ class _Table:
 
     num_blocks: int
     microbatches: int
+    #: How many microbatches the stages were costed as holding at once.
+    in_flight: int
     replicas: np.ndarray  # int64[R]
     start: np.ndarray  # int64[P]
     end: np.ndarray  # int64[P]
@@ -198,14 +220,14 @@ class _Table:
     calls: int
 
     @classmethod
-    def build(cls, num_blocks: int, coster: CostsOf, m: int, devices: int) -> _Table:
+    def build(cls, num_blocks: int, coster: CostsOf, m: int, devices: int, held: int) -> _Table:
         spans: list[tuple[int, int]] = []
         costs: list[StageCosts] = []
         replicas: np.ndarray | None = None
         calls = 0
         for start in range(num_blocks):
             for end in range(start + 1, num_blocks + 1):
-                c = coster(start, end, m)
+                c = coster(start, end, m, held)
                 calls += 1
                 replicas = _check_costs(c, replicas)
                 if not np.isfinite(c.slot_seconds).any():
@@ -232,6 +254,7 @@ class _Table:
         return cls(
             num_blocks=num_blocks,
             microbatches=m,
+            in_flight=held,
             replicas=replicas,
             start=starts,
             end=ends,
@@ -272,7 +295,7 @@ def _check_costs(costs: StageCosts, replicas: np.ndarray | None) -> np.ndarray:
 
 
 def _solve(
-    table: _Table, count: int, units: np.ndarray, total: int, bound: float
+    table: _Table, count: int, units: np.ndarray, total: int, bound: float, fill: float
 ) -> tuple[float, list[tuple[int, int]]] | None:
     """The best ``count``-stage plan strictly faster than ``bound``: (J, [(span, replica)]).
 
@@ -280,7 +303,7 @@ def _solve(
     replica units; a stage option enters only if it costs less than ``bound``.
     """
     k_blocks = table.num_blocks
-    cost = (table.microbatches + count - 1) * table.slot + table.allreduce
+    cost = fill * table.slot + table.allreduce
     ok = cost < bound
     window = _unit_windows(table, ok, count, units, total)
     if window is None:

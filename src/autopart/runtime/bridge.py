@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.runtime import routing
-from autopart.runtime.schedule import GPipeSchedule
+from autopart.runtime.schedule import StageRunner
 
 #: Runs the pipeline's backward: (output order, differentiable leaf positions, their grads).
 RunBackward = Callable[[list[str], list[int], tuple[torch.Tensor, ...]], None]
@@ -67,7 +67,7 @@ def route_inputs(
 
 
 def package(
-    schedule: GPipeSchedule,
+    schedule: StageRunner,
     outputs: dict[str, list[Any]],
     run_backward: RunBackward | None,
     anchor: torch.Tensor,
@@ -101,12 +101,71 @@ def restructure(graph: Graph, values: dict[str, Any]) -> Any:
     each split scalar is combined here from this rank's rows of its terms, so it is this
     rank's own value, as under DDP, and its gradient flows back through those rows."""
     for name, reduction in graph.reductions.items():
-        values[name] = reduction.combine(values)
+        if name not in values:
+            values[name] = reduction.combine(values)
     leaves = [
         values[leaf.value] if leaf.value is not None else leaf.constant
         for leaf in graph.output_leaves
     ]
     return pytree.tree_unflatten(leaves, graph.output_spec)
+
+
+def package_interleaved(
+    schedule: StageRunner,
+    outputs: dict[str, list[Any]],
+    loss: str,
+    finish: Callable[[torch.Tensor], None],
+    anchor: torch.Tensor,
+) -> Any:
+    """The result of a call whose backward already ran in the pipeline (1F1B): the loss
+    ``loss`` carries one autograd node, whose backward hands the caller's gradient of it to
+    ``finish``.  The other floating outputs are joined to the node too, so that a gradient
+    reaching one of them (the loss is not all the caller trains on) is an error rather than
+    lost."""
+    graph = schedule.graph
+    values = {name: schedule.shapes[name].pack(leaves) for name, leaves in outputs.items()}
+    for name, reduction in graph.reductions.items():
+        values[name] = reduction.combine(values)
+    others = list(
+        dict.fromkeys(
+            leaf.value
+            for leaf in graph.output_leaves
+            if leaf.value is not None
+            and leaf.value != loss
+            and isinstance(values.get(leaf.value), torch.Tensor)
+            and values[leaf.value].is_floating_point()
+        )
+    )
+    joined = _AfterInterleaved.apply(
+        finish, others, anchor, values[loss], *[values[name] for name in others]
+    )
+    values.update(zip([loss, *others], joined, strict=True))
+    return restructure(graph, values)
+
+
+class _AfterInterleaved(torch.autograd.Function):
+    """The loss of a call whose backward ran inside the call: backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, finish, others, anchor, loss, *tensors):
+        ctx.finish, ctx.others = finish, others
+        ctx.set_materialize_grads(False)
+        return (loss.detach().clone(), *[t.detach().clone() for t in tensors])
+
+    @staticmethod
+    def backward(ctx, loss_grad, *grads):
+        reached = [name for name, grad in zip(ctx.others, grads, strict=True) if grad is not None]
+        if reached or loss_grad is None:
+            what = f"output {reached[0]}" if reached else "an output other than the loss"
+            raise AutopartError(
+                f"backward() reached {what}: under the 1f1b schedule the pipeline "
+                "back-propagates the model's loss during the call, so only the loss can be "
+                "trained on; compute the whole loss inside the model (or pass loss_fn=), or "
+                "use schedule='gpipe'"
+            )
+        finish, ctx.finish = ctx.finish, None
+        finish(loss_grad)
+        return (None, None, None, None, *[None] * len(grads))
 
 
 class _Bridge(torch.autograd.Function):

@@ -24,9 +24,10 @@ from autopart.plan.plan import Plan
 from autopart.runtime import bridge
 from autopart.runtime.gradients import Holders
 from autopart.runtime.layout import BatchLayout
+from autopart.runtime.loss_grads import DeferredGrads
 from autopart.runtime.plan_agreement import agreeing
-from autopart.runtime.routing import all_gather_ints, comm_errors
-from autopart.runtime.schedule import GPipeSchedule, StepState
+from autopart.runtime.routing import all_gather_floats, all_gather_ints, comm_errors
+from autopart.runtime.schedule import StageRunner, StepState
 from autopart.runtime.signatures import derive_plan, key_number
 from autopart.runtime.stages import StageBuilder
 
@@ -39,7 +40,7 @@ class Calls:
         stages: StageBuilder,
         plan: Plan,
         holders: Holders,
-        first: tuple[str, GPipeSchedule],
+        first: tuple[str, StageRunner],
         sync: Callable[[], bool],
         resident: Callable[[], list[torch.Tensor]],
         track_memory: bool,
@@ -57,6 +58,7 @@ class Calls:
         #: The peaks of the last tracked step (`Module.memory_report`).
         self.memory: dict[str, int] = {}
         self._anchor = torch.zeros((), requires_grad=True)
+        self._warned: set[StageRunner] = set()
 
     def run(self, key: str, args: tuple, kwargs: dict[str, Any], training: bool) -> Any:
         sizes = [bridge.local_batch(args, kwargs)]
@@ -73,12 +75,20 @@ class Calls:
         local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
         layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
         grad = torch.is_grad_enabled()
+        interleaved = grad and self._interleaves(schedule)
         if schedule.offload is not None:
             schedule.offload.reset_peak()
         tracker = LiveBytes(self.resident()) if self.track_memory else None
+        deferred = DeferredGrads(self.holders.local_params()) if interleaved else None
         with comm_errors(self.rank, "forward"), tracker or contextlib.nullcontext():
-            state = schedule.forward(local, layout, grad)
+            loss = None
+            if interleaved:
+                assert schedule.loss is not None  # `_interleaves` checked it
+                loss = schedule.loss.for_call(local, layout, self.rank, schedule.shapes)
+            state = schedule.forward(local, layout, grad, loss)
             outputs = schedule.gather_outputs(state)
+        if deferred is not None:
+            deferred.settle()
         if tracker is not None:
             resident = storage_bytes(self.resident())
             self.memory = {
@@ -86,15 +96,62 @@ class Calls:
                 "forward_end": tracker.current,
                 "activations": max(tracker.current - resident, 0),
             }
+        if deferred is not None:
+            assert schedule.loss is not None
+
+            def finish(loss_grad: torch.Tensor) -> None:
+                self._finish_interleaved(deferred, loss_grad)
+
+            name = schedule.loss.loss.name
+            return bridge.package_interleaved(schedule, outputs, name, finish, self._anchor)
 
         def run_backward(order: list[str], differentiable: list[int], grads: tuple) -> None:
             self._backward(schedule, state, order, differentiable, grads)
 
         return bridge.package(schedule, outputs, run_backward if grad else None, self._anchor)
 
+    def _interleaves(self, schedule: StageRunner) -> bool:
+        """Whether this call runs its backward inside the call (1F1B): only where the plan
+        says so and the call returns a loss it can use; otherwise it runs as GPipe."""
+        if schedule.plan.schedule == "gpipe":
+            return False
+        if schedule.loss is None:
+            if schedule not in self._warned:
+                self._warned.add(schedule)
+                log.warning(
+                    "the plan's schedule is %s, but this call cannot run it (%s); it runs as "
+                    "gpipe, holding every microbatch's activations",
+                    schedule.plan.schedule,
+                    schedule.loss_reason,
+                )
+            return False
+        return True
+
+    def _finish_interleaved(self, deferred: DeferredGrads, loss_grad: torch.Tensor) -> None:
+        """The caller's backward of a 1F1B call: its gradient on the loss scales what the
+        pipeline computed at 1, and the sum over holders follows as in `_backward`."""
+        scale = float(loss_grad.detach().double())
+        with comm_errors(self.rank, "backward"):
+            if self.world > 1:
+                every = [v[0] for v in all_gather_floats([scale], self.device)]
+                if len(set(every)) > 1:
+                    raise AutopartError(
+                        f"the ranks put different gradients on their losses ({agreeing(every)}); "
+                        "under the 1f1b schedule every rank must scale its loss alike (the "
+                        "same loss / k, the same GradScaler), or use schedule='gpipe'"
+                    )
+            sync = self.sync()
+            if self.grads_synced:  # a second backward before step(), as DDP allows
+                self.holders.unsum_synced()
+                self.grads_synced = False
+            deferred.apply(scale)
+            if sync:
+                self.holders.all_reduce_grads()
+                self.grads_synced = True
+
     def _add_signature(
         self, key: str, args: tuple, kwargs: dict[str, Any], training: bool
-    ) -> GPipeSchedule:
+    ) -> StageRunner:
         """A call unlike every earlier one: its own graph, on the first call's placement."""
         graph = self.stages.capture(args, kwargs)
         plan = derive_plan(self.plan, graph)
@@ -119,7 +176,7 @@ class Calls:
         return min(self.plan.microbatches, rows // widest)
 
     def _backward(
-        self, schedule: GPipeSchedule, state: StepState, order, differentiable, grads
+        self, schedule: StageRunner, state: StepState, order, differentiable, grads
     ) -> None:
         per_value: dict[str, list[Any]] = {}
         flat_grads: dict[int, torch.Tensor] = dict(zip(differentiable, grads, strict=True))

@@ -68,6 +68,10 @@ class Holders:
         )
         self._overlapped = {id(p) for p in replica_only} if group is not None else set()
 
+    def local_params(self) -> list[torch.Tensor]:
+        """This rank's trainable parameters, each once."""
+        return [self.trainable[name] for name in self.local]
+
     def owner(self, name: str) -> int:
         """The one rank that speaks for a parameter in norms and state dicts."""
         if name in self.sharded:

@@ -3,7 +3,8 @@ them in that order.
 
 NCCL matches the messages between two ranks by the order they were posted, not by tag.  So the
 sender's order is made data: `Messages.sends` lists, for any rank, the messages it posts in one
-pass (forward, or backward), and the schedule posts exactly those, in exactly that order.  A
+pass (GPipe's forward or backward, or a whole 1F1B step), following the rank's action list
+(`autopart.schedules`), and the schedule posts exactly those, in exactly that order.  A
 receiver does not consume messages in its sender's order (a later stage wants an activation
 before the labels that came first; an owner collects outputs only after its own stage ran), so
 `Inbox` receives from each peer strictly in that peer's posting order and keeps what arrives
@@ -30,12 +31,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from autopart import schedules
 from autopart.ir import Graph, NodeKind, TensorSpec
 from autopart.plan.plan import Plan
 from autopart.runtime import routing
 from autopart.runtime.layout import BatchLayout, Rows, transfers
 from autopart.runtime.routing import ValueShape
 from autopart.runtime.stage_module import StageIO
+from autopart.schedules import Action
 
 INPUT, ACT, OUT, GRAD, OUT_GRAD = range(5)
 FORWARD, BACKWARD = "forward", "backward"
@@ -98,8 +101,8 @@ class Messages:
         self.outputs = graph.delivered()
         # ``shapes`` holds every value that crosses ranks, in graph order.
         self.value_id = {name: i for i, name in enumerate(shapes)}
-        self._cache: dict[tuple[BatchLayout, int, str], list[Message]] = {}
-        self._by_microbatch: dict[tuple[BatchLayout, int, str], dict[int, list[Message]]] = {}
+        self._cache: dict[tuple[BatchLayout, int, str], list[tuple[Action | None, Message]]] = {}
+        self._by_action: dict[tuple[BatchLayout, int, str], dict[Action, list[Message]]] = {}
         self.tags = tags_enabled()
 
     def is_input(self, name: str) -> bool:
@@ -125,29 +128,53 @@ class Messages:
         return routing.tag(message.phase, message.m, self.value_id[message.name], message.leaf)
 
     def sends(self, rank: int, layout: BatchLayout, which: str) -> list[Message]:
-        """The messages ``rank`` posts in one ``forward`` or ``backward`` pass, in order."""
+        """The messages ``rank`` posts in one pass, in order: ``forward`` or ``backward`` (the
+        two halves of GPipe, around the caller's loss), or a schedule's name for a pass that
+        runs its whole action list (1F1B: forwards and backwards interleaved)."""
+        return [message for _, message in self._pass(rank, layout, which)]
+
+    def sends_in(self, rank: int, layout: BatchLayout, which: str, action: Action) -> list[Message]:
+        """The messages of `sends` that ``action`` posts."""
+        key = (layout, rank, which)
+        if key not in self._by_action:
+            grouped: dict[Action, list[Message]] = defaultdict(list)
+            for owner, message in self._pass(rank, layout, which):
+                if owner is not None:
+                    grouped[owner].append(message)
+            self._by_action[key] = grouped
+        return self._by_action[key].get(action, [])
+
+    def actions(self, rank: int, layout: BatchLayout, which: str) -> tuple[Action, ...]:
+        """The actions ``rank`` runs in pass ``which``."""
+        microbatches = layout.microbatches
+        if which == FORWARD:
+            return schedules.forward_only(microbatches)
+        stage = self.plan.stage_of_rank(rank).index
+        name = "gpipe" if which == BACKWARD else which
+        order = schedules.actions(name, len(self.plan.stages), microbatches, stage)
+        return tuple(a for a in order if not a.is_forward) if which == BACKWARD else order
+
+    def _pass(
+        self, rank: int, layout: BatchLayout, which: str
+    ) -> list[tuple[Action | None, Message]]:
         key = (layout, rank, which)
         if key not in self._cache:
             if len(self._cache) > 64:  # layouts change only with batch sizes
                 self._cache.clear()
-                self._by_microbatch.clear()
-            build = self._forward if which == FORWARD else self._backward
-            self._cache[key] = list(build(rank, layout))
+                self._by_action.clear()
+            found: list[tuple[Action | None, Message]] = []
+            if which == BACKWARD:
+                found += [(None, m) for m in self._output_grads(rank, layout)]
+            else:
+                found += [(None, m) for m in self._input_rows(rank, layout)]
+            for action in self.actions(rank, layout, which):
+                build = self._forward_of if action.is_forward else self._backward_of
+                found += [(action, m) for m in build(rank, layout, action.microbatch)]
+            self._cache[key] = found
         return self._cache[key]
 
-    def sends_in(self, rank: int, layout: BatchLayout, which: str, m: int) -> list[Message]:
-        """The messages of `sends` that belong to microbatch ``m`` (input rows excluded)."""
-        key = (layout, rank, which)
-        if key not in self._by_microbatch:
-            grouped: dict[int, list[Message]] = defaultdict(list)
-            for message in self.sends(rank, layout, which):
-                if message.phase != INPUT:
-                    grouped[message.m].append(message)
-            self._by_microbatch[key] = grouped
-        return self._by_microbatch[key].get(m, [])
-
-    def _forward(self, rank: int, layout: BatchLayout) -> Iterator[Message]:
-        # The caller's rows first, all of them: no rank ever waits for them.
+    def _input_rows(self, rank: int, layout: BatchLayout) -> Iterator[Message]:
+        """The caller's rows, all of them first: no rank ever waits for them."""
         for name in self.readers:
             spec = self.shapes[name].leaves[0]
             if not self.is_input(name) or not spec.is_batch:
@@ -156,22 +183,24 @@ class Messages:
                 for move in transfers(layout.owners(m), self.needers(name, layout, m)):
                     if move.src == rank:
                         yield Message(INPUT, m, name, 0, rank, move.dst, move.rows)
-        stage = self.plan.stage_of_rank(rank)
-        for m in range(layout.microbatches):
-            for name in self.ios[stage.index].outputs:
-                holders = self.holders(name, layout, m)
-                for li, spec in enumerate(self.shapes[name].leaves):
-                    if spec.affine is not None:
-                        continue  # rebuilt by each needer from its own row count
-                    targets = [(ACT, self.needers(name, layout, m))]
-                    if name in self.outputs and spec.is_batch:  # others: one all-reduce
-                        targets.append((OUT, layout.owners(m)))
-                    for phase, needers in targets:
-                        for move in routing.moves_for(spec, holders, needers):
-                            if move.src == rank:
-                                yield Message(phase, m, name, li, rank, move.dst, move.rows)
 
-    def _backward(self, rank: int, layout: BatchLayout) -> Iterator[Message]:
+    def _forward_of(self, rank: int, layout: BatchLayout, m: int) -> Iterator[Message]:
+        stage = self.plan.stage_of_rank(rank)
+        for name in self.ios[stage.index].outputs:
+            holders = self.holders(name, layout, m)
+            for li, spec in enumerate(self.shapes[name].leaves):
+                if spec.affine is not None:
+                    continue  # rebuilt by each needer from its own row count
+                targets = [(ACT, self.needers(name, layout, m))]
+                if name in self.outputs and spec.is_batch:  # others: one all-reduce
+                    targets.append((OUT, layout.owners(m)))
+                for phase, needers in targets:
+                    for move in routing.moves_for(spec, holders, needers):
+                        if move.src == rank:
+                            yield Message(phase, m, name, li, rank, move.dst, move.rows)
+
+    def _output_grads(self, rank: int, layout: BatchLayout) -> Iterator[Message]:
+        """The caller's gradients of its rows of the outputs, back to their producers."""
         for name in self.outputs:
             if self.is_input(name):
                 continue
@@ -185,18 +214,19 @@ class Messages:
                     holders = self.holders(name, layout, m)
                     for move in routing.moves_for(spec, holders, {rank: owned}):
                         yield Message(OUT_GRAD, m, name, li, rank, move.src, move.rows)
+
+    def _backward_of(self, rank: int, layout: BatchLayout, m: int) -> Iterator[Message]:
         stage = self.plan.stage_of_rank(rank)
-        for m in reversed(range(layout.microbatches)):
-            rows = layout.replicas(m, stage.ranks)[rank]
-            for name in self.ios[stage.index].inputs:
-                if self.is_input(name):
+        rows = layout.replicas(m, stage.ranks)[rank]
+        for name in self.ios[stage.index].inputs:
+            if self.is_input(name):
+                continue
+            holders = self.holders(name, layout, m)
+            for li, spec in enumerate(self.shapes[name].leaves):
+                if not differentiable(spec):
                     continue
-                holders = self.holders(name, layout, m)
-                for li, spec in enumerate(self.shapes[name].leaves):
-                    if not differentiable(spec):
-                        continue
-                    for move in routing.moves_for(spec, holders, {rank: rows}):
-                        yield Message(GRAD, m, name, li, rank, move.src, move.rows)
+                for move in routing.moves_for(spec, holders, {rank: rows}):
+                    yield Message(GRAD, m, name, li, rank, move.src, move.rows)
 
 
 def differentiable(spec: TensorSpec) -> bool:

@@ -156,8 +156,17 @@ def comm_errors(rank: int, phase: str) -> Iterator[None]:
 
 def all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
     """Every rank's ``values``, in rank order."""
+    return _all_gather(values, torch.int64, device)
+
+
+def all_gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values`` (as float64), in rank order."""
+    return _all_gather(values, torch.float64, device)
+
+
+def _all_gather(values: list, dtype: torch.dtype, device: torch.device) -> list[list]:
     world = dist.get_world_size()
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    mine = torch.tensor(values, dtype=dtype, device=device)
     every = [torch.zeros_like(mine) for _ in range(world)]
     try:
         dist.all_gather(every, mine)

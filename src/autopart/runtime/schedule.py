@@ -1,11 +1,17 @@
-"""The GPipe schedule for one rank: all microbatches forward, then all backward.
+"""One rank's stage replica, running its schedule's action list (`autopart.schedules`).
 
-Each rank runs one replica of one stage.  Forward posts every send as soon as its value
-exists and blocks only on receives from earlier stages, so no rank ever waits on a later one;
-backward runs the microbatches in reverse and blocks only on gradients from later stages.
-That ordering is what makes the schedule deadlock-free without any barrier.  Which messages a
-rank posts, and in what order, is data (`autopart.runtime.messages`); receives follow each
-sender's order, so nothing depends on tags, which NCCL ignores.
+Each rank runs one replica of one stage, and executes its actions in order: a forward posts
+every send as soon as its value exists and blocks only on receives from earlier stages; a
+backward blocks only on gradients from later stages.  `autopart.schedules.simulate` shows that
+the lists cannot deadlock against each other, so no barrier is needed.  Which messages a rank
+posts, and in what order, follows from the same lists (`autopart.runtime.messages`); receives
+follow each sender's order, so nothing depends on tags, which NCCL ignores.
+
+GPipe runs in two passes around the caller: the forward actions inside the model call, the
+backward ones inside ``loss.backward()``, with the caller's output gradients.  1F1B runs its
+whole list inside the model call, since its backwards interleave with its forwards; the
+gradient each microbatch's backward starts from comes from the model's own loss
+(`autopart.runtime.loss_grads`), and the caller's ``backward()`` only scales the result.
 
 The messages, by phase:
 
@@ -19,7 +25,7 @@ The messages, by phase:
 Gradients follow DistributedDataParallel: every rank's output gradient is divided by the
 world size, so the sum that each stage's replica group all-reduces is the mean over ranks.
 
-At about 430 lines this file is longer than most: the forward, the gathering of outputs and
+At about 450 lines this file is longer than most: the forward, the gathering of outputs and
 the backward share their message plumbing (posting, fetching, the holders of each value), and
 cutting them apart would spread one schedule over three files.
 """
@@ -36,9 +42,11 @@ import torch.distributed as dist
 from torch import fx
 
 from autopart.ir import Graph, NodeKind, TensorSpec
+from autopart.loss_output import find_loss
 from autopart.plan.plan import Plan
 from autopart.runtime import routing
 from autopart.runtime.layout import BatchLayout, Rows
+from autopart.runtime.loss_grads import LossGrads, LossSource
 from autopart.runtime.messages import (
     ACT,
     BACKWARD,
@@ -57,6 +65,7 @@ from autopart.runtime.offload import ParamOffload
 from autopart.runtime.routing import ValueShape
 from autopart.runtime.stage_module import StageIO
 from autopart.runtime.whole_outputs import add_share, combine_whole
+from autopart.schedules import Action
 
 
 @dataclass
@@ -75,7 +84,9 @@ class StepState:
 
     layout: BatchLayout
     local_inputs: dict[str, Any]
-    microbatches: list[_Microbatch] = field(default_factory=list)
+    #: The pass running now: ``forward``/``backward`` (GPipe) or a schedule's name.
+    which: str = FORWARD
+    microbatches: dict[int, _Microbatch] = field(default_factory=dict)
     pending: list = field(default_factory=list)
     mailbox: dict[Key, torch.Tensor] = field(default_factory=dict)  # sent to this rank itself
     inbox: Inbox | None = None
@@ -83,8 +94,8 @@ class StepState:
     shares: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
-class GPipeSchedule:
-    """Runs this rank's stage replica under the GPipe schedule."""
+class StageRunner:
+    """Runs this rank's stage replica under the plan's schedule."""
 
     def __init__(
         self,
@@ -124,6 +135,11 @@ class GPipeSchedule:
         ]
         #: Buffer updates that run once per call (`stage_module.state_updates`), if any.
         self.state_update: fx.GraphModule | None = None
+        #: The model's loss, when a schedule that back-propagates inside the call can use it;
+        #: else why it cannot (`autopart.loss_output`).
+        found = find_loss(graph)
+        self.loss_reason = found if isinstance(found, str) else None
+        self.loss = LossSource(graph, found, device) if not isinstance(found, str) else None
 
     # -- message plumbing --------------------------------------------------------------------
 
@@ -148,29 +164,43 @@ class GPipeSchedule:
 
     # -- forward -----------------------------------------------------------------------------
 
-    def forward(self, local_inputs: dict[str, Any], layout: BatchLayout, grad: bool) -> StepState:
-        """Run every microbatch through this rank's stage, posting sends as values appear."""
-        state = StepState(layout, local_inputs)
-        state.inbox = Inbox(self.messages, layout, FORWARD, self.rank, self.device)
+    def forward(
+        self,
+        local_inputs: dict[str, Any],
+        layout: BatchLayout,
+        grad: bool,
+        loss: LossGrads | None = None,
+    ) -> StepState:
+        """Run this rank's forward actions, posting sends as values appear; with ``loss``
+        (a schedule whose backwards interleave), its whole action list."""
+        which = self.plan.schedule if grad and loss is not None else FORWARD
+        state = StepState(layout, local_inputs, which)
+        state.inbox = Inbox(self.messages, layout, which, self.rank, self.device)
         if self.state_update is not None:
             with torch.no_grad():
                 self.state_update()
         self._send_inputs(state)
         recompute = self.stage.recompute and grad
-        for m in range(layout.microbatches):
-            rows = layout.replicas(m, self.stage.ranks)[self.rank]
-            inputs = [self._receive(state, name, m, rows) for name in self.io.inputs]
-            rng = _rng_state(self.device) if recompute else None
-            if grad and not recompute:
-                _track(self.graph, self.io.inputs, inputs)
-            with torch.set_grad_enabled(grad and not recompute):
-                outputs = self._run(inputs)
-            self._send_outputs(state, outputs, m, rows)
-            if grad:
-                state.microbatches.append(
-                    _Microbatch(rows, inputs, None if recompute else outputs, rng)
-                )
+        for action in self.messages.actions(self.rank, layout, which):
+            if action.is_forward:
+                self._forward_one(state, action, grad, recompute)
+            else:
+                assert loss is not None  # only an interleaved pass has backwards
+                self._backward_one(state, action, loss.means, loss)
         return state
+
+    def _forward_one(self, state: StepState, action: Action, grad: bool, recompute: bool) -> None:
+        m = action.microbatch
+        rows = state.layout.replicas(m, self.stage.ranks)[self.rank]
+        inputs = [self._receive(state, name, m, rows) for name in self.io.inputs]
+        rng = _rng_state(self.device) if recompute else None
+        if grad and not recompute:
+            _track(self.graph, self.io.inputs, inputs)
+        with torch.set_grad_enabled(grad and not recompute):
+            outputs = self._run(inputs)
+        self._send_outputs(state, outputs, action, rows)
+        if grad:
+            state.microbatches[m] = _Microbatch(rows, inputs, None if recompute else outputs, rng)
 
     def _run(self, inputs: list[list[Any]]) -> list[list[Any]]:
         args = [self.shapes[n].pack(v) for n, v in zip(self.io.inputs, inputs, strict=True)]
@@ -183,7 +213,7 @@ class GPipeSchedule:
 
     def _send_inputs(self, state: StepState) -> None:
         held = state.layout.rows_of(self.rank)
-        for message in self._sends(state.layout, FORWARD):
+        for message in self._sends(state.layout, state.which):
             if message.phase == INPUT:
                 spec = self.shapes[message.name].leaves[0]
                 value = state.local_inputs[message.name]
@@ -208,7 +238,8 @@ class GPipeSchedule:
             leaves.append(_from_tensor(_join(pieces, spec), spec))
         return leaves
 
-    def _send_outputs(self, state: StepState, outputs, m: int, rows: Rows) -> None:
+    def _send_outputs(self, state: StepState, outputs, action: Action, rows: Rows) -> None:
+        m = action.microbatch
         values = dict(zip(self.io.outputs, outputs, strict=True))
         for name, li in self.whole:
             if name in values:
@@ -223,7 +254,7 @@ class GPipeSchedule:
                     self.rank == min(holders),
                 )
         tensors: dict[tuple[str, int], torch.Tensor] = {}
-        for message in self.messages.sends_in(self.rank, state.layout, FORWARD, m):
+        for message in self.messages.sends_in(self.rank, state.layout, state.which, action):
             spec = self.shapes[message.name].leaves[message.leaf]
             where = (message.name, message.leaf)
             if where not in tensors:
@@ -282,38 +313,50 @@ class GPipeSchedule:
         grads: dict[str, list[Any]],
         before_last: Callable[[], None] | None = None,
     ) -> None:
-        """Back-propagate every microbatch; ``grads`` are this rank's output gradients.
-        ``before_last`` runs before the last microbatch's backward, whose gradients are final."""
+        """GPipe's second pass: back-propagate every microbatch from ``grads``, this rank's
+        output gradients.  ``before_last`` runs before the last microbatch's backward, whose
+        gradients are final."""
         layout = state.layout
+        state.which = BACKWARD
         state.inbox = Inbox(self.messages, layout, BACKWARD, self.rank, self.device)
-        mean_grads = self._send_output_grads(state, grads)
-        for m in reversed(range(layout.microbatches)):
-            if m == 0 and before_last is not None:
+        means = self._send_output_grads(state, grads)
+        order = self.messages.actions(self.rank, layout, BACKWARD)
+        for index, action in enumerate(order):
+            if index == len(order) - 1 and before_last is not None:
                 before_last()
-            mb = state.microbatches[m]
-            outputs = mb.outputs
-            if outputs is None:
-                outputs = self._recompute(mb)
-            tensors, tensor_grads = [], []
-            for name, leaves in zip(self.io.outputs, outputs, strict=True):
-                for li, (spec, leaf) in enumerate(
-                    zip(self.shapes[name].leaves, leaves, strict=True)
-                ):
-                    if not differentiable(spec):
-                        continue
-                    total = self._output_grad(state, name, li, spec, leaf, m, mb.rows, mean_grads)
-                    if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                        tensors.append(leaf)
-                        tensor_grads.append(total)
-            if tensors:
-                with self.offload.backward() if self.offload else contextlib.nullcontext():
-                    torch.autograd.backward(tensors, tensor_grads)
-            self._send_input_grads(state, mb, m)
-            mb.outputs = None
-            mb.inputs = []
+            self._backward_one(state, action, means, None)
         assert state.inbox is not None
         state.inbox.finish()
         routing.wait_all(state.pending)
+
+    def _backward_one(
+        self,
+        state: StepState,
+        action: Action,
+        means: dict[tuple[str, int], torch.Tensor],
+        loss: LossGrads | None,
+    ) -> None:
+        """One microbatch's backward.  The gradients of the caller's outputs come from the
+        caller (GPipe: ``OUT_GRAD`` messages) or, with ``loss``, from the model's loss."""
+        m = action.microbatch
+        mb = state.microbatches[m]
+        outputs = mb.outputs
+        if outputs is None:
+            outputs = self._recompute(mb)
+        tensors, tensor_grads = [], []
+        for name, leaves in zip(self.io.outputs, outputs, strict=True):
+            for li, (spec, leaf) in enumerate(zip(self.shapes[name].leaves, leaves, strict=True)):
+                if not differentiable(spec):
+                    continue
+                total = self._output_grad(state, name, li, spec, leaf, m, mb.rows, means, loss)
+                if total is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                    tensors.append(leaf)
+                    tensor_grads.append(total)
+        if tensors:
+            with self.offload.backward() if self.offload else contextlib.nullcontext():
+                torch.autograd.backward(tensors, tensor_grads)
+        self._send_input_grads(state, mb, action)
+        del state.microbatches[m]
 
     def _recompute(self, mb: _Microbatch) -> list[list[Any]]:
         _track(self.graph, self.io.inputs, mb.inputs)
@@ -351,12 +394,15 @@ class GPipeSchedule:
                 self._post(state, message, piece)
         return means
 
-    def _output_grad(self, state, name, li, spec, leaf, m, rows, means) -> torch.Tensor:
-        """The summed gradient of one output leaf of this stage in microbatch ``m``."""
+    def _output_grad(
+        self, state, name, li, spec, leaf, m, rows, means, loss
+    ) -> torch.Tensor | None:
+        """The summed gradient of one output leaf of this stage in microbatch ``m``; None
+        when nothing reads it (an output that is not the loss, under 1F1B)."""
         layout = state.layout
         holders = self._holders(name, layout, m)
         sources = [(GRAD, self.messages.needers(name, layout, m))]
-        if name in self.outputs and spec.is_batch:
+        if name in self.outputs and spec.is_batch and loss is None:
             sources.append((OUT_GRAD, layout.owners(m)))
         pieces = [
             (move.rows, self._fetch(state, (phase, m, name, li), move.dst))
@@ -364,9 +410,12 @@ class GPipeSchedule:
             for move in routing.moves_for(spec, holders, needers)
             if move.src == self.rank
         ]
-        if len(pieces) == 1 and pieces[0][0] == rows and (name, li) not in means:
+        own = loss.rows_grad(name, li, leaf, m, rows) if loss is not None else None
+        if own is None and not pieces and (name, li) not in means:
+            return None
+        if own is None and len(pieces) == 1 and pieces[0][0] == rows and (name, li) not in means:
             return pieces[0][1].to(leaf.dtype)  # one reader of every row: nothing to sum
-        total = torch.zeros_like(leaf)
+        total = own if own is not None else torch.zeros_like(leaf)
         for piece_rows, piece in pieces:
             routing.take_rows(total, spec, rows, piece_rows).add_(piece)
         if (name, li) in means:
@@ -374,9 +423,9 @@ class GPipeSchedule:
             total += (means[(name, li)] * share).to(total.dtype)
         return total
 
-    def _send_input_grads(self, state: StepState, mb: _Microbatch, m: int) -> None:
+    def _send_input_grads(self, state: StepState, mb: _Microbatch, action: Action) -> None:
         values = dict(zip(self.io.inputs, mb.inputs, strict=True))
-        for message in self.messages.sends_in(self.rank, state.layout, BACKWARD, m):
+        for message in self.messages.sends_in(self.rank, state.layout, state.which, action):
             if message.phase == GRAD:
                 spec = self.shapes[message.name].leaves[message.leaf]
                 leaf = values[message.name][message.leaf]

@@ -31,7 +31,7 @@ from autopart.runtime.materialize import (
     rebind_optimizer,
 )
 from autopart.runtime.offload import ParamOffload
-from autopart.runtime.schedule import GPipeSchedule
+from autopart.runtime.schedule import StageRunner
 from autopart.runtime.stage_module import StageIO, build_stage_module, stage_ios, state_updates
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class StageBuilder:
             rebind_optimizer(self.optimizer, self.original_groups, done.replaced)
         return done.initialized
 
-    def build(self, graph: Graph, plan: Plan, training: bool) -> GPipeSchedule:
+    def build(self, graph: Graph, plan: Plan, training: bool) -> StageRunner:
         """This rank's stage of ``graph`` under ``plan``, ready to run."""
         if self.upward is None and self.world > 1:
             self.upward = dist.new_group(list(range(self.world)))
@@ -122,11 +122,11 @@ class StageBuilder:
         _share_buffers(module, self.model)
         module.train(training)
         autocast = AUTOCAST_DTYPES[plan.precision]
-        return GPipeSchedule(
+        return StageRunner(
             graph, plan, ios, module, self.rank, self.device, autocast, offload, self.upward
         )
 
-    def add_state_update(self, schedule: GPipeSchedule, stage: StagePlan) -> dict[str, list]:
+    def add_state_update(self, schedule: StageRunner, stage: StagePlan) -> dict[str, list]:
         """Give ``schedule`` its stage's once-per-call buffer updates; returns, for each buffer
         they update, the ranks of the stages that update it (they hold its value)."""
         updates = state_updates(schedule.graph, schedule.plan)

@@ -1,0 +1,192 @@
+"""Pipeline schedules as data: each stage's ordered list of actions, and what follows from it.
+
+A schedule is a function of ``(stages, microbatches)`` that gives every stage the order in which
+it runs the forward and the backward of each microbatch.  Three readers use the same lists, so
+they cannot disagree:
+
+* the runtime executes them (`autopart.runtime.schedule`), and derives from them the order in
+  which each rank posts its messages (`autopart.runtime.messages`);
+* the stage DP takes its fill factor from `simulate` (`fill_slots`);
+* the memory model takes the microbatches in flight per stage from `in_flight`.
+
+Nothing here touches ``torch.distributed``: the lists are checked in one process
+(`simulate` finds deadlocks), and `autopart show --trace` draws them.
+
+The schedules:
+
+* ``gpipe``: every forward, then every backward, the latest microbatch first.  Every stage
+  keeps all ``M`` microbatches' activations until its backward starts.
+* ``1f1b``: stage ``s`` of ``S`` runs ``S - s - 1`` forwards to fill the pipeline, then
+  alternates one forward and one backward, then drains.  It keeps at most ``S - s``
+  microbatches in flight, and with even stages it has GPipe's bubble, ``S - 1`` slots.
+  Its backward of microbatch ``m`` runs before the caller has the step's loss, so it needs each
+  microbatch's loss gradient from the model itself (`autopart.runtime.loss_output`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+from autopart.errors import AutopartError
+
+FORWARD, BACKWARD = "F", "B"
+
+
+class ScheduleError(AutopartError):
+    """A schedule's action lists cannot run: a deadlock or an unknown schedule."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """The forward (``F``) or backward (``B``) of microbatch ``microbatch`` on one stage."""
+
+    kind: str
+    microbatch: int
+
+    @property
+    def is_forward(self) -> bool:
+        return self.kind == FORWARD
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.microbatch}"
+
+
+def _gpipe(stages: int, microbatches: int, stage: int) -> list[Action]:
+    forward = [Action(FORWARD, m) for m in range(microbatches)]
+    return forward + [Action(BACKWARD, m) for m in reversed(range(microbatches))]
+
+
+def _one_f_one_b(stages: int, microbatches: int, stage: int) -> list[Action]:
+    warmup = min(stages - stage - 1, microbatches)
+    order = [Action(FORWARD, m) for m in range(warmup)]
+    for m in range(microbatches - warmup):
+        order += [Action(FORWARD, warmup + m), Action(BACKWARD, m)]
+    order += [Action(BACKWARD, m) for m in range(microbatches - warmup, microbatches)]
+    return order
+
+
+#: Every schedule by name: a generator of one stage's action list.
+SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
+    "gpipe": _gpipe,
+    "1f1b": _one_f_one_b,
+}
+
+
+@cache
+def actions(name: str, stages: int, microbatches: int, stage: int) -> tuple[Action, ...]:
+    """Stage ``stage``'s actions in one step, in the order it runs them."""
+    if name not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+    if not 0 <= stage < stages or microbatches < 1:
+        raise ScheduleError(
+            f"no stage {stage} of {stages} with {microbatches} microbatches in a schedule"
+        )
+    return tuple(SCHEDULES[name](stages, microbatches, stage))
+
+
+def forward_only(microbatches: int) -> tuple[Action, ...]:
+    """A call that records no gradients: every forward, in order, on every schedule."""
+    return tuple(Action(FORWARD, m) for m in range(microbatches))
+
+
+@cache
+def in_flight(name: str, stages: int, microbatches: int) -> tuple[int, ...]:
+    """Per stage, the most microbatches forwarded but not yet backwarded at any moment:
+    how many microbatches' activations the stage holds at its peak."""
+    counts = []
+    for stage in range(stages):
+        live = most = 0
+        for action in actions(name, stages, microbatches, stage):
+            live += 1 if action.is_forward else -1
+            most = max(most, live)
+        counts.append(most)
+    return tuple(counts)
+
+
+@dataclass(frozen=True)
+class Span:
+    """One action of one stage in a simulated step, from ``start`` to ``end`` seconds."""
+
+    stage: int
+    action: Action
+    start: float
+    end: float
+
+
+def simulate(
+    name: str,
+    stages: int,
+    microbatches: int,
+    forward: Sequence[float],
+    backward: Sequence[float],
+    link: float = 0.0,
+) -> list[Span]:
+    """Run the action lists against each other with per-stage forward and backward times.
+
+    Stage ``s``'s forward of ``m`` waits for stage ``s - 1``'s, and its backward of ``m`` for
+    stage ``s + 1``'s and for its own forward of ``m``; ``link`` seconds pass on every hop
+    between stages.  Each stage runs its list strictly in order.  That the run ends at all is
+    the proof that the lists cannot deadlock: a stage that waits on a later action of its own
+    schedule, or on a cycle of stages, is a `ScheduleError`.
+    """
+    lists = [actions(name, stages, microbatches, s) for s in range(stages)]
+    done: dict[tuple[int, Action], float] = {}
+    position = [0] * stages
+    clock = [0.0] * stages
+    spans: list[Span] = []
+    remaining = sum(len(a) for a in lists)
+    while remaining:
+        progressed = False
+        for s in range(stages):
+            while position[s] < len(lists[s]):
+                action = lists[s][position[s]]
+                ready = _ready(s, stages, action, done, link)
+                if ready is None:
+                    break
+                start = max(clock[s], ready)
+                took = forward[s] if action.is_forward else backward[s]
+                clock[s] = start + took
+                done[(s, action)] = clock[s]
+                spans.append(Span(s, action, start, clock[s]))
+                position[s] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            stuck = [
+                f"stage {s} at {lists[s][position[s]]}"
+                for s in range(stages)
+                if position[s] < len(lists[s])
+            ]
+            raise ScheduleError(f"schedule {name!r} deadlocks: {', '.join(stuck)} wait forever")
+    return spans
+
+
+def _ready(
+    stage: int, stages: int, action: Action, done: dict[tuple[int, Action], float], link: float
+) -> float | None:
+    """When ``action`` may start on ``stage``, or None while something it needs has not run."""
+    m = action.microbatch
+    needs: list[tuple[tuple[int, Action], float]] = []
+    if action.is_forward:
+        if stage > 0:
+            needs.append(((stage - 1, action), link))
+    else:
+        needs.append(((stage, Action(FORWARD, m)), 0.0))
+        if stage < stages - 1:
+            needs.append(((stage + 1, action), link))
+    times = []
+    for key, delay in needs:
+        if key not in done:
+            return None
+        times.append(done[key] + delay)
+    return max(times, default=0.0)
+
+
+@cache
+def fill_slots(name: str, stages: int, microbatches: int) -> float:
+    """The step of even stages in units of one microbatch's forward plus backward: what the
+    stage DP multiplies each stage's slot by.  ``M + S - 1`` for GPipe and 1F1B alike."""
+    spans = simulate(name, stages, microbatches, [1.0] * stages, [2.0] * stages)
+    return max(span.end for span in spans) / 3.0
