@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/runtime_overhead.py [--steps 20] [--repeats 3]
 
-Three pairs, each run in one process group with the two contenders alternating step by step,
+Four pairs, each run in one process group with the two contenders alternating step by step,
 so machine noise hits both alike; reported as median step times and their ratio:
 
 1. one rank: autopart (1 stage) vs the plain model;
 2. two ranks, one stage with two replicas: autopart vs DistributedDataParallel;
 3. two ranks, two stages, the same split and microbatch count: autopart vs
-   ``torch.distributed.pipelining`` with ``ScheduleGPipe``.
+   ``torch.distributed.pipelining`` with ``ScheduleGPipe``;
+4. the same under 1F1B: autopart's ``schedule="1f1b"`` (the loss inside the model, as 1F1B
+   needs) vs ``Schedule1F1B`` with the same loss as its ``loss_fn``.
 
 A step is forward, loss, backward and an SGD step on a stack of Linear+GELU layers; the data
 is random.  Times are wall clock per step, measured on rank 0 after a barrier.
@@ -52,6 +54,17 @@ def _loss(out: torch.Tensor) -> torch.Tensor:
     return out.pow(2).mean()
 
 
+class StackWithLoss(nn.Module):
+    """The same stack returning its loss, for a schedule that back-propagates inside the call."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__()
+        self.layers = stack.layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _loss(self.layers(x))
+
+
 def _step_fn(module, opt, x):
     def step():
         _loss(module(x)).backward()
@@ -61,13 +74,23 @@ def _step_fn(module, opt, x):
     return step
 
 
-def _pipelining_step(model: Stack, rank: int, world: int, x: torch.Tensor):
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+def _loss_step_fn(module, opt, x):
+    def step():
+        module(x).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def _pipelining_step(model: Stack, rank: int, world: int, x: torch.Tensor, kind: str):
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     half = DEPTH // world
     part = nn.Sequential(*list(model.layers)[rank * half : (rank + 1) * half])
     stage = PipelineStage(part, rank, world, torch.device("cpu"))
-    schedule = ScheduleGPipe(stage, n_microbatches=MICROBATCHES, loss_fn=lambda o, t: _loss(o))
+    make = Schedule1F1B if kind == "1f1b" else ScheduleGPipe
+    schedule = make(stage, n_microbatches=MICROBATCHES, loss_fn=lambda o, t: _loss(o))
     opt = torch.optim.SGD(part.parameters(), lr=1e-3)
     target = torch.zeros(BATCH, WIDTH)
 
@@ -117,11 +140,24 @@ def _worker(rank: int, world: int, port: int, steps: int, pair: str, out: str) -
         ours = autopart.Module(model, opt, stages=1, microbatches=1)
         ddp = nn.parallel.DistributedDataParallel(baseline_model)
         baseline = _step_fn(ddp, torch.optim.SGD(ddp.parameters(), lr=1e-3), mine)
+    elif pair == "pipe":
+        split = [f"layers.{DEPTH // world}"]
+        ours = autopart.Module(
+            model, opt, split_points=split, microbatches=MICROBATCHES, schedule="gpipe"
+        )
+        baseline = _pipelining_step(baseline_model, rank, world, x, "gpipe")
     else:
         split = [f"layers.{DEPTH // world}"]
-        ours = autopart.Module(model, opt, split_points=split, microbatches=MICROBATCHES)
-        baseline = _pipelining_step(baseline_model, rank, world, x)
-    ours_times, base_times = _time_pair(steps, _step_fn(ours, opt, mine), baseline)
+        ours = autopart.Module(
+            StackWithLoss(model),
+            opt,
+            split_points=split,
+            microbatches=MICROBATCHES,
+            schedule="1f1b",
+        )
+        baseline = _pipelining_step(baseline_model, rank, world, x, "1f1b")
+    step = _loss_step_fn(ours, opt, mine) if pair == "pipe1f1b" else _step_fn(ours, opt, mine)
+    ours_times, base_times = _time_pair(steps, step, baseline)
     if rank == 0:
         Path(out).write_text(f"{statistics.median(ours_times)} {statistics.median(base_times)}")
     dist.destroy_process_group()
@@ -142,12 +178,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["single", "ddp", "pipe"], help="run one pair")
+    parser.add_argument(
+        "--only", choices=["single", "ddp", "pipe", "pipe1f1b"], help="run one pair"
+    )
     args = parser.parse_args()
     rows = [
-        ("1 rank, 1 stage", "plain PyTorch", "single", 1, "<= 1.05"),
+        ("1 rank, 1 stage", "plain PyTorch", "single", 1, "<= 1.03"),
         ("2 ranks, 1 stage x 2 replicas", "DDP", "ddp", 2, "<= 1.05"),
         ("2 ranks, 2 stages, GPipe, M=4", "pipelining ScheduleGPipe", "pipe", 2, "<= 1.00"),
+        ("2 ranks, 2 stages, 1F1B, M=4", "pipelining Schedule1F1B", "pipe1f1b", 2, "<= 1.00"),
     ]
     print(
         f"model: {DEPTH} x Linear({WIDTH})+GELU, global batch {BATCH}, SGD; medians of "

@@ -138,3 +138,106 @@ def _evaluate(pair: _Pair) -> None:
     compare_outputs(got, expected, f"evaluation on rank {pair.rank}")
     pair.wrapped.train()
     pair.reference.train()
+
+
+def activation_memory(rank: int, world: int, workdir: str) -> None:
+    """Peak live bytes of this rank's stage over two training steps under GPipe and 1F1B,
+    with the resident state (parameters, gradients, Adam's moments) counted apart."""
+    import json
+    from pathlib import Path
+
+    from autopart.memtrack import LiveBytes
+    from autopart.models import gpt2
+
+    results = {}
+    for schedule in ("gpipe", "1f1b"):
+        model, args = gpt2(n_layer=4, n_embd=64, n_head=4, seq=64, vocab=256, dropout=0.0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        wrapped = autopart.Module(model, opt, stages=4, microbatches=8, schedule=schedule)
+        ids = args[0].repeat(8, 1)
+        for _ in range(2):  # gradients and optimizer state exist before the measurement
+            wrapped(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        held = list(wrapped.parameters()) + list(wrapped.stage_module.buffers())
+        state = sum(p.numel() * p.element_size() for p in held) * 4
+        held += [p.grad for p in wrapped.parameters()]
+        held += [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        with LiveBytes(held) as tracker:
+            for _ in range(2):
+                wrapped(ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+        assert wrapped.plan.schedule == schedule
+        stage = wrapped.plan.stage_of_rank(rank)
+        results[schedule] = {
+            "predicted": stage.memory_bytes,
+            "measured": tracker.peak,
+            "state": state,
+            "stage": stage.index,
+        }
+    Path(workdir, f"memory{rank}.json").write_text(json.dumps(results))
+
+
+def loss_fn_trains_like_ddp(rank: int, world: int, name: str) -> None:
+    """A model that returns a tensor, its loss computed outside and passed as ``loss_fn=``:
+    under 1F1B, two SGD steps give DDP's gradients and parameters; the state dict keeps the
+    model's own names; a call without ``target=`` is a clear error."""
+    import torch.nn.functional as F
+    import torch.utils._pytree as pytree
+
+    from equivalence import grow
+    from zoo import ZOO
+
+    model, example_args, example_kwargs = ZOO[name]()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+
+    def loss_fn(out, target):
+        return F.mse_loss(out, target)
+
+    wrapped = autopart.Module(
+        model, opt, stages=2, microbatches=4, schedule="1f1b", loss_fn=loss_fn
+    )
+    ref_params = dict(reference.named_parameters())
+    for step in range(2):
+        gen = torch.Generator().manual_seed(step)
+        batches = []
+        for r in range(world):
+            args, kwargs = pytree.tree_map(
+                lambda v, r=r, gen=gen: grow(v, 3 + r, gen), (example_args, example_kwargs)
+            )
+            with torch.no_grad():
+                target = torch.randn(reference(*args, **kwargs).shape, generator=gen)
+            batches.append((args, kwargs, target))
+        args, kwargs, target = batches[rank]
+        loss = wrapped(*args, target=target, **kwargs)
+        loss.backward()
+        expected = sum(loss_fn(reference(*a, **kw), t) for a, kw, t in batches) / world
+        expected.backward()
+        assert_close(loss.detach(), loss_fn(reference(*args, **kwargs), target).detach(), "loss")
+        for pname, param in wrapped.named_parameters():
+            got = param.grad if param.grad is not None else torch.zeros_like(param)
+            assert_close(got, ref_params[pname].grad, f"step {step}: grad of {pname}")
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert wrapped.plan.schedule == "1f1b"
+    assert set(wrapped.state_dict()) == set(reference.state_dict())
+    with pytest.raises(autopart.AutopartError, match="target="):
+        wrapped(*batches[rank][0])
+    dist.barrier()
+
+
+def traced_training(rank: int, world: int, workdir: str, schedule: str) -> None:
+    """Five training steps with ``trace=``: calls 2 to 4 are recorded and written by rank 0."""
+    pair = _Pair(rank, world, stages=2, microbatches=4, schedule=schedule, trace=workdir)
+    for _ in range(5):
+        pair.mine(pair.batches()).loss.backward()
+        pair.opt.step()
+        pair.opt.zero_grad()
+    if rank == 0:
+        pair.wrapped.plan.save(f"{workdir}/plan.json")
+    dist.barrier()

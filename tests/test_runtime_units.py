@@ -14,7 +14,7 @@ from autopart.ir import NodeKind
 from autopart.plan.plan import Plan, StagePlan
 from autopart.runtime.layout import BatchLayout, split_rows, transfers
 from autopart.runtime.messages import ACT, BACKWARD, FORWARD, GRAD, Messages
-from autopart.runtime.schedule import value_shape
+from autopart.runtime.routing import value_shape
 from autopart.runtime.stage_module import stage_ios
 from autopart.runtime.zero import assign_shards
 

@@ -2,6 +2,8 @@
 message tags, on Hugging Face models and on the loss forms autopart splits into rows; and the
 habits of real training loops hold under it (`schedule_workers`)."""
 
+import json
+
 import pytest
 
 import schedule_workers
@@ -44,3 +46,31 @@ def test_1f1b_trains_like_ddp_with_tags(monkeypatch):
 
 def test_1f1b_training_loop_habits():
     run_ranks(2, schedule_workers.habits, {"stages": 2, "microbatches": 4, **ONE_F_ONE_B})
+
+
+@pytest.mark.slow
+def test_1f1b_holds_fewer_microbatches_and_the_memory_model_knows(tmp_path):
+    """4 stages, 8 microbatches: stage s holds at most S - s microbatches under 1F1B, so its
+    activation peak is at most (S - s) / M of GPipe's plus one microbatch; the memory model
+    predicts each stage's peak within 15 % under both schedules."""
+    run_ranks(4, schedule_workers.activation_memory, str(tmp_path), timeout_s=240)
+    stages, microbatches = 4, 8
+    for rank in range(4):
+        result = json.loads((tmp_path / f"memory{rank}.json").read_text())
+        for schedule, found in result.items():
+            error = abs(found["predicted"] - found["measured"]) / found["measured"]
+            print(f"rank {rank} {schedule}: {found} ({error:.1%} off)")
+            assert error <= 0.15, f"rank {rank} {schedule}: predicted {found} ({error:.1%} off)"
+        s = result["gpipe"]["stage"]
+        gpipe = result["gpipe"]["measured"] - result["gpipe"]["state"]
+        one_f_one_b = result["1f1b"]["measured"] - result["1f1b"]["state"]
+        bound = (stages - s) / microbatches * gpipe + gpipe / microbatches
+        assert 0 < one_f_one_b <= bound, (
+            f"stage {s}: 1F1B activations {one_f_one_b:,} above (S - s)/M of GPipe's "
+            f"{gpipe:,} plus one microbatch ({bound:,.0f})"
+        )
+
+
+@pytest.mark.parametrize("name", ["tied", "skip"])
+def test_a_loss_outside_the_model_runs_1f1b_through_loss_fn(name):
+    run_ranks(2, schedule_workers.loss_fn_trains_like_ddp, name, timeout_s=120)

@@ -65,7 +65,7 @@ def test_a_list_that_waits_on_a_later_stage_is_a_deadlock(monkeypatch):
 
     monkeypatch.setitem(schedules.SCHEDULES, "broken", broken)
     schedules.actions.cache_clear()
-    with pytest.raises(ScheduleError, match="deadlocks: .*stage 2 at B1"):
+    with pytest.raises(ScheduleError, match=r"deadlocks: .*stage 2 at B1"):
         schedules.simulate("broken", 3, 4, [1.0] * 3, [2.0] * 3)
     schedules.actions.cache_clear()
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from autopart import __version__
-from autopart.config import PRECISIONS, Offload
+from autopart.config import PRECISIONS, SCHEDULES, Offload
 from autopart.errors import AutopartError
 
 OFFLOAD_CHOICES = (*(m.value for m in Offload), "auto")
@@ -45,6 +45,7 @@ def _plan(args: argparse.Namespace) -> int:
         zero={"on": True, "off": False}.get(args.zero, args.zero),
         offload=args.offload,
         prefetch=args.prefetch,
+        schedule=args.schedule,
     )
     options = PlanOptions.from_config(
         config,
@@ -72,10 +73,15 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from autopart import trace
     from autopart.plan.plan import Plan
     from autopart.report import print_plan
 
-    print_plan(Plan.load(args.plan))
+    plan = Plan.load(args.plan)
+    print_plan(plan)
+    if args.trace:
+        path = trace.write(trace.predicted_trace(plan), args.trace)
+        print(f"predicted timeline written to {path} (open it in https://ui.perfetto.dev)")
     return 0
 
 
@@ -137,6 +143,12 @@ def _add_plan_parser(sub) -> None:
     )
     plan.add_argument("--microbatches", type=int, help="force the number of microbatches")
     plan.add_argument(
+        "--schedule",
+        default="auto",
+        choices=SCHEDULES,
+        help="pipeline schedule (auto: the fastest that fits; 1f1b needs the model's own loss)",
+    )
+    plan.add_argument(
         "--split-points", help="comma-separated module paths where stages start (a manual plan)"
     )
     plan.add_argument("--margin", type=float, default=0.1, help="share of memory held back")
@@ -152,7 +164,7 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--layers", type=int, default=4, help="transformer layers")
     demo.add_argument("--hidden", type=int, default=64, help="hidden size")
     demo.add_argument("--seq", type=int, default=32, help="sequence length")
-    demo.add_argument("--batch-size", type=int, default=8, help="global batch size")
+    demo.add_argument("--batch-size", type=int, default=16, help="global batch size")
     demo.add_argument("--steps", type=int, default=40, help="training steps")
     demo.add_argument("--stages", type=int, help="force the number of pipeline stages")
     demo.add_argument("--microbatches", type=int, help="force the number of microbatches")
@@ -164,6 +176,17 @@ def _add_demo_parser(sub) -> None:
     )
     demo.add_argument(
         "--zero", action="store_true", help="split optimizer state and gradients over replicas"
+    )
+    demo.add_argument(
+        "--device-memory",
+        default="4MB",
+        help="memory each process plans for as its device (default 4MB: the model needs stages)",
+    )
+    demo.add_argument("--schedule", default="auto", choices=SCHEDULES, help="pipeline schedule")
+    demo.add_argument(
+        "--trace",
+        default="autopart-trace",
+        help="directory for the measured and predicted timelines ('' for none)",
     )
     demo.set_defaults(handler=_demo)
 
@@ -181,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     show = sub.add_parser("show", help="print a saved plan as a table")
     show.add_argument("plan", help="path to a plan JSON file")
+    show.add_argument(
+        "--trace", metavar="OUT", help="also write the predicted timeline as a Chrome trace"
+    )
     show.set_defaults(handler=_show)
     return parser
 

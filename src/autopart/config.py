@@ -9,6 +9,7 @@ costed with.  A plan loaded from disk must agree with the keywords given explici
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -98,11 +99,19 @@ class Config:
     track_memory: bool = False
     """Measure live tensor bytes during each step, for `memory_report()`."""
 
+    trace: str | None = None
+    """A directory: record a few training steps' timeline on every rank and write it there
+    as a Chrome trace (`autopart.trace`); None: ``AUTOPART_TRACE``, or no trace."""
+
     checkpoint: str | None = None
     """Where a meta-device model's values come from: safetensors, torch.save or DCP."""
 
     init_fn: Callable[[Any], None] | None = None
     """Initializes a meta-device model's materialized tensors, instead of its own initializer."""
+
+    loss_fn: Callable[[Any, Any], Any] | None = None
+    """``loss_fn(output, target)``: the model is then called as ``model(..., target=y)`` and
+    returns the loss, captured with it, so that 1F1B can run (`autopart.with_loss`)."""
 
     given: frozenset[str] = field(default=frozenset(), compare=False)
     """The fields the user set explicitly (`from_keywords` fills it): a loaded plan must
@@ -132,6 +141,8 @@ class Config:
                 raise AutopartError(f"{name} must be at least 1, got {value}")
         if self.checkpoint is not None:
             set_(self, "checkpoint", str(Path(self.checkpoint)))
+        trace = self.trace if self.trace is not None else os.environ.get("AUTOPART_TRACE")
+        set_(self, "trace", str(Path(trace)) if trace else None)
 
     @classmethod
     def from_keywords(cls, **keywords: Any) -> Config:

@@ -4,6 +4,11 @@ The demo launches its own processes (a gloo group on this machine), so nothing b
 ``autopart demo`` is needed.  The data is synthetic and learnable: each sequence counts up from
 a random token in a random stride, so the next token is predictable after two and the loss
 falls within a few dozen steps.
+
+Each process plays a device of ``--device-memory`` (4 MB by default): too small for the model
+and its AdamW state, so the planner must cut it into pipeline stages.  The model computes its
+own loss (``labels=``), so the planner may pick 1F1B.  The measured timeline of a few steps is
+written to ``--trace`` (and the predicted one beside it), for Perfetto or chrome://tracing.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -76,7 +80,13 @@ def _train(rank: int, s: dict) -> None:
     model, _ = build_model(s["layers"], s["hidden"], s["seq"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     config = Config.from_keywords(
-        stages=s["stages"], microbatches=s["microbatches"], offload=s["offload"], zero=s["zero"]
+        stages=s["stages"],
+        microbatches=s["microbatches"],
+        offload=s["offload"],
+        zero=s["zero"],
+        device_memory=s["device_memory"],
+        schedule=s["schedule"],
+        trace=s["trace"] or None,
     )
     model = autopart.Module(model, optimizer, config=config)
     generator = torch.Generator().manual_seed(1234)
@@ -95,8 +105,7 @@ def _train(rank: int, s: dict) -> None:
             tokens = counting_batch(s["batch_size"], s["seq"], generator)
             ids = tokens[rank * local : (rank + 1) * local]
             began = time.perf_counter()
-            logits = model(ids).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+            loss = model(ids, labels=ids).loss  # next-token cross-entropy, inside the model
             loss.backward()
             model.clip_grad_norm_(1.0)
             optimizer.step()
@@ -117,3 +126,8 @@ def _train(rank: int, s: dict) -> None:
             f"loss {verdict}: {first:.3f} (first {window} steps) -> {last:.3f} (last {window}); "
             f"median {statistics.median(rates[1:] or rates):,.0f} samples/s over {world} processes"
         )
+        if s["trace"]:
+            console.print(
+                f"timeline: {s['trace']}/trace.json (measured) and {s['trace']}/predicted.json; "
+                "open them in https://ui.perfetto.dev or chrome://tracing"
+            )

@@ -79,7 +79,7 @@ def _scalar_outputs(graph: Graph) -> list[tuple[str, str]]:
         index: pytree.keystr(path).strip(".[]'\"")
         for path, index in pytree.tree_flatten_with_path(positions)[0]
     }
-    found = []
+    found: list[tuple[str, str]] = []
     for index, leaf in enumerate(graph.output_leaves):
         if leaf.value is None or leaf.value in {name for name, _ in found}:
             continue

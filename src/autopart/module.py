@@ -40,6 +40,7 @@ from autopart.runtime.signatures import call_key
 from autopart.runtime.stages import StageBuilder, canonical_names
 from autopart.runtime.state_gather import gather, to_cpu
 from autopart.runtime.zero import assign_shards
+from autopart.with_loss import TARGET, WithLoss
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,11 @@ class Module(nn.Module):
         prefetch: int | None = None,
         schedule: str | None = None,
         track_memory: bool | None = None,
+        trace: str | Path | None = None,
         timeout: float | None = None,
         checkpoint: str | Path | None = None,
         init_fn: InitFn | None = None,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         super().__init__()
         keywords = dict(locals())
@@ -93,6 +96,8 @@ class Module(nn.Module):
                 "and this model has none there; load a real model's weights with "
                 "load_state_dict() before wrapping it"
             )
+        if self.config.loss_fn is not None:
+            model = WithLoss(model, self.config.loss_fn)
         if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(list(model.parameters()))  # over meta parameters is fine
         ensure_initialized(self.config.timeout)
@@ -152,6 +157,7 @@ class Module(nn.Module):
             lambda: self._sync,
             self._on_device,
             self.config.track_memory,
+            self.config.trace,
         )
         log.info("rank %d runs stage %d of %d", self.rank, stage.index, self.plan.num_stages)
 
@@ -170,6 +176,11 @@ class Module(nn.Module):
     # -- the call ----------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.config.loss_fn is not None and TARGET not in kwargs:
+            raise AutopartError(
+                f"this model was wrapped with loss_fn=, so it is called as model(..., "
+                f"{TARGET}=y) and returns loss_fn(output, y); pass {TARGET}="
+            )
         key = call_key(self.training, args, kwargs)
         if self.plan is None:
             self._setup(key, args, kwargs)

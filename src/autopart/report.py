@@ -34,7 +34,8 @@ def plan_table(plan: Plan) -> Table:
     device = plan.device.get("name", "?")
     table = Table(
         title=f"autopart plan: {plan.num_stages} stage(s) on {plan.devices} x {device}, "
-        f"batch {plan.global_batch_size} in {plan.microbatches} microbatch(es)"
+        f"batch {plan.global_batch_size} in {plan.microbatches} microbatch(es), "
+        f"schedule {plan.schedule}"
     )
     for col, justify in (
         ("stage", "right"),
@@ -73,6 +74,8 @@ def plan_table(plan: Plan) -> Table:
         f"{plan.samples_per_second:,.1f} samples/s; memory cap "
         f"{format_bytes(plan.memory_capacity_bytes)} per device; costs: {plan.cost_source}"
     )
+    if plan.schedule_note:
+        table.caption += f"\nschedule: {plan.schedule_note}"
     return table
 
 

@@ -115,6 +115,11 @@ class Span:
     end: float
 
 
+#: How many actions' sends a rank keeps in flight: before each action it waits until what it
+#: sent ``SEND_LAG`` actions back has been received (`autopart.runtime.schedule`).
+SEND_LAG = 2
+
+
 def simulate(
     name: str,
     stages: int,
@@ -122,16 +127,20 @@ def simulate(
     forward: Sequence[float],
     backward: Sequence[float],
     link: float = 0.0,
+    send_lag: int | None = SEND_LAG,
 ) -> list[Span]:
     """Run the action lists against each other with per-stage forward and backward times.
 
     Stage ``s``'s forward of ``m`` waits for stage ``s - 1``'s, and its backward of ``m`` for
     stage ``s + 1``'s and for its own forward of ``m``; ``link`` seconds pass on every hop
-    between stages.  Each stage runs its list strictly in order.  That the run ends at all is
-    the proof that the lists cannot deadlock: a stage that waits on a later action of its own
+    between stages.  Each stage runs its list strictly in order and, with ``send_lag``, starts
+    an action only once the stage it sent to ``send_lag`` actions back has started the action
+    that receives it (as the runtime waits on its sends).  That the run ends at all is the
+    proof that the lists cannot deadlock: a stage that waits on a later action of its own
     schedule, or on a cycle of stages, is a `ScheduleError`.
     """
     lists = [actions(name, stages, microbatches, s) for s in range(stages)]
+    started: dict[tuple[int, Action], float] = {}
     done: dict[tuple[int, Action], float] = {}
     position = [0] * stages
     clock = [0.0] * stages
@@ -143,9 +152,17 @@ def simulate(
             while position[s] < len(lists[s]):
                 action = lists[s][position[s]]
                 ready = _ready(s, stages, action, done, link)
+                if send_lag and position[s] >= send_lag and ready is not None:
+                    sent = _receiver(s, stages, lists[s][position[s] - send_lag])
+                    ready = (
+                        None
+                        if sent and sent not in started
+                        else max(ready, started[sent] if sent else 0.0)
+                    )
                 if ready is None:
                     break
                 start = max(clock[s], ready)
+                started[(s, action)] = start
                 took = forward[s] if action.is_forward else backward[s]
                 clock[s] = start + took
                 done[(s, action)] = clock[s]
@@ -161,6 +178,13 @@ def simulate(
             ]
             raise ScheduleError(f"schedule {name!r} deadlocks: {', '.join(stuck)} wait forever")
     return spans
+
+
+def _receiver(stage: int, stages: int, action: Action) -> tuple[int, Action] | None:
+    """The action of the neighbouring stage that receives what ``action`` sends, if any."""
+    if action.is_forward:
+        return (stage + 1, action) if stage < stages - 1 else None
+    return (stage - 1, action) if stage > 0 else None
 
 
 def _ready(

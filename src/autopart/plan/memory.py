@@ -11,7 +11,9 @@ Per device, a stage holds:
   forwarded but not yet backwarded (`autopart.schedules.in_flight`): all ``M`` under GPipe, at
   most ``S - s`` on stage ``s`` under 1F1B.  Without recomputation each keeps what autograd
   saves plus the stage's received inputs; with recomputation each keeps only its received inputs,
-  and one microbatch at a time is re-run, so its saved tensors are charged once;
+  and one microbatch at a time is re-run, so its saved tensors are charged once.  The model's
+  outputs a stage produces (logits, say) go to their owners only after the pass, so a schedule
+  that frees a microbatch before the pass ends still holds every microbatch's outputs;
 * transient working memory: the largest single op output and its gradient;
 * communication buffers: one microbatch of sent and received values, and one gradient bucket
   for the allreduce when the stage has replicas.
@@ -54,6 +56,9 @@ class StageFootprint:
     buffer_bytes: float = 0.0
     largest_group_bytes: float = 0.0
     largest_param_bytes: float = 0.0
+    #: The model's outputs this stage produces, handed to their owners after the pass.
+    output_per_sample: float = 0.0
+    output_fixed: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,10 @@ class MemoryModel:
         recv = fp.recv_per_sample * rows + fp.recv_fixed
         send = fp.send_per_sample * rows + fp.send_fixed
         activations = held * recv + saved if recompute else held * (saved + recv)
+        # Microbatches freed before the pass ends still hold their outputs until it does.
+        activations = activations + (microbatches - held) * (
+            fp.output_per_sample * rows + fp.output_fixed
+        )
         transient = 2.0 * (fp.largest_output_per_sample * rows + fp.largest_output_fixed)
         optimizer: float | np.ndarray = fp.trainable_bytes * self.optimizer_factor
         if zero:

@@ -29,6 +29,7 @@ from autopart.plan.plan import Plan, StagePlan
 from autopart.plan.stage_costs import StageCoster
 from autopart.plan.stage_dp import Solution, search
 from autopart.plan.traffic import RangeTraffic
+from autopart.schedules import in_flight
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,20 @@ def plan_from_partition(
             part.coster.rows(sol.microbatches)[list(part.coster.replicas).index(choice.replicas)]
         )
         fwd, bwd = part.coster.seconds(choice.start, choice.end, rows)
+        footprint = part.coster.footprint(choice.start, choice.end)
+        # The search charged every stage the most microbatches any stage holds; record what
+        # this one holds under the schedule.
+        held = in_flight(sol.schedule, len(sol.stages), sol.microbatches)[index]
+        memory = part.coster.memory.peak_bytes(
+            footprint,
+            np.array([rows]),
+            sol.microbatches,
+            np.array([choice.replicas]),
+            mode.recompute,
+            offload=mode.offload,
+            zero=mode.zero,
+            in_flight=held,
+        )
         stages.append(
             StagePlan(
                 index=index,
@@ -274,7 +289,7 @@ def plan_from_partition(
                 nodes=nodes,
                 module_paths=_dedupe(graph.node(n).module_path for n in nodes),
                 params=sorted(part.coster.stage_params(choice.start, choice.end)),
-                memory_bytes=int(choice.memory_bytes),
+                memory_bytes=int(memory[0]),
                 forward_seconds=fwd,
                 backward_seconds=bwd,
                 recompute=mode.recompute,
@@ -285,7 +300,7 @@ def plan_from_partition(
                 prefetch=options.prefetch if mode.offload != Offload.NONE else 0,
                 host_bytes=int(
                     part.coster.memory.host_bytes(
-                        part.coster.footprint(choice.start, choice.end),
+                        footprint,
                         choice.replicas,
                         mode.offload,
                         mode.zero,

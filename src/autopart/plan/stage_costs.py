@@ -116,6 +116,8 @@ class StageCoster:
         )
         t = self.traffic
         groups = [sum(self.graph.params[p].nbytes for p in n.params) for n in nodes]
+        delivered = set(self.graph.delivered())
+        outputs = [s for n in nodes if n.name in delivered for s in n.outputs]
         return StageFootprint(
             param_bytes=sum(p.nbytes for p in params),
             trainable_bytes=sum(p.nbytes for p in params if p.requires_grad and not p.is_buffer),
@@ -130,6 +132,8 @@ class StageCoster:
             buffer_bytes=sum(p.nbytes for p in params if p.is_buffer),
             largest_group_bytes=float(max(groups, default=0)),
             largest_param_bytes=float(max((p.nbytes for p in params), default=0)),
+            output_per_sample=float(sum(s.nbytes(1) for s in outputs if s.is_batch)),
+            output_fixed=float(sum(s.nbytes() for s in outputs if not s.is_batch)),
         )
 
     def _stage_costs(

@@ -11,13 +11,16 @@ duplication (`Holders.unsum_synced`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from autopart import trace
 from autopart.errors import AutopartError
 from autopart.memtrack import LiveBytes, storage_bytes
 from autopart.plan.plan import Plan
@@ -30,8 +33,19 @@ from autopart.runtime.routing import all_gather_floats, all_gather_ints, comm_er
 from autopart.runtime.schedule import StageRunner, StepState
 from autopart.runtime.signatures import derive_plan, key_number
 from autopart.runtime.stages import StageBuilder
+from autopart.trace import Recorder
 
 log = logging.getLogger(__name__)
+
+#: Training calls recorded when a trace is asked for.
+TRACE_CALLS = 3
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None] | None:
+    """What makes a clock read count a device's queued work: CUDA runs asynchronously."""
+    if device.type == "cpu":
+        return None
+    return lambda: torch.get_device_module(device).synchronize(device)
 
 
 class Calls:
@@ -44,6 +58,7 @@ class Calls:
         sync: Callable[[], bool],
         resident: Callable[[], list[torch.Tensor]],
         track_memory: bool,
+        trace: str | None = None,
     ) -> None:
         self.stages = stages
         self.plan = plan
@@ -59,6 +74,10 @@ class Calls:
         self.memory: dict[str, int] = {}
         self._anchor = torch.zeros((), requires_grad=True)
         self._warned: set[StageRunner] = set()
+        #: Where the measured timeline goes, and this rank's recording of it.
+        self.trace = trace
+        self.recorder = Recorder(self.rank, _synchronizer(self.device)) if trace else None
+        self._training_calls = 0
 
     def run(self, key: str, args: tuple, kwargs: dict[str, Any], training: bool) -> Any:
         sizes = [bridge.local_batch(args, kwargs)]
@@ -75,12 +94,13 @@ class Calls:
         local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
         layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
         grad = torch.is_grad_enabled()
+        schedule.recorder = self._recording(grad)
         interleaved = grad and self._interleaves(schedule)
         if schedule.offload is not None:
             schedule.offload.reset_peak()
         tracker = LiveBytes(self.resident()) if self.track_memory else None
         deferred = DeferredGrads(self.holders.local_params()) if interleaved else None
-        with comm_errors(self.rank, "forward"), tracker or contextlib.nullcontext():
+        with comm_errors(self.rank, "forward"), tracker or nullcontext():
             loss = None
             if interleaved:
                 assert schedule.loss is not None  # `_interleaves` checked it
@@ -146,8 +166,38 @@ class Calls:
                 self.grads_synced = False
             deferred.apply(scale)
             if sync:
-                self.holders.all_reduce_grads()
+                with self._timed("allreduce"):
+                    self.holders.all_reduce_grads()
                 self.grads_synced = True
+        self._write_trace()
+
+    def _recording(self, grad: bool) -> Recorder | None:
+        """The recorder for this call: training calls 2 to 1 + `TRACE_CALLS` are traced (the
+        first one also captures and plans)."""
+        if self.recorder is None or not grad:
+            return None
+        self._training_calls += 1
+        return self.recorder if 1 < self._training_calls <= 1 + TRACE_CALLS else None
+
+    def _timed(self, name: str):
+        traced = self.recorder is not None and 1 < self._training_calls <= 1 + TRACE_CALLS
+        return self.recorder.span(name, "comm") if traced and self.recorder else nullcontext()
+
+    def _write_trace(self) -> None:
+        """After the last traced call's backward: every rank's events to rank 0, which writes
+        the measured trace and, beside it, the plan's predicted one."""
+        if self.recorder is None or self._training_calls != 1 + TRACE_CALLS or not self.trace:
+            return
+        every: list = [None] * self.world
+        if self.world > 1:
+            dist.gather_object(self.recorder.events, every if self.rank == 0 else None, dst=0)
+        else:
+            every = [self.recorder.events]
+        if self.rank == 0:
+            measured = trace.write(trace.merge(every, self.plan), Path(self.trace, "trace.json"))
+            trace.write(trace.predicted_trace(self.plan), Path(self.trace, "predicted.json"))
+            log.warning("autopart: wrote the measured timeline to %s", measured)
+        self.recorder = None
 
     def _add_signature(
         self, key: str, args: tuple, kwargs: dict[str, Any], training: bool
@@ -192,10 +242,12 @@ class Calls:
         if self.grads_synced:  # a second backward before step(), as DDP allows
             self.holders.unsum_synced()
             self.grads_synced = False
-        with comm_errors(self.rank, "backward"), tracker or contextlib.nullcontext():
+        with comm_errors(self.rank, "backward"), tracker or nullcontext():
             schedule.backward(state, per_value, before_last=arm)
             if sync:
-                self.holders.all_reduce_grads(overlapped=overlap)
+                with self._timed("allreduce"):
+                    self.holders.all_reduce_grads(overlapped=overlap)
                 self.grads_synced = True
         if tracker is not None and self.memory:
             self.memory["backward_peak"] = self.memory["forward_end"] + tracker.peak
+        self._write_trace()

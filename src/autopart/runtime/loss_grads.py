@@ -144,14 +144,21 @@ class LossSource:
 
 class DeferredGrads:
     """Keeps what the pipeline back-propagates at ``g = 1`` apart from the gradients already
-    accumulated, until the caller's ``backward()`` gives ``g``."""
+    accumulated, until the caller's ``backward()`` gives ``g``.
+
+    Gradients that are None or all zero (``zero_grad()``, with or without ``set_to_none``)
+    hold nothing to keep, so the pipeline's gradients take their place at no extra memory;
+    only gradients accumulated over earlier calls are kept aside, which costs a second copy
+    of them until ``backward()``."""
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.params = params
-        self.kept = [p.grad for p in params]
-        self.computed: list[torch.Tensor | None] = []
+        self.kept: list[torch.Tensor | None] = []
         for p in params:
+            grad = p.grad
+            self.kept.append(grad if grad is not None and bool(grad.any()) else None)
             p.grad = None
+        self.computed: list[torch.Tensor | None] = []
 
     def settle(self) -> None:
         """After the pipeline ran: take its gradients, and put the accumulated ones back."""

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from autopart.errors import AutopartError
-from autopart.ir import TensorSpec
+from autopart.ir import Graph, TensorSpec
 from autopart.runtime.layout import Rows, Transfer, transfers
 
 
@@ -59,6 +59,19 @@ def moves_for(
         Transfer(dst if dst in holders else sources[dst % len(sources)], dst, (0, 0))
         for dst in sorted(needers)
     ]
+
+
+def value_shape(graph: Graph, name: str) -> ValueShape:
+    """The leaves of a value and the container that holds them, from the captured graph."""
+    node = graph.node(name)
+    containers = {"tuple": tuple, "list": list}
+    container = containers.get(node.container) if node.container else None
+    if container is None and len(node.outputs) != 1:
+        raise RuntimeCommError(
+            f"cannot send value {name} between stages: it has {len(node.outputs)} tensor leaves "
+            "in an unknown structure; re-plan with a split point away from it"
+        )
+    return ValueShape(tuple(node.outputs), container)
 
 
 def take_rows(value, spec: TensorSpec, held: Rows, rows: Rows):
@@ -176,3 +189,16 @@ def _all_gather(values: list, dtype: torch.dtype, device: torch.device) -> list[
             "A rank has probably died or raised; see its own error"
         ) from err
     return [t.tolist() for t in every]
+
+
+def join(pieces: list[torch.Tensor], spec: TensorSpec) -> torch.Tensor:
+    """One leaf from the row pieces it was received in."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if spec.batch_dim is None:
+        return pieces[0]
+    return torch.cat(pieces, dim=spec.batch_dim)
+
+
+def from_tensor(value: torch.Tensor, spec: TensorSpec):
+    return value.item() if is_scalar(spec) else value

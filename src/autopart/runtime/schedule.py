@@ -25,9 +25,10 @@ The messages, by phase:
 Gradients follow DistributedDataParallel: every rank's output gradient is divided by the
 world size, so the sum that each stage's replica group all-reduces is the mean over ranks.
 
-At about 450 lines this file is longer than most: the forward, the gathering of outputs and
+At about 460 lines this file is longer than most: the forward, the gathering of outputs and
 the backward share their message plumbing (posting, fetching, the holders of each value), and
-cutting them apart would spread one schedule over three files.
+cutting them apart would spread one runner over three files (`runtime.messages` already
+holds what each pass sends, and `runtime.loss_grads` what 1F1B starts its backwards from).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import fx
 
-from autopart.ir import Graph, NodeKind, TensorSpec
+from autopart.ir import Graph, NodeKind
 from autopart.loss_output import find_loss
 from autopart.plan.plan import Plan
 from autopart.runtime import routing
@@ -62,10 +63,10 @@ from autopart.runtime.messages import (
     differentiable,
 )
 from autopart.runtime.offload import ParamOffload
-from autopart.runtime.routing import ValueShape
 from autopart.runtime.stage_module import StageIO
 from autopart.runtime.whole_outputs import add_share, combine_whole
-from autopart.schedules import Action
+from autopart.schedules import SEND_LAG, Action
+from autopart.trace import Recorder
 
 
 @dataclass
@@ -87,7 +88,10 @@ class StepState:
     #: The pass running now: ``forward``/``backward`` (GPipe) or a schedule's name.
     which: str = FORWARD
     microbatches: dict[int, _Microbatch] = field(default_factory=dict)
+    #: Sends whose receivers take them only after the pass (outputs, the caller's rows).
     pending: list = field(default_factory=list)
+    #: The sends of each of the latest actions, oldest first (`SEND_LAG`).
+    sent: list[list] = field(default_factory=list)
     mailbox: dict[Key, torch.Tensor] = field(default_factory=dict)  # sent to this rank itself
     inbox: Inbox | None = None
     #: This rank's share of each whole (non-batch) output leaf, summed for the all-reduce.
@@ -123,7 +127,7 @@ class StageRunner:
         producer = {name for io in ios for name in io.outputs}
         read = {name for io in ios for name in io.inputs}
         crossing = sorted({*producer, *read, *self.outputs}, key=graph.index)
-        self.shapes = {name: value_shape(graph, name) for name in crossing}
+        self.shapes = {name: routing.value_shape(graph, name) for name in crossing}
         self.messages = Messages(graph, plan, ios, self.shapes, upward)
         #: The output leaves without a batch dimension, in one order on every rank.
         self.whole = [
@@ -140,6 +144,12 @@ class StageRunner:
         found = find_loss(graph)
         self.loss_reason = found if isinstance(found, str) else None
         self.loss = LossSource(graph, found, device) if not isinstance(found, str) else None
+        #: Times each action while a trace is being recorded (`autopart.trace`).
+        self.recorder: Recorder | None = None
+
+    def _timed(self, name: str):
+        """Times the work of an action, after what it waits for has arrived."""
+        return self.recorder.span(name) if self.recorder else contextlib.nullcontext()
 
     # -- message plumbing --------------------------------------------------------------------
 
@@ -148,7 +158,27 @@ class StageRunner:
             state.mailbox[message.key] = tensor
         else:
             tag, group = self.messages.tag_of(message), self.messages.group_of(message)
-            routing.send(tensor, message.dst, tag, state.pending, group)
+            queue = state.sent[-1] if message.phase in (ACT, GRAD) else state.pending
+            routing.send(tensor, message.dst, tag, queue, group)
+
+    def _next_action(self, state: StepState) -> None:
+        """Before each action: finish the sends of the action `SEND_LAG` back, so that what
+        they hold (an activation, an input gradient) is freed with the microbatch.
+
+        Waiting never deadlocks: an activation is taken by its reader's forward of the same
+        microbatch, and an input gradient by its producer's backward, and neither depends on
+        any later action of this rank (`autopart.schedules.simulate` checks it, lag
+        included); outputs (taken only after the reader's own pass) stay in ``pending``.
+        The lag leaves the reader time to get there first."""
+        while len(state.sent) >= SEND_LAG:
+            routing.wait_all(state.sent.pop(0))
+        state.sent.append([])
+
+    def _finish_sends(self, state: StepState) -> None:
+        for sends in state.sent:
+            routing.wait_all(sends)
+        state.sent.clear()
+        routing.wait_all(state.pending)
 
     def _fetch(self, state: StepState, key: Key, src: int) -> torch.Tensor:
         if src == self.rank:
@@ -182,6 +212,7 @@ class StageRunner:
         self._send_inputs(state)
         recompute = self.stage.recompute and grad
         for action in self.messages.actions(self.rank, layout, which):
+            self._next_action(state)
             if action.is_forward:
                 self._forward_one(state, action, grad, recompute)
             else:
@@ -196,9 +227,10 @@ class StageRunner:
         rng = _rng_state(self.device) if recompute else None
         if grad and not recompute:
             _track(self.graph, self.io.inputs, inputs)
-        with torch.set_grad_enabled(grad and not recompute):
-            outputs = self._run(inputs)
-        self._send_outputs(state, outputs, action, rows)
+        with self._timed(str(action)):
+            with torch.set_grad_enabled(grad and not recompute):
+                outputs = self._run(inputs)
+            self._send_outputs(state, outputs, action, rows)
         if grad:
             state.microbatches[m] = _Microbatch(rows, inputs, None if recompute else outputs, rng)
 
@@ -235,7 +267,7 @@ class StageRunner:
                 self._fetch(state, (phase, m, name, li), move.src)
                 for move in routing.moves_for(spec, holders, {self.rank: rows})
             ]
-            leaves.append(_from_tensor(_join(pieces, spec), spec))
+            leaves.append(routing.from_tensor(routing.join(pieces, spec), spec))
         return leaves
 
     def _send_outputs(self, state: StepState, outputs, action: Action, rows: Rows) -> None:
@@ -291,13 +323,13 @@ class StageRunner:
                             self._fetch(state, (OUT, m, name, li), mv.src)
                             for mv in routing.moves_for(spec, holders, {self.rank: owned})
                         ]
-                    leaves.append(_join(pieces, spec))
+                    leaves.append(routing.join(pieces, spec))
                 else:
                     leaves.append(None)  # from the all-reduce below
             result[name] = leaves
         assert state.inbox is not None
         state.inbox.finish()
-        routing.wait_all(state.pending)
+        self._finish_sends(state)
         combined = combine_whole(
             state.shares, self.whole, self.shapes, state.layout.global_batch, self.device
         )
@@ -324,10 +356,11 @@ class StageRunner:
         for index, action in enumerate(order):
             if index == len(order) - 1 and before_last is not None:
                 before_last()
+            self._next_action(state)
             self._backward_one(state, action, means, None)
         assert state.inbox is not None
         state.inbox.finish()
-        routing.wait_all(state.pending)
+        self._finish_sends(state)
 
     def _backward_one(
         self,
@@ -342,7 +375,8 @@ class StageRunner:
         mb = state.microbatches[m]
         outputs = mb.outputs
         if outputs is None:
-            outputs = self._recompute(mb)
+            with self._timed(f"R{m}"):
+                outputs = self._recompute(mb)
         tensors, tensor_grads = [], []
         for name, leaves in zip(self.io.outputs, outputs, strict=True):
             for li, (spec, leaf) in enumerate(zip(self.shapes[name].leaves, leaves, strict=True)):
@@ -352,10 +386,11 @@ class StageRunner:
                 if total is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
                     tensors.append(leaf)
                     tensor_grads.append(total)
-        if tensors:
-            with self.offload.backward() if self.offload else contextlib.nullcontext():
-                torch.autograd.backward(tensors, tensor_grads)
-        self._send_input_grads(state, mb, action)
+        with self._timed(str(action)):
+            if tensors:
+                with self.offload.backward() if self.offload else contextlib.nullcontext():
+                    torch.autograd.backward(tensors, tensor_grads)
+            self._send_input_grads(state, mb, action)
         del state.microbatches[m]
 
     def _recompute(self, mb: _Microbatch) -> list[list[Any]]:
@@ -434,19 +469,6 @@ class StageRunner:
                 self._post(state, message, piece)
 
 
-def value_shape(graph: Graph, name: str) -> ValueShape:
-    """The leaves of a value and the container that holds them, from the captured graph."""
-    node = graph.node(name)
-    containers = {"tuple": tuple, "list": list}
-    container = containers.get(node.container) if node.container else None
-    if container is None and len(node.outputs) != 1:
-        raise routing.RuntimeCommError(
-            f"cannot send value {name} between stages: it has {len(node.outputs)} tensor leaves "
-            "in an unknown structure; re-plan with a split point away from it"
-        )
-    return ValueShape(tuple(node.outputs), container)
-
-
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
     """The generators a stage's random ops draw from: the CPU's, and the device's own (on
     CUDA dropout draws from the device generator, which the CPU state does not cover)."""
@@ -467,15 +489,3 @@ def _track(graph: Graph, names, inputs) -> None:
 
 def _count(rows: Rows) -> int:
     return rows[1] - rows[0]
-
-
-def _join(pieces: list[torch.Tensor], spec: TensorSpec) -> torch.Tensor:
-    if len(pieces) == 1:
-        return pieces[0]
-    if spec.batch_dim is None:
-        return pieces[0]
-    return torch.cat(pieces, dim=spec.batch_dim)
-
-
-def _from_tensor(value: torch.Tensor, spec: TensorSpec):
-    return value.item() if routing.is_scalar(spec) else value
