@@ -141,7 +141,7 @@ def _evaluate(pair: _Pair) -> None:
 
 
 def activation_memory(rank: int, world: int, workdir: str) -> None:
-    """Peak live bytes of this rank's stage over two training steps under GPipe and 1F1B,
+    """Peak live bytes of this rank's stage over a training step under GPipe and 1F1B,
     with the resident state (parameters, gradients, Adam's moments) counted apart."""
     import json
     from pathlib import Path
@@ -155,7 +155,7 @@ def activation_memory(rank: int, world: int, workdir: str) -> None:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         wrapped = autopart.Module(model, opt, stages=4, microbatches=8, schedule=schedule)
         ids = args[0].repeat(8, 1)
-        for _ in range(2):  # gradients and optimizer state exist before the measurement
+        for _ in range(1):  # gradients and optimizer state exist before the measurement
             wrapped(ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
@@ -164,10 +164,9 @@ def activation_memory(rank: int, world: int, workdir: str) -> None:
         held += [p.grad for p in wrapped.parameters()]
         held += [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
         with LiveBytes(held) as tracker:
-            for _ in range(2):
-                wrapped(ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=False)
+            wrapped(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
         assert wrapped.plan.schedule == schedule
         stage = wrapped.plan.stage_of_rank(rank)
         results[schedule] = {
@@ -232,9 +231,9 @@ def loss_fn_trains_like_ddp(rank: int, world: int, name: str) -> None:
 
 
 def traced_training(rank: int, world: int, workdir: str, schedule: str) -> None:
-    """Five training steps with ``trace=``: calls 2 to 4 are recorded and written by rank 0."""
+    """Four training steps with ``trace=``: calls 2 to 4 are recorded and written by rank 0."""
     pair = _Pair(rank, world, stages=2, microbatches=4, schedule=schedule, trace=workdir)
-    for _ in range(5):
+    for _ in range(4):
         pair.mine(pair.batches()).loss.backward()
         pair.opt.step()
         pair.opt.zero_grad()

@@ -43,9 +43,10 @@ def test_matches_plain_pytorch(world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [4])
 def test_matches_plain_pytorch_with_tags(world, monkeypatch):
     """The same cases with every message tagged (a debugging aid on gloo) give the same
-    results: tags change nothing, because the order already matches."""
+    results: tags change nothing, because the order already matches.  Four ranks only, whose
+    cases cover the others' layouts (replicas, skips, ties), to keep the suite's time."""
     monkeypatch.setenv("AUTOPART_P2P_TAGS", "1")
     run_ranks(world, run_cases, _covering_cases(world), timeout_s=120)

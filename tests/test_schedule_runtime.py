@@ -18,18 +18,21 @@ ONE_F_ONE_B = {"schedule": "1f1b"}
 def _cases(world: int) -> list[OracleCase]:
     if world == 2:
         return [
-            OracleCase("gpt2", 2, 4, options=ONE_F_ONE_B),
             OracleCase("bert_mlm", 2, 3, options=ONE_F_ONE_B),
             OracleCase("loss_batchmean", 2, 3, options=ONE_F_ONE_B, direct=True),
             OracleCase("loss_sum_over_items", 2, 2, options=ONE_F_ONE_B, direct=True),
             OracleCase("gpt2", 2, 4, step_rows=(3, 1), options=ONE_F_ONE_B),  # uneven last batch
+            OracleCase("gpt2", 2, 4, options={**ONE_F_ONE_B, "offload": True}),
         ]
     if world == 3:
         return [
             OracleCase("llama", 2, 4, options=ONE_F_ONE_B),
             OracleCase("t5", 3, 2, options=ONE_F_ONE_B),
         ]
-    return [OracleCase("gpt2_deep", 4, 8, options=ONE_F_ONE_B)]
+    return [
+        OracleCase("gpt2_deep", 4, 8, options=ONE_F_ONE_B),
+        OracleCase("gpt2", 2, 4, options={**ONE_F_ONE_B, "zero": True}),  # 2 replicas each
+    ]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -41,7 +44,7 @@ def test_1f1b_trains_like_ddp(world):
 @pytest.mark.slow
 def test_1f1b_trains_like_ddp_with_tags(monkeypatch):
     monkeypatch.setenv("AUTOPART_P2P_TAGS", "1")
-    run_ranks(2, run_oracles, _cases(2)[:2], timeout_s=180)
+    run_ranks(2, run_oracles, [_cases(2)[0], _cases(2)[-2]], timeout_s=180)
 
 
 def test_1f1b_training_loop_habits():

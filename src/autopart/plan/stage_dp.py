@@ -11,7 +11,8 @@ where ``fill`` comes from simulating the schedule's action lists (`autopart.sche
 ``M + S - 1`` slots of fill and drain for GPipe and 1F1B alike, after which each stage
 allreduces its gradients.  The schedules differ in memory: a stage is costed with the
 microbatches its schedule keeps in flight, the most over the schedule's stages (all ``M`` for
-GPipe; ``min(S, M)`` for 1F1B, exact for its first stage and an upper bound for the others).
+GPipe; ``min(S, M)`` for 1F1B, exact for its first stage and an upper bound for the others),
+rounded up to a power of two (`_charged`).
 
 The fill factor depends on the final stage count, so the DP runs once per
 ``(S, M, schedule)``.  Three things keep that affordable at ``K ~ 100`` blocks and 64 replica units:
@@ -153,7 +154,7 @@ def search(
         live = False
         for m, name in itertools.product(options, schedules):
             fill = fill_slots(name, count, m)
-            candidate = table(m, max(in_flight(name, count, m)))
+            candidate = table(m, _charged(max(in_flight(name, count, m)), m))
             if fill * candidate.slowest_slot >= bound:
                 continue
             live = True
@@ -176,6 +177,14 @@ def search(
         time.perf_counter() - began,
     )
     return best
+
+
+def _charged(held: int, microbatches: int) -> int:
+    """The in-flight count a stage is costed at: ``held`` rounded up to a power of two (at most
+    ``microbatches``), so that the search builds a few tables per microbatch count rather than
+    one per stage count.  An upper bound, so a plan that fits here fits; the plan records
+    each stage's exact count."""
+    return min(microbatches, 1 << (held - 1).bit_length())
 
 
 def _check(

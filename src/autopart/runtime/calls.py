@@ -7,6 +7,11 @@ one autograd node (`runtime.bridge`).  That node's backward runs the pipeline's 
 unless the caller is inside ``no_sync``, sums each gradient over the ranks holding its
 parameter, as DDP does; a second backward before the step first undoes the earlier sum's
 duplication (`Holders.unsum_synced`).
+
+Under 1F1B the pipeline's backward runs inside the call, from the model's own loss
+(`runtime.loss_grads`); what it computes is kept apart (`DeferredGrads`), and the caller's
+backward only scales it by the gradient it puts on the loss before the same sums.  A call
+with ``trace=`` set records training calls 2 to 1 + `TRACE_CALLS` (`autopart.trace`).
 """
 
 from __future__ import annotations
@@ -100,15 +105,17 @@ class Calls:
             schedule.offload.reset_peak()
         tracker = LiveBytes(self.resident()) if self.track_memory else None
         deferred = DeferredGrads(self.holders.local_params()) if interleaved else None
-        with comm_errors(self.rank, "forward"), tracker or nullcontext():
-            loss = None
-            if interleaved:
-                assert schedule.loss is not None  # `_interleaves` checked it
-                loss = schedule.loss.for_call(local, layout, self.rank, schedule.shapes)
-            state = schedule.forward(local, layout, grad, loss)
-            outputs = schedule.gather_outputs(state)
-        if deferred is not None:
-            deferred.settle()
+        try:
+            with comm_errors(self.rank, "forward"), tracker or nullcontext():
+                loss = None
+                if interleaved:
+                    assert schedule.loss is not None  # `_interleaves` checked it
+                    loss = schedule.loss.for_call(local, layout, self.rank, schedule.shapes)
+                state = schedule.forward(local, layout, grad, loss)
+                outputs = schedule.gather_outputs(state)
+        finally:  # the gradients accumulated so far come back even if the call failed
+            if deferred is not None:
+                deferred.settle()
         if tracker is not None:
             resident = storage_bytes(self.resident())
             self.memory = {
