@@ -1,10 +1,12 @@
 """GPipe against 1F1B where memory is tight: what the planner picks, and what each costs.
 
-    .venv/bin/python bench/schedules.py [--steps 15] [--device-memory 4MB]
+    .venv/bin/python bench/schedules.py [--steps 15] [--device-memory 45MB]
 
-Two ranks train the demo's GPT (4 layers, hidden 64, sequence 32, batch 16, AdamW, the loss
-inside the model) under a per-device memory cap, planned twice: with ``schedule="gpipe"`` and
-with ``schedule="auto"``.  Both wrapped models live in one process group and train on the same
+Two ranks train the demo's GPT at 4 layers, hidden 128, sequence 64 (batch 16, AdamW, the
+loss inside the model) in 2 stages of 4 microbatches under a per-device memory cap, planned
+twice: with ``schedule="gpipe"`` and with ``schedule="auto"``.  The cap is one under which
+GPipe, holding all 4 microbatches, must recompute and 1F1B, holding at most 2, need not.
+Both wrapped models live in one process group and train on the same
 batches with their steps alternating, so machine noise hits both alike.  Reported per
 schedule: the plan (stages, microbatches, recompute per stage), the predicted step time, the
 measured median step time, and the measured activation peak of each rank's stage
@@ -32,6 +34,7 @@ from autopart.demo import build_model, counting_batch
 from autopart.runtime.distenv import free_port, set_local_launch_env
 
 BATCH = 16
+LAYERS, HIDDEN, SEQ, STAGES, MICROBATCHES = 4, 128, 64, 2, 4
 
 
 def _worker(rank: int, world: int, port: int, steps: int, memory: str, out: str) -> None:
@@ -43,18 +46,24 @@ def _worker(rank: int, world: int, port: int, steps: int, memory: str, out: str)
     wrapped = {}
     for schedule in ("gpipe", "auto"):
         torch.manual_seed(0)
-        model, _ = build_model(4, 64, 32)
+        model, _ = build_model(LAYERS, HIDDEN, SEQ)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        wrapped[schedule] = (
-            autopart.Module(model, opt, device_memory=memory, schedule=schedule, track_memory=True),
+        module = autopart.Module(
+            model,
             opt,
+            device_memory=memory,
+            schedule=schedule,
+            stages=STAGES,
+            microbatches=MICROBATCHES,
+            track_memory=True,
         )
+        wrapped[schedule] = (module, opt)
     generator = torch.Generator().manual_seed(0)
     local = BATCH // world
     times: dict[str, list[float]] = {name: [] for name in wrapped}
     peaks: dict[str, list[int]] = {name: [] for name in wrapped}
     for step in range(steps + 1):
-        ids = counting_batch(BATCH, 32, generator)[rank * local : (rank + 1) * local]
+        ids = counting_batch(BATCH, SEQ, generator)[rank * local : (rank + 1) * local]
         for name, (module, opt) in wrapped.items():
             dist.barrier()
             began = time.perf_counter()
@@ -89,7 +98,7 @@ def _worker(rank: int, world: int, port: int, steps: int, memory: str, out: str)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--device-memory", default="4MB")
+    parser.add_argument("--device-memory", default="45MB")
     args = parser.parse_args()
     out = Path(f"/tmp/autopart-bench-schedules-{os.getpid()}")
     mp.start_processes(
@@ -101,8 +110,9 @@ def main() -> None:
     result = json.loads(out.read_text())
     out.unlink()
     print(
-        f"demo GPT on 2 ranks, {args.device_memory} per device, batch {BATCH}; medians of "
-        f"{args.steps} alternating steps"
+        f"GPT {LAYERS} layers x {HIDDEN} hidden, sequence {SEQ}, on 2 ranks, "
+        f"{args.device_memory} per device, batch {BATCH}; medians of {args.steps} alternating "
+        "steps"
     )
     print(
         "| asked | planned | stages x M | recompute | predicted step | measured step "

@@ -15,7 +15,8 @@ The gradient of the loss at ``g = 1`` with respect to one microbatch's outputs
   each row of ``N`` owned by rank ``r`` the gradient ``coef / (den_r · W)``: rank ``r``'s own
   loss divides by its own denominator, and DDP divides by the world ``W``.  Each rank
   computes its ``den_r`` from its inputs before the pipeline runs (`LossSource.for_call`),
-  and one all-gather gives every rank all of them;
+  and one all-gather gives every rank all of them; where the denominators are element
+  counts and row arithmetic only, every rank computes all of them from the row counts;
 * a whole scalar loss, combined as a row-weighted mean of the chunks, gets its usual share of
   a mean gradient of 1.
 """
@@ -85,6 +86,11 @@ class LossSource:
         reduction = loss.reduction
         self.terms = reduction.terms if reduction is not None else ()
         self.denominators = [t.denominator for t in self.terms if t.denominator is not None]
+        #: Whether the denominators are element counts and row arithmetic only (a plain mean,
+        #: a sum, a batch mean): then no rank needs another's values.
+        self.from_rows = not self.denominators and all(
+            t.divisor is None or t.divisor not in graph.inputs for t in self.terms
+        )
         self.module = None
         if self.denominators:
             io = StageIO(
@@ -103,10 +109,13 @@ class LossSource:
         shapes: dict[str, ValueShape],
     ) -> LossGrads:
         """This call's `LossGrads`: every rank's denominators, from one all-gather."""
-        lo, hi = layout.rows_of(rank)
-        mine = self._local_denominators(local_inputs, hi - lo)
         world = len(layout.offsets) - 1
-        every = all_gather_floats(mine, self.device) if world > 1 and mine else [mine]
+        sizes = [hi - lo for lo, hi in map(layout.rows_of, range(world))]
+        if self.from_rows:  # every rank's denominators follow from its row count alone
+            every = [self._local_denominators(local_inputs, rows) for rows in sizes]
+        else:
+            mine = self._local_denominators(local_inputs, sizes[rank])
+            every = all_gather_floats(mine, self.device) if world > 1 else [mine]
         factors: dict[str, list[float]] = defaultdict(lambda: [0.0] * world)
         for i, term in enumerate(self.terms):
             for rank in range(world):
