@@ -178,10 +178,10 @@ def activation_memory(rank: int, world: int, workdir: str) -> None:
     Path(workdir, f"memory{rank}.json").write_text(json.dumps(results))
 
 
-def loss_fn_trains_like_ddp(rank: int, world: int, name: str) -> None:
+def loss_fn_trains_like_ddp(rank: int, world: int, name: str, microbatches: int) -> None:
     """A model that returns a tensor, its loss computed outside and passed as ``loss_fn=``:
-    under 1F1B, two SGD steps give DDP's gradients and parameters; the state dict keeps the
-    model's own names; a call without ``target=`` is a clear error."""
+    under 1F1B on ``world`` stages, two SGD steps give DDP's gradients and parameters; the
+    state dict keeps the model's own names; a call without ``target=`` is a clear error."""
     import torch.nn.functional as F
     import torch.utils._pytree as pytree
 
@@ -197,7 +197,7 @@ def loss_fn_trains_like_ddp(rank: int, world: int, name: str) -> None:
         return F.mse_loss(out, target)
 
     wrapped = autopart.Module(
-        model, opt, stages=2, microbatches=4, schedule="1f1b", loss_fn=loss_fn
+        model, opt, stages=world, microbatches=microbatches, schedule="1f1b", loss_fn=loss_fn
     )
     ref_params = dict(reference.named_parameters())
     for step in range(2):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import loop_workers
 import schedule_workers
 from ddp_oracle import OracleCase, run_oracles
 from multirank import run_ranks
@@ -25,17 +26,18 @@ def _cases(world: int) -> list[OracleCase]:
             OracleCase("gpt2", 2, 4, options={**ONE_F_ONE_B, "offload": True}),
         ]
     if world == 3:
-        return [
-            OracleCase("llama", 2, 4, options=ONE_F_ONE_B),
-            OracleCase("t5", 3, 2, options=ONE_F_ONE_B),
-        ]
+        return [OracleCase("llama", 2, 4, options=ONE_F_ONE_B)]
+    if world == 5:
+        # The encoder's output and mask skip from stage 1 to stages 3 and 4: a skip's sends
+        # must not be waited on before the pass ends, or ranks 1-3 wait on each other.
+        return [OracleCase("t5", 5, 8, options=ONE_F_ONE_B)]
     return [
         OracleCase("gpt2_deep", 4, 8, options=ONE_F_ONE_B),
         OracleCase("gpt2", 2, 4, options={**ONE_F_ONE_B, "zero": True}),  # 2 replicas each
     ]
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
 def test_1f1b_trains_like_ddp(world):
     """Without tags, as NCCL matches point-to-point messages: by posting order alone."""
     run_ranks(world, run_oracles, _cases(world), timeout_s=180)
@@ -74,6 +76,20 @@ def test_1f1b_holds_fewer_microbatches_and_the_memory_model_knows(tmp_path):
         )
 
 
-@pytest.mark.parametrize("name", ["tied", "skip"])
-def test_a_loss_outside_the_model_runs_1f1b_through_loss_fn(name):
-    run_ranks(2, schedule_workers.loss_fn_trains_like_ddp, name, timeout_s=120)
+@pytest.mark.parametrize(("name", "world", "microbatches"), [("tied", 2, 4), ("skip", 4, 8)])
+def test_a_loss_outside_the_model_runs_1f1b_through_loss_fn(name, world, microbatches):
+    """A weight tied across two stages; and a differentiable value that skips from the first
+    of four stages to the last."""
+    run_ranks(world, schedule_workers.loss_fn_trains_like_ddp, name, microbatches, timeout_s=120)
+
+
+def test_1f1b_accumulation_habits_under_zero():
+    """One stage, two ZeRO replicas, the loss inside the model: two synced backward calls
+    before a step, no_sync mixed with synced calls, two forwards summed into one backward."""
+    run_ranks(
+        2,
+        loop_workers.loop_habits,
+        "loss_inside",
+        {"stages": 1, "microbatches": 2, "zero": True, **ONE_F_ONE_B},
+        timeout_s=120,
+    )

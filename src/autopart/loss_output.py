@@ -7,8 +7,9 @@ is linear in the gradient ``g`` the caller puts on the loss: the runtime back-pr
 ``g = 1`` during forward and multiplies by the caller's ``g`` when backward comes
 (`autopart.runtime.loss_grads`).  For that it must know, at forward time:
 
-* which output is the loss: the one scalar floating output, or among several the one under the
-  key ``loss`` (as Hugging Face's ``ModelOutput`` has it);
+* which output is the loss: the model's only output when that is a floating scalar, or the
+  scalar under the key ``loss`` (as Hugging Face's ``ModelOutput`` has it).  A scalar beside
+  other outputs and not named so (a metric, say) is not taken for the loss;
 * the gradient of the loss with respect to each of its per-row parts.  A split loss
   (`autopart.scalar_outputs`) ``Σ coef · ΣN / den`` divides by a per-rank denominator, such
   as the count of labels that are not ignored.  That denominator must be computable from the
@@ -47,14 +48,18 @@ def find_loss(graph: Graph) -> LossOutput | str:
             "the model returns no scalar loss; pass labels the model computes its loss from, "
             "or loss_fn="
         )
-    if len(candidates) > 1:
-        named = [name for name, path in candidates if path.rsplit(".", 1)[-1] == "loss"]
-        if len(named) != 1:
-            listed = ", ".join(path for _, path in candidates)
-            return f"the model returns several scalars ({listed}) and none is named 'loss'"
+    named = [name for name, path in candidates if path.rsplit(".", 1)[-1] == "loss"]
+    if len(named) == 1:
         name = named[0]
+    elif len(candidates) == 1 and len(graph.output_leaves) == 1:
+        name = candidates[0][0]  # the model returns its loss and nothing else
     else:
-        name = candidates[0][0]
+        listed = ", ".join(path or "the output" for _, path in candidates)
+        return (
+            f"the model returns scalars ({listed}) beside other outputs, and none is named "
+            "'loss', so which one is trained on is not known; return the loss alone, or under "
+            "the key 'loss', or pass loss_fn="
+        )
     reduction = graph.reductions.get(name)
     if reduction is None:
         return LossOutput(name, None)

@@ -1,9 +1,10 @@
 """Pipeline timelines as Chrome traces (Perfetto, chrome://tracing): predicted and measured.
 
 Both kinds have one row per rank, and name their events alike: ``F3`` / ``B3`` for the
-forward / backward of microbatch 3 (`autopart.schedules.Action`), ``allreduce`` for the sum of
-a stage's gradients over its replicas, and instant ``send`` marks where a stage hands a value
-on.  So a predicted and a measured trace of the same plan can be laid side by side.
+forward / backward of microbatch 3 (`autopart.schedules.Action`), ``R3`` for its recomputed
+forward, and ``allreduce`` for the sum of a stage's gradients over its replicas; the predicted
+one also marks with an instant ``send`` where a stage hands a value on.  So a predicted and a
+measured trace of the same plan can be laid side by side.
 
 * `predicted_trace` simulates the plan's action lists with the plan's per-stage times
   (`autopart.schedules.simulate`): a recomputing stage runs its forward again (``R3``) before

@@ -132,6 +132,8 @@ class Partition:
     blocks: list[Block]
     coster: StageCoster
     solution: Solution
+    #: Why the search did not try every schedule ("" when it did).
+    schedule_note: str = ""
 
 
 def make_plan(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Plan:
@@ -225,6 +227,7 @@ def _partition_once(
         unit,
         mb_options,
     )
+    schedules, note = schedules_for(graph, options.schedule)
     solution = search(
         len(blocks),
         options.devices,
@@ -232,11 +235,11 @@ def _partition_once(
         mb_options,
         stages=stages,
         replica_unit=unit,
-        schedules=schedules_for(graph, options.schedule)[0],
+        schedules=schedules,
     )
     if solution is None:
         return None, blocks, coster
-    return Partition(components, blocks, coster, solution), blocks, coster
+    return Partition(components, blocks, coster, solution, note), blocks, coster
 
 
 def schedules_for(graph: Graph, schedule: str) -> tuple[tuple[str, ...], str]:
@@ -325,7 +328,7 @@ def plan_from_partition(
         cost_source=cost_model.source,
         precision=options.precision,
         schedule=sol.schedule,
-        schedule_note=schedules_for(graph, options.schedule)[1],
+        schedule_note=part.schedule_note,
     )
 
 

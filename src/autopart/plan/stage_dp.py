@@ -136,7 +136,7 @@ def search(
             tables[(m, held)] = _Table.build(num_blocks, coster, m, devices, held)
         return tables[(m, held)]
 
-    replicas = table(options[0], options[0]).replicas
+    replicas = np.asarray(coster(0, 1, options[0]).replicas, dtype=np.int64)
     if np.any(replicas % replica_unit):
         raise ValueError(f"replica counts {replicas.tolist()} are not multiples of {replica_unit}")
     units = replicas // replica_unit
@@ -211,8 +211,6 @@ class _Table:
 
     num_blocks: int
     microbatches: int
-    #: How many microbatches the stages were costed as holding at once.
-    in_flight: int
     replicas: np.ndarray  # int64[R]
     start: np.ndarray  # int64[P]
     end: np.ndarray  # int64[P]
@@ -263,7 +261,6 @@ class _Table:
         return cls(
             num_blocks=num_blocks,
             microbatches=m,
-            in_flight=held,
             replicas=replicas,
             start=starts,
             end=ends,

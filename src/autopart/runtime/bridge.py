@@ -164,6 +164,11 @@ class _AfterInterleaved(torch.autograd.Function):
                 "use schedule='gpipe'"
             )
         finish, ctx.finish = ctx.finish, None
+        if finish is None:
+            raise AutopartError(
+                "backward() ran twice through the loss of one 1f1b call; call the model again "
+                "for another backward"
+            )
         finish(loss_grad)
         return (None, None, None, None, *[None] * len(grads))
 

@@ -35,9 +35,10 @@ from autopart.runtime.layout import BatchLayout
 from autopart.runtime.loss_grads import DeferredGrads
 from autopart.runtime.plan_agreement import agreeing
 from autopart.runtime.routing import all_gather_floats, all_gather_ints, comm_errors
-from autopart.runtime.schedule import StageRunner, StepState
+from autopart.runtime.schedule import StageRunner
 from autopart.runtime.signatures import derive_plan, key_number
 from autopart.runtime.stages import StageBuilder
+from autopart.runtime.step_state import StepState
 from autopart.trace import Recorder
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,17 @@ class Calls:
 
     def run(self, key: str, args: tuple, kwargs: dict[str, Any], training: bool) -> Any:
         sizes = [bridge.local_batch(args, kwargs)]
+        grad = torch.is_grad_enabled()
         if self.world > 1:  # one collective agrees on the batch layout and the call
-            every = all_gather_ints([sizes[0], key_number(key)], self.device)
-            sizes = [size for size, _ in every]
-            keys = [number for _, number in every]
+            every = all_gather_ints([sizes[0], key_number(key), int(grad)], self.device)
+            sizes = [size for size, _, _ in every]
+            keys = [number for _, number, _ in every]
+            if len({g for _, _, g in every}) > 1:
+                raise AutopartError(
+                    "some ranks called the model with gradients enabled and others under "
+                    f"no_grad ({agreeing([g for _, _, g in every])}); every rank must make the "
+                    "same kind of call"
+                )
             if len(set(keys)) > 1:
                 raise AutopartError(
                     f"the ranks called the model with different arguments or modes "
@@ -98,7 +106,6 @@ class Calls:
         schedule = self.schedules.get(key) or self._add_signature(key, args, kwargs, training)
         local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
         layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
-        grad = torch.is_grad_enabled()
         schedule.recorder = self._recording(grad)
         interleaved = grad and self._interleaves(schedule)
         if schedule.offload is not None:
@@ -173,8 +180,13 @@ class Calls:
                 self.grads_synced = False
             deferred.apply(scale)
             if sync:
+                # The same buckets as GPipe's overlapped sum, launched at once: under ZeRO
+                # each gradient is reduced onto its owner, as `unsum_synced` expects.
+                overlap = self.holders.overlap is not None
+                if overlap:
+                    self.holders.arm_overlap()
                 with self._timed("allreduce"):
-                    self.holders.all_reduce_grads()
+                    self.holders.all_reduce_grads(overlapped=overlap)
                 self.grads_synced = True
         self._write_trace()
 

@@ -23,12 +23,12 @@ The gradient of the loss at ``g = 1`` with respect to one microbatch's outputs
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
 import torch
 
-from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.loss_output import LossOutput
 from autopart.runtime import routing
@@ -48,7 +48,6 @@ class LossGrads:
         factors: dict[str, list[float]],
         device: torch.device,
     ) -> None:
-        self.loss = loss
         self.shapes = shapes
         self.layout = layout
         #: Per numerator value, the gradient of each owner rank's rows.
@@ -119,7 +118,9 @@ class LossSource:
         factors: dict[str, list[float]] = defaultdict(lambda: [0.0] * world)
         for i, term in enumerate(self.terms):
             for rank in range(world):
-                factors[term.numerator][rank] += term.coef / (every[rank][i] * world)
+                den = every[rank][i] * world  # 0 when a rank's labels are all ignored:
+                share = term.coef / den if den else math.copysign(math.inf, term.coef)
+                factors[term.numerator][rank] += share  # inf, and NaN gradients, as DDP gets
         return LossGrads(self.loss, shapes, layout, dict(factors), self.device)
 
     def _local_denominators(self, local_inputs: dict[str, Any], rows: int) -> list[float]:
@@ -155,33 +156,36 @@ class DeferredGrads:
     """Keeps what the pipeline back-propagates at ``g = 1`` apart from the gradients already
     accumulated, until the caller's ``backward()`` gives ``g``.
 
-    Gradients that are None or all zero (``zero_grad()``, with or without ``set_to_none``)
-    hold nothing to keep, so the pipeline's gradients take their place at no extra memory;
-    only gradients accumulated over earlier calls are kept aside, which costs a second copy
-    of them until ``backward()``."""
+    Gradients that are all zero (``zero_grad(set_to_none=False)``) hold nothing to keep: they
+    are released for the pass, so the pipeline's gradients take their memory, and come back as
+    zeros after it (when the activations are gone), so that a parameter the pass leaves without
+    a gradient still has its zero, as under DDP.  Only gradients accumulated over earlier calls
+    are kept aside, which costs a second copy of them until ``backward()``."""
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.params = params
+        grads = [p.grad for p in params]
+        present = [g for g in grads if g is not None]
+        # One device sync for all of them, not one per parameter.
+        nonzero = iter(torch.stack([g.any() for g in present]).tolist() if present else [])
         self.kept: list[torch.Tensor | None] = []
-        for p in params:
-            grad = p.grad
-            self.kept.append(grad if grad is not None and bool(grad.any()) else None)
+        self.zeroed: list[bool] = []
+        for p, grad in zip(params, grads, strict=True):
+            has = grad is not None and bool(next(nonzero))
+            self.kept.append(grad if has else None)
+            self.zeroed.append(grad is not None and not has)
             p.grad = None
         self.computed: list[torch.Tensor | None] = []
 
     def settle(self) -> None:
         """After the pipeline ran: take its gradients, and put the accumulated ones back."""
         self.computed = [p.grad for p in self.params]
-        for p, kept in zip(self.params, self.kept, strict=True):
-            p.grad = kept
+        for p, kept, zeroed in zip(self.params, self.kept, self.zeroed, strict=True):
+            p.grad = torch.zeros_like(p) if zeroed else kept
         self.kept = []
 
     def apply(self, scale: float) -> None:
         """Add ``scale`` times the pipeline's gradients to the accumulated ones."""
-        if not self.computed and self.params:
-            raise AutopartError(
-                "backward() ran twice on one output of a 1f1b call; call the model again"
-            )
         for p, grad in zip(self.params, self.computed, strict=True):
             if grad is None:
                 continue

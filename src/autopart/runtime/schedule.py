@@ -13,19 +13,14 @@ whole list inside the model call, since its backwards interleave with its forwar
 gradient each microbatch's backward starts from comes from the model's own loss
 (`autopart.runtime.loss_grads`), and the caller's ``backward()`` only scales the result.
 
-The messages, by phase:
-
-* ``INPUT``: the caller's rows, from the rank that owns them to the stages that read them;
-* ``ACT``: a stage's output, to the later stages that read it;
-* ``OUT``: a batch output, back to the ranks that own those rows.  An output without a batch
-  dimension (a scalar autopart could not split into rows) is no message: every rank gets the
-  row-weighted mean of the chunks' values from one all-reduce per call, over all such outputs;
-* ``GRAD`` / ``OUT_GRAD``: the gradients of ``ACT`` / ``OUT`` messages, back to their senders.
+The messages of a pass are `autopart.runtime.messages`'s (caller rows, activations, outputs
+and their gradients); an output without a batch dimension is no message: every rank gets the
+row-weighted mean of the chunks' values from one all-reduce per call.
 
 Gradients follow DistributedDataParallel: every rank's output gradient is divided by the
 world size, so the sum that each stage's replica group all-reduces is the mean over ranks.
 
-At about 460 lines this file is longer than most: the forward, the gathering of outputs and
+At about 450 lines this file is longer than most: the forward, the gathering of outputs and
 the backward share their message plumbing (posting, fetching, the holders of each value), and
 cutting them apart would spread one runner over three files (`runtime.messages` already
 holds what each pass sends, and `runtime.loss_grads` what 1F1B starts its backwards from).
@@ -35,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -64,38 +58,10 @@ from autopart.runtime.messages import (
 )
 from autopart.runtime.offload import ParamOffload
 from autopart.runtime.stage_module import StageIO
+from autopart.runtime.step_state import Microbatch, StepState, rng_state, track_inputs
 from autopart.runtime.whole_outputs import add_share, combine_whole
 from autopart.schedules import SEND_LAG, Action
 from autopart.trace import Recorder
-
-
-@dataclass
-class _Microbatch:
-    """What backward needs of one microbatch's forward."""
-
-    rows: Rows
-    inputs: list[list[Any]]
-    outputs: list[list[Any]] | None  # None when the stage recomputes in backward
-    rng_state: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class StepState:
-    """One forward call, kept until its backward."""
-
-    layout: BatchLayout
-    local_inputs: dict[str, Any]
-    #: The pass running now: ``forward``/``backward`` (GPipe) or a schedule's name.
-    which: str = FORWARD
-    microbatches: dict[int, _Microbatch] = field(default_factory=dict)
-    #: Sends whose receivers take them only after the pass (outputs, the caller's rows).
-    pending: list = field(default_factory=list)
-    #: The sends of each of the latest actions, oldest first (`SEND_LAG`).
-    sent: list[list] = field(default_factory=list)
-    mailbox: dict[Key, torch.Tensor] = field(default_factory=dict)  # sent to this rank itself
-    inbox: Inbox | None = None
-    #: This rank's share of each whole (non-batch) output leaf, summed for the all-reduce.
-    shares: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
 class StageRunner:
@@ -122,6 +88,8 @@ class StageRunner:
         self.device = device
         self.world = plan.devices
         self.stage = plan.stage_of_rank(rank)
+        #: Every rank's stage index: which sends go to a neighbouring stage.
+        self.stage_index = {r: stage.index for stage in plan.stages for r in stage.ranks}
         self.io = ios[self.stage.index]
         self.outputs = graph.delivered()
         producer = {name for io in ios for name in io.outputs}
@@ -158,18 +126,24 @@ class StageRunner:
             state.mailbox[message.key] = tensor
         else:
             tag, group = self.messages.tag_of(message), self.messages.group_of(message)
-            queue = state.sent[-1] if message.phase in (ACT, GRAD) else state.pending
-            routing.send(tensor, message.dst, tag, queue, group)
+            neighbour = abs(self.stage_index[message.dst] - self.stage.index) == 1
+            waited = message.phase in (ACT, GRAD) and neighbour
+            routing.send(
+                tensor, message.dst, tag, state.sent[-1] if waited else state.pending, group
+            )
 
     def _next_action(self, state: StepState) -> None:
         """Before each action: finish the sends of the action `SEND_LAG` back, so that what
         they hold (an activation, an input gradient) is freed with the microbatch.
 
-        Waiting never deadlocks: an activation is taken by its reader's forward of the same
-        microbatch, and an input gradient by its producer's backward, and neither depends on
-        any later action of this rank (`autopart.schedules.simulate` checks it, lag
-        included); outputs (taken only after the reader's own pass) stay in ``pending``.
-        The lag leaves the reader time to get there first."""
+        Only sends to the neighbouring stages are waited on: an activation is taken by the
+        next stage's forward of the same microbatch, and an input gradient by the previous
+        stage's backward, and neither depends on any later action of this rank
+        (`autopart.schedules.simulate` runs the lists with this lag and finds no deadlock).
+        A value that skips stages would be taken by a stage that may first need this rank's
+        later backwards (a skip connection's gradient), so it stays in ``pending`` until the
+        pass ends, as outputs do (their owners take them after their own pass).  The lag
+        leaves the reader time to get there first."""
         while len(state.sent) >= SEND_LAG:
             routing.wait_all(state.sent.pop(0))
         state.sent.append([])
@@ -224,15 +198,15 @@ class StageRunner:
         m = action.microbatch
         rows = state.layout.replicas(m, self.stage.ranks)[self.rank]
         inputs = [self._receive(state, name, m, rows) for name in self.io.inputs]
-        rng = _rng_state(self.device) if recompute else None
+        rng = rng_state(self.device) if recompute else None
         if grad and not recompute:
-            _track(self.graph, self.io.inputs, inputs)
+            track_inputs(self.graph, self.io.inputs, inputs)
         with self._timed(str(action)):
             with torch.set_grad_enabled(grad and not recompute):
                 outputs = self._run(inputs)
             self._send_outputs(state, outputs, action, rows)
         if grad:
-            state.microbatches[m] = _Microbatch(rows, inputs, None if recompute else outputs, rng)
+            state.microbatches[m] = Microbatch(rows, inputs, None if recompute else outputs, rng)
 
     def _run(self, inputs: list[list[Any]]) -> list[list[Any]]:
         args = [self.shapes[n].pack(v) for n, v in zip(self.io.inputs, inputs, strict=True)]
@@ -393,8 +367,8 @@ class StageRunner:
             self._send_input_grads(state, mb, action)
         del state.microbatches[m]
 
-    def _recompute(self, mb: _Microbatch) -> list[list[Any]]:
-        _track(self.graph, self.io.inputs, mb.inputs)
+    def _recompute(self, mb: Microbatch) -> list[list[Any]]:
+        track_inputs(self.graph, self.io.inputs, mb.inputs)
         assert mb.rng_state is not None  # a recomputing stage saved it in forward
         accelerator = [self.device] if self.device.type != "cpu" else []
         with torch.random.fork_rng(devices=accelerator, device_type=self.device.type):
@@ -458,7 +432,7 @@ class StageRunner:
             total += (means[(name, li)] * share).to(total.dtype)
         return total
 
-    def _send_input_grads(self, state: StepState, mb: _Microbatch, action: Action) -> None:
+    def _send_input_grads(self, state: StepState, mb: Microbatch, action: Action) -> None:
         values = dict(zip(self.io.inputs, mb.inputs, strict=True))
         for message in self.messages.sends_in(self.rank, state.layout, state.which, action):
             if message.phase == GRAD:
@@ -467,24 +441,6 @@ class StageRunner:
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 piece = routing.take_rows(grad, spec, mb.rows, message.rows).contiguous()
                 self._post(state, message, piece)
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The generators a stage's random ops draw from: the CPU's, and the device's own (on
-    CUDA dropout draws from the device generator, which the CPU state does not cover)."""
-    if device.type == "cpu":
-        return (torch.get_rng_state(),)
-    return (torch.get_rng_state(), torch.get_device_module(device).get_rng_state(device))
-
-
-def _track(graph: Graph, names, inputs) -> None:
-    """Make received activations leaves that collect gradients for the sending stage."""
-    for name, leaves in zip(names, inputs, strict=True):
-        if graph.node(name).kind is NodeKind.INPUT:
-            continue
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                leaf.requires_grad_()
 
 
 def _count(rows: Rows) -> int:
