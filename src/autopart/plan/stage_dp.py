@@ -136,7 +136,9 @@ def search(
             tables[(m, held)] = _Table.build(num_blocks, coster, m, devices, held)
         return tables[(m, held)]
 
-    replicas = np.asarray(coster(0, 1, options[0]).replicas, dtype=np.int64)
+    # The first table the search visits (one stage, the fewest microbatches) gives the axis.
+    first = options[0]
+    replicas = table(first, _charged(max(in_flight(schedules[0], 1, first)), first)).replicas
     if np.any(replicas % replica_unit):
         raise ValueError(f"replica counts {replicas.tolist()} are not multiples of {replica_unit}")
     units = replicas // replica_unit
