@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -27,6 +28,7 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 60.0) -> None:
 
 def _entry(rank: int, world: int, port: int, timeout_s: float, fn, args) -> None:
     set_local_launch_env(rank, world, port)
+    torch.set_num_threads(1)  # several ranks share the machine's cores
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
