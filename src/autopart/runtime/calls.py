@@ -154,7 +154,8 @@ class Calls:
                 self._warned.add(schedule)
                 log.warning(
                     "the plan's schedule is %s, but this call cannot run it (%s); it runs as "
-                    "gpipe, holding every microbatch's activations",
+                    "gpipe, recomputing each microbatch's activations in backward so that "
+                    "holding all of them stays near the plan's memory",
                     schedule.plan.schedule,
                     schedule.loss_reason,
                 )

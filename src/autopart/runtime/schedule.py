@@ -184,7 +184,11 @@ class StageRunner:
             with torch.no_grad():
                 self.state_update()
         self._send_inputs(state)
-        recompute = self.stage.recompute and grad
+        # A call that runs as GPipe under a plan costed for 1F1B (it has no loss to start
+        # the backwards from) would hold all M microbatches on stages sized for fewer:
+        # recomputing keeps only each microbatch's inputs.
+        fallback = self.plan.schedule != "gpipe" and which == FORWARD
+        recompute = grad and (self.stage.recompute or fallback)
         for action in self.messages.actions(self.rank, layout, which):
             self._next_action(state)
             if action.is_forward:
