@@ -197,17 +197,22 @@ class Calls:
         if self.recorder is None or not grad:
             return None
         self._training_calls += 1
+        return self._traced()
+
+    def _traced(self) -> Recorder | None:
+        """The recorder while the latest training call is one to trace, else None."""
         return self.recorder if 1 < self._training_calls <= 1 + TRACE_CALLS else None
 
     def _timed(self, name: str):
-        traced = self.recorder is not None and 1 < self._training_calls <= 1 + TRACE_CALLS
-        return self.recorder.span(name, "comm") if traced and self.recorder else nullcontext()
+        recorder = self._traced()
+        return recorder.span(name, "comm") if recorder else nullcontext()
 
     def _write_trace(self) -> None:
         """After the last traced call's backward: every rank's events to rank 0, which writes
         the measured trace and, beside it, the plan's predicted one."""
-        if self.recorder is None or self._training_calls != 1 + TRACE_CALLS or not self.trace:
+        if self.recorder is None or self._training_calls != 1 + TRACE_CALLS:
             return
+        assert self.trace is not None  # a recorder exists only with a trace directory
         every: list = [None] * self.world
         if self.world > 1:
             dist.gather_object(self.recorder.events, every if self.rank == 0 else None, dst=0)

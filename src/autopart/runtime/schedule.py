@@ -107,9 +107,9 @@ class StageRunner:
         ]
         #: Buffer updates that run once per call (`stage_module.state_updates`), if any.
         self.state_update: fx.GraphModule | None = None
-        #: The model's loss, when a schedule that back-propagates inside the call can use it;
-        #: else why it cannot (`autopart.loss_output`).
-        found = find_loss(graph)
+        #: The model's loss, when the plan's schedule back-propagates inside the call and
+        #: can use it; else why not (`autopart.loss_output`).  GPipe needs neither.
+        found = find_loss(graph) if plan.schedule != "gpipe" else "the plan's schedule is gpipe"
         self.loss_reason = found if isinstance(found, str) else None
         self.loss = LossSource(graph, found, device) if not isinstance(found, str) else None
         #: Times each action while a trace is being recorded (`autopart.trace`).
