@@ -1,6 +1,6 @@
 """GPipe against 1F1B where memory is tight: what the planner picks, and what each costs.
 
-    .venv/bin/python bench/schedules.py [--steps 15] [--device-memory 45MB]
+    .venv/bin/python bench/schedules.py [--steps 15] [--device-memory 40MB]
 
 Two ranks train the demo's GPT at 4 layers, hidden 128, sequence 64 (batch 16, AdamW, the
 loss inside the model) in 2 stages of 4 microbatches under a per-device memory cap, planned
@@ -98,7 +98,7 @@ def _worker(rank: int, world: int, port: int, steps: int, memory: str, out: str)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--device-memory", default="45MB")
+    parser.add_argument("--device-memory", default="40MB")
     args = parser.parse_args()
     out = Path(f"/tmp/autopart-bench-schedules-{os.getpid()}")
     mp.start_processes(

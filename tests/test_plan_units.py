@@ -9,7 +9,7 @@ from autopart.ir import Node, NodeKind, ParamSpec
 from autopart.plan.atomic import atomic_components
 from autopart.plan.blocks import coarsen
 from autopart.plan.plan import Plan, PlanError, StagePlan
-from autopart.plan.traffic import RangeTraffic
+from autopart.plan.traffic import RangeTraffic, cut_bytes
 from handmade import act, graph, linear_chain
 
 
@@ -59,6 +59,8 @@ def test_traffic_counts_skip_values_once_per_using_range():
     assert t.send_bytes(3, 4, batch=1) == 10 * f32
     # Cutting before c: b (20) and a (10) cross.
     assert t.cut_bytes(2) == 30 * f32
+    # The linear table the coarsening reads agrees at every position.
+    assert cut_bytes(g, unit, 4).tolist() == [t.cut_bytes(p) for p in range(5)]
 
 
 def test_coarsen_balances_time_and_covers_all_components():

@@ -349,7 +349,7 @@ def test_offloaded_state_must_fit_host_memory():
 
 
 def test_auto_schedule_picks_1f1b_where_gpipe_must_recompute():
-    """The demo's GPT at hidden 128, sequence 64, in 2 stages of 4 microbatches on 45 MB
+    """The demo's GPT at hidden 128, sequence 64, in 2 stages of 4 microbatches on 40 MB
     devices (H100 spec, so the costs are fixed): GPipe holds all 4 microbatches and must
     recompute; 1F1B holds at most 2, fits without recomputing and is predicted faster, so
     "auto" takes it.  Each stage's recorded memory counts its own microbatches in flight."""
@@ -362,7 +362,7 @@ def test_auto_schedule_picks_1f1b_where_gpipe_must_recompute():
     ids = torch.randint(0, 256, (1, 64))
     plans = {}
     for schedule in ("gpipe", "auto"):
-        config = Config(device_memory="45MB", schedule=schedule, stages=2, microbatches=4)
+        config = Config(device_memory="40MB", schedule=schedule, stages=2, microbatches=4)
         options = PlanOptions.from_config(config, devices=2, global_batch=16, optimizer="adamw")
         _, plans[schedule] = plan_model(
             model, (ids,), {"labels": ids}, options=options, device_type="h100"
@@ -375,7 +375,7 @@ def test_auto_schedule_picks_1f1b_where_gpipe_must_recompute():
     assert in_flight("1f1b", 2, 4) == (2, 1)
     assert all(s.memory_bytes <= auto.memory_capacity_bytes for s in auto.stages)
     # Without labels the model computes no loss: "auto" stays on GPipe and says why.
-    options = PlanOptions(devices=2, global_batch=16, optimizer="adamw", device_memory=45 * 10**6)
+    options = PlanOptions(devices=2, global_batch=16, optimizer="adamw", device_memory=40 * 10**6)
     _, unlabeled = plan_model(model, (ids,), {}, options=options, device_type="h100")
     assert unlabeled.schedule == "gpipe" and "no scalar loss" in unlabeled.schedule_note
     with pytest.raises(AutopartError, match="needs the model to compute its loss"):

@@ -42,15 +42,20 @@ def test_lists_respect_dependencies_and_fill_is_the_bubble(name, stages, microba
             assert s.start >= end[(s.stage, Action(FORWARD, m))]
             if s.stage < stages - 1:
                 assert s.start >= end[(s.stage + 1, s.action)]
+    assert schedules.simulated_fill(name, stages, microbatches) == microbatches + stages - 1
     assert schedules.fill_slots(name, stages, microbatches) == microbatches + stages - 1
 
 
 @pytest.mark.parametrize(("stages", "microbatches"), SHAPES)
 def test_in_flight_counts(stages, microbatches):
-    assert schedules.in_flight("gpipe", stages, microbatches) == (microbatches,) * stages
-    assert schedules.in_flight("1f1b", stages, microbatches) == tuple(
+    assert schedules.counted_in_flight("gpipe", stages, microbatches) == (microbatches,) * stages
+    assert schedules.counted_in_flight("1f1b", stages, microbatches) == tuple(
         min(stages - s, microbatches) for s in range(stages)
     )
+    for name in schedules.SCHEDULES:
+        assert schedules.in_flight(name, stages, microbatches) == schedules.counted_in_flight(
+            name, stages, microbatches
+        )
 
 
 def test_a_list_that_waits_on_a_later_stage_is_a_deadlock(monkeypatch):
@@ -58,12 +63,14 @@ def test_a_list_that_waits_on_a_later_stage_is_a_deadlock(monkeypatch):
     says so, naming where every stuck stage waits."""
 
     def broken(stages, microbatches, stage):
-        order = schedules.SCHEDULES["1f1b"](stages, microbatches, stage)
+        order = schedules.SCHEDULES["1f1b"].generate(stages, microbatches, stage)
         if stage == stages - 1:
             order = [Action(BACKWARD, 1), *[a for a in order if a != Action(BACKWARD, 1)]]
         return order
 
-    monkeypatch.setitem(schedules.SCHEDULES, "broken", broken)
+    base = schedules.SCHEDULES["1f1b"]
+    wrapped = schedules.Schedule(broken, base.fill, base.held)
+    monkeypatch.setitem(schedules.SCHEDULES, "broken", wrapped)
     schedules.actions.cache_clear()
     with pytest.raises(ScheduleError, match=r"deadlocks: .*stage 2 at B1"):
         schedules.simulate("broken", 3, 4, [1.0] * 3, [2.0] * 3)

@@ -6,8 +6,13 @@ they cannot disagree:
 
 * the runtime executes them (`autopart.runtime.schedule`), and derives from them the order in
   which each rank posts its messages (`autopart.runtime.messages`);
-* the stage DP takes its fill factor from `simulate` (`fill_slots`);
+* the stage DP takes its fill factor from `fill_slots`;
 * the memory model takes the microbatches in flight per stage from `in_flight`.
+
+The last two are closed forms that each schedule declares beside its generator, because the
+planner asks for them at hundreds of stages and thousands of microbatches, where walking the
+lists would take longer than the search.  The tests hold each closed form to what `simulate`
+and the lists give (`simulated_fill`, `counted_in_flight`), so they cannot drift apart.
 
 Nothing here touches ``torch.distributed``: the lists are checked in one process
 (`simulate` finds deadlocks), and `autopart show --trace` draws them.
@@ -67,23 +72,41 @@ def _one_f_one_b(stages: int, microbatches: int, stage: int) -> list[Action]:
     return order
 
 
-#: Every schedule by name: a generator of one stage's action list.
-SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
-    "gpipe": _gpipe,
-    "1f1b": _one_f_one_b,
+@dataclass(frozen=True)
+class Schedule:
+    """A schedule: the generator of one stage's action list, and the two numbers the planner
+    reads from the lists, in closed form."""
+
+    #: ``(stages, microbatches, stage) -> actions``.
+    generate: Callable[[int, int, int], list[Action]]
+    #: ``(stages, microbatches) -> slots``: what `simulated_fill` gives.
+    fill: Callable[[int, int], float]
+    #: ``(stages, microbatches, stage) -> microbatches``: what `counted_in_flight` gives.
+    held: Callable[[int, int, int], int]
+
+
+#: Every schedule by name.
+SCHEDULES: dict[str, Schedule] = {
+    "gpipe": Schedule(_gpipe, lambda s, m: m + s - 1, lambda s, m, stage: m),
+    "1f1b": Schedule(_one_f_one_b, lambda s, m: m + s - 1, lambda s, m, stage: min(s - stage, m)),
 }
+
+
+def _schedule(name: str) -> Schedule:
+    if name not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
 
 
 @cache
 def actions(name: str, stages: int, microbatches: int, stage: int) -> tuple[Action, ...]:
     """Stage ``stage``'s actions in one step, in the order it runs them."""
-    if name not in SCHEDULES:
-        raise ScheduleError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+    schedule = _schedule(name)
     if not 0 <= stage < stages or microbatches < 1:
         raise ScheduleError(
             f"no stage {stage} of {stages} with {microbatches} microbatches in a schedule"
         )
-    return tuple(SCHEDULES[name](stages, microbatches, stage))
+    return tuple(schedule.generate(stages, microbatches, stage))
 
 
 def forward_only(microbatches: int) -> tuple[Action, ...]:
@@ -91,10 +114,15 @@ def forward_only(microbatches: int) -> tuple[Action, ...]:
     return tuple(Action(FORWARD, m) for m in range(microbatches))
 
 
-@cache
 def in_flight(name: str, stages: int, microbatches: int) -> tuple[int, ...]:
     """Per stage, the most microbatches forwarded but not yet backwarded at any moment:
     how many microbatches' activations the stage holds at its peak."""
+    held = _schedule(name).held
+    return tuple(held(stages, microbatches, stage) for stage in range(stages))
+
+
+def counted_in_flight(name: str, stages: int, microbatches: int) -> tuple[int, ...]:
+    """`in_flight` counted from the action lists: the truth its closed form is tested against."""
     counts = []
     for stage in range(stages):
         live = most = 0
@@ -208,9 +236,13 @@ def _ready(
     return max(times, default=0.0)
 
 
-@cache
 def fill_slots(name: str, stages: int, microbatches: int) -> float:
     """The step of even stages in units of one microbatch's forward plus backward: what the
     stage DP multiplies each stage's slot by.  ``M + S - 1`` for GPipe and 1F1B alike."""
+    return _schedule(name).fill(stages, microbatches)
+
+
+def simulated_fill(name: str, stages: int, microbatches: int) -> float:
+    """`fill_slots` from `simulate`: the truth its closed form is tested against."""
     spans = simulate(name, stages, microbatches, [1.0] * stages, [2.0] * stages)
     return max(span.end for span in spans) / 3.0

@@ -7,12 +7,25 @@ here it cannot be violated.
 
 Within that freedom the coarsening balances time (each block near ``total / K``), respects memory
 (a block's parameter state stays under ``block_bytes_cap``, so huge layers get blocks of their own
-and K grows as the model needs), and prefers cuts where little data crosses: inside a window
-around the balanced position it cuts where the fewest bytes per sample cross.
+and K grows as the model needs), and cuts where a human would: the stage DP only ever cuts
+between blocks, so every block boundary is a candidate stage boundary.
+
+Where a human cuts is read from the model's own structure.  A *repeated layer* is a module whose
+path ends in an index (``transformer.h.3``, ``model.layers.7``, ``net.2``: the children of a
+`ModuleList` or `Sequential`).  Inside one, a boundary may fall only where no more bytes per
+sample cross than at the layer's cheapest boundary (its ends, or between attention and MLP in a
+transformer layer, where only the residual stream crosses); never inside an attention or MLP.
+Among the allowed boundaries near the balanced position, a block ends at the one where the
+fewest bytes cross, then at the shallowest (between layers rather than inside one), then at the
+one nearest the balanced position.  A block grows past its time target to reach an allowed
+boundary when none is near, so blocks are at least about half a layer when the target asks for
+less; when memory ends a block early it ends at the last allowed boundary before that point.
 """
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +35,11 @@ from autopart.plan.atomic import Component
 
 #: A cut may move this far (as a share of the target block time) to find a cheaper boundary.
 CUT_WINDOW = 0.3
+
+#: Cut sizes within this ratio of each other count as equally cheap.
+CUT_TOLERANCE = 1.01
+
+_INDEXED = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ def coarsen(
     *,
     target_blocks: int,
     block_bytes_cap: float,
+    paths: Sequence[str] | None = None,
 ) -> list[Block]:
     """Split components into contiguous blocks.
 
@@ -55,61 +74,127 @@ def coarsen(
             (length ``len(components) + 1``).
         target_blocks: the K to aim for when memory allows.
         block_bytes_cap: largest state a block may hold unless one component alone exceeds it.
+        paths: each component's module path, which gives the repeated layers and the depth of
+            every boundary; without them every boundary is allowed and equally deep.
     """
     n = len(components)
     times = np.asarray(seconds, dtype=float)
+    cuts = np.asarray(cut_bytes, dtype=float)
+    names = list(paths) if paths is not None else [""] * n
+    allowed = allowed_boundaries(names, cuts)
+    depth = [0] + [_common_depth(a, b) for a, b in itertools.pairwise(names)] + [0]
     target = max(float(times.sum()) / max(target_blocks, 1), 1e-12)
     blocks: list[Block] = []
     start = 0
     while start < n:
-        end = _balanced_end(times, params, state_bytes, start, target, block_bytes_cap)
-        if end < n:
-            end = _cheapest_cut(times, cut_bytes, start, end, target)
+        balanced, limit = _balanced_end(
+            times, params, state_bytes, allowed, start, target, block_bytes_cap
+        )
+        end = limit
+        if limit < n or (balanced is not None and balanced < n):
+            end = _best_cut(times, cuts, allowed, depth, start, balanced, limit, target)
         blocks.append(Block(index=len(blocks), start=start, end=end))
         start = end
     return blocks
+
+
+def allowed_boundaries(paths: Sequence[str], cuts: np.ndarray) -> np.ndarray:
+    """``allowed[p]``: a block may end before component ``p``.  Inside a repeated layer only
+    the boundaries as cheap as the layer's cheapest are; outside layers, every one is."""
+    n = len(paths)
+    allowed = np.ones(n + 1, dtype=bool)
+    layer = [m.group(1) if (m := _INDEXED.match(p)) else None for p in paths]
+    start = 0
+    while start < n:
+        end = start + 1
+        while end < n and layer[end] == layer[start]:
+            end += 1
+        if layer[start] is not None and end - start > 1:
+            cheapest = float(cuts[start : end + 1].min())
+            inside = cuts[start + 1 : end] <= cheapest * CUT_TOLERANCE
+            allowed[start + 1 : end] = inside
+        start = end
+    return allowed
+
+
+def _common_depth(a: str, b: str) -> int:
+    """How many module-path segments two components share: 0 between top-level modules,
+    more the deeper inside one module the boundary between them lies."""
+    depth = 0
+    for x, y in zip(a.split("."), b.split("."), strict=False):
+        if x != y or not x:
+            break
+        depth += 1
+    return depth
 
 
 def _balanced_end(
     times: np.ndarray,
     params: Sequence[frozenset[str]],
     state_bytes: Mapping[str, float],
+    allowed: np.ndarray,
     start: int,
     target: float,
     cap: float,
-) -> int:
-    """First end past ``start`` where time reaches the target or the memory cap would be hit."""
+) -> tuple[int | None, int]:
+    """``(end, limit)``: the first end past ``start`` where time reaches the target (None when
+    memory ends the block first), and how far the search for a cut may look: to the memory cap,
+    or to the first allowed boundary past the window around the target."""
     total_t = 0.0
     total_b = 0.0
     held: set[str] = set()
     end = start
+    balanced = None
     while end < len(times):
         new = params[end] - held
-        next_t = total_t + times[end]
         next_b = total_b + sum(state_bytes[p] for p in new)
-        if end > start and (next_b > cap or next_t > target * (1 + CUT_WINDOW / 2)):
+        if end > start and next_b > cap:
             break
-        total_t, total_b = next_t, next_b
+        total_t, total_b = total_t + times[end], next_b
         held |= new
         end += 1
-        if total_t >= target:
+        if balanced is None and total_t >= target:
+            balanced = end
+        if total_t > target * (1 + CUT_WINDOW) and allowed[end]:
             break
-    return end
+    return balanced, end
 
 
-def _cheapest_cut(
-    times: np.ndarray, cut_bytes: Sequence[float], start: int, end: int, target: float
+def _best_cut(
+    times: np.ndarray,
+    cuts: np.ndarray,
+    allowed: np.ndarray,
+    depth: Sequence[int],
+    start: int,
+    balanced: int | None,
+    limit: int,
+    target: float,
 ) -> int:
-    """Move the cut back to where the least data crosses, without shrinking the block too far.
+    """Where the block from ``start`` ends, given its balanced end and how far it may look
+    (see the module docstring)."""
+    acc = np.concatenate([[0.0], np.cumsum(times[start:limit])])
+    positions = np.arange(start + 1, limit + 1)
+    spent = acc[positions - start]
+    ok = allowed[positions]
+    if balanced is None:
+        # Memory ended the block: as large as it can be, at the shallowest cheap boundary.
+        pool = ok if ok.any() else np.ones(len(positions), dtype=bool)
+        return int(max(_cheapest(positions[pool], cuts), key=lambda p: (-depth[p], p)))
+    near = np.abs(spent - target) <= CUT_WINDOW * target
+    pool = near & ok
+    if not pool.any():
+        # No allowed boundary near the target: the nearest one in time, else any near one.
+        pool = ok if ok.any() else near | (positions == limit)
+        distance = np.where(pool, np.abs(spent - target), np.inf)
+        pool = distance == distance.min()
+    return int(
+        min(
+            _cheapest(positions[pool], cuts), key=lambda p: (depth[p], abs(acc[p - start] - target))
+        )
+    )
 
-    The window is a share of the block's own time when the memory cap ended it early, so that
-    memory-bound blocks (one huge layer each) still end at the layer's cheap boundary."""
-    acc = np.cumsum(times[start:end])
-    reference = min(target, float(acc[-1]))
-    best = end
-    for pos in range(end - 1, start, -1):
-        if acc[pos - start - 1] < reference * (1 - CUT_WINDOW):
-            break
-        if cut_bytes[pos] < cut_bytes[best]:
-            best = pos
-    return best
+
+def _cheapest(positions: np.ndarray, cuts: np.ndarray) -> list[int]:
+    """The positions where (within `CUT_TOLERANCE`) the fewest bytes cross."""
+    least = float(cuts[positions].min())
+    return [int(p) for p in positions if cuts[p] <= least * CUT_TOLERANCE]

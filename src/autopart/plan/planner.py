@@ -28,7 +28,7 @@ from autopart.plan.memory import OPTIMIZER_FACTORS, MemoryModel
 from autopart.plan.plan import Plan, StagePlan
 from autopart.plan.stage_costs import StageCoster
 from autopart.plan.stage_dp import Solution, search
-from autopart.plan.traffic import RangeTraffic
+from autopart.plan.traffic import RangeTraffic, cut_bytes
 from autopart.schedules import in_flight
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ class PlanOptions:
     microbatches: int | None = None
     split_points: tuple[str, ...] | None = None
     target_blocks: int = 32
+    #: Blocks may end at any op, not only where a human would cut (`autopart.plan.blocks`);
+    #: the planner's last resort when nothing fits.
+    free_cuts: bool = False
     max_microbatches: int = 64
     #: True, False, or "auto" (split optimizer state over replicas only where needed to fit).
     zero: bool | str = False
@@ -157,10 +160,8 @@ def prepare(
         blocks = manual_blocks(graph, components, options.split_points)
     elif blocks is None:
         unit_of = {c.anchor: i for i, c in enumerate(components)}
-        comp_traffic = RangeTraffic(graph, unit_of, len(components))
-        blocks = _auto_blocks(
-            graph, components, comp_traffic, cost_model, memory, options, capacity
-        )
+        cuts = cut_bytes(graph, unit_of, len(components))
+        blocks = _auto_blocks(graph, components, cuts, cost_model, memory, options, capacity)
     blocks = list(blocks)
     block_nodes = [_nodes_of(graph, components[b.start : b.end]) for b in blocks]
     block_of = {c.anchor: b.index for b in blocks for c in components[b.start : b.end]}
@@ -186,22 +187,28 @@ def partition(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Part
 
     Blocks are never split by the search, so blocks that are each too big for one stage (state
     near the coarsening's memory cap plus their activations) can make a feasible model look
-    infeasible; doubling ``target_blocks`` (up to ``MAX_REFINEMENTS`` times, while it yields more
-    blocks) gives the search finer cuts before giving up.
+    infeasible.  Before giving up, the search retries on finer blocks: ``target_blocks``
+    doubled, up to ``MAX_REFINEMENTS`` times, and then blocks free to end at any op
+    (``free_cuts``: inside an MLP, say), each only while it yields more blocks.
     """
     part, blocks, coster = _partition_once(graph, cost_model, options)
-    tried = options
-    for _ in range(0 if options.split_points else MAX_REFINEMENTS):
+    finer = [
+        replace(options, target_blocks=options.target_blocks << k)
+        for k in range(1, 1 + MAX_REFINEMENTS)
+    ]
+    attempts = [] if options.split_points else [*finer, replace(finer[-1], free_cuts=True)]
+    for tried in attempts:
         if part is not None:
             break
-        tried = replace(tried, target_blocks=2 * tried.target_blocks)
         log.info(
-            "no plan on %d blocks; retrying with target_blocks=%d", len(blocks), tried.target_blocks
+            "no plan on %d blocks; retrying with target_blocks=%d%s",
+            len(blocks),
+            tried.target_blocks,
+            ", cuts anywhere" if tried.free_cuts else "",
         )
-        finer, finer_blocks, finer_coster = _partition_once(graph, cost_model, tried)
-        if len(finer_blocks) <= len(blocks):
-            break
-        part, blocks, coster = finer, finer_blocks, finer_coster
+        found, found_blocks, found_coster = _partition_once(graph, cost_model, tried)
+        if len(found_blocks) > len(blocks):
+            part, blocks, coster = found, found_blocks, found_coster
     if part is None:
         raise InfeasiblePlanError(
             infeasible_message(graph, blocks, coster, options, microbatch_options(options))
@@ -351,7 +358,7 @@ def _check_host_memory(stages: list[StagePlan], per_node: int, options: PlanOpti
         )
 
 
-def _auto_blocks(graph, components, traffic, cost_model, memory, options, capacity) -> list[Block]:
+def _auto_blocks(graph, components, cuts, cost_model, memory, options, capacity) -> list[Block]:
     ref_rows = max(1, options.global_batch // options.devices)
     seconds = [
         sum(cost_model.block_seconds([graph.node(n) for n in c.nodes], ref_rows))
@@ -362,7 +369,6 @@ def _auto_blocks(graph, components, traffic, cost_model, memory, options, capaci
         name: spec.nbytes * _state_factor(spec, memory, offloaded=options.offload != "none")
         for name, spec in graph.params.items()
     }
-    cuts = [traffic.cut_bytes(p) for p in range(len(components) + 1)]
     return coarsen(
         components,
         seconds,
@@ -371,6 +377,7 @@ def _auto_blocks(graph, components, traffic, cost_model, memory, options, capaci
         cuts,
         target_blocks=options.target_blocks,
         block_bytes_cap=capacity / 2,
+        paths=None if options.free_cuts else [graph.node(c.anchor).module_path for c in components],
     )
 
 
