@@ -318,8 +318,8 @@ def test_auto_zero_splits_state_only_where_memory_requires_it():
     # Parameters, gradients and Adam state: 64 MiB whole, 40 MiB split four ways (plus buckets).
     tight = dict(options, device_memory=66 * 2**20)
     with pytest.raises(InfeasiblePlanError):
-        make_plan(graph, _cost(), PlanOptions(**tight))
-    plan = make_plan(graph, _cost(), PlanOptions(**tight, zero="auto"))
+        make_plan(graph, _cost(), PlanOptions(**tight, zero=False))
+    plan = make_plan(graph, _cost(), PlanOptions(**tight))  # zero="auto" is the default
     assert [s.zero for s in plan.stages] == [True]
     assert plan.stages[0].offload == "none"
     roomy = make_plan(graph, _cost(), PlanOptions(**options, zero="auto"))

@@ -268,3 +268,57 @@ def test_large_case_runs(tightness: float):
         f"= {own + calls * 50e-6:.2f}s at 50us a call ({took:.2f}s with this coster); "
         f"{len(got.stages)} stages, M={got.microbatches}"
     )
+
+
+def test_long_device_axes_use_the_fewest_devices_solver_within_a_few_percent(monkeypatch):
+    """Past MAX_EXACT_UNITS the search finds, for each target time, the fewest devices, then
+    spends the rest greedily.  On instances the exact DP can still solve (about 100 devices,
+    every count), its plan uses every device, is never better than the exact optimum (which
+    would mean the exact DP is wrong) and is within 3% of it."""
+    import autopart.plan.stage_dp as stage_dp
+
+    gaps = []
+    for seed in range(12):
+        rng = np.random.default_rng(100 + seed)
+        blocks, devices = int(rng.integers(4, 9)), int(rng.integers(65, 110))
+        coster = random_coster(
+            rng, blocks, np.arange(1, devices + 1), 512, float(rng.uniform(0.2, 0.8))
+        )
+        fast = search(blocks, devices, coster, [1, 2, 4, 8, 16])
+        monkeypatch.setattr(stage_dp, "MAX_EXACT_UNITS", 10**9)
+        exact = search(blocks, devices, coster, [1, 2, 4, 8, 16])
+        monkeypatch.undo()
+        assert (fast is None) == (exact is None)
+        if exact is None:
+            continue
+        assert_valid(fast, blocks, devices, coster)
+        assert fast.step_seconds >= exact.step_seconds * (1 - 1e-12)
+        gaps.append(fast.step_seconds / exact.step_seconds - 1)
+    assert len(gaps) >= 8, "too few feasible instances to say anything"
+    assert max(gaps) <= 0.03, gaps
+
+
+def test_the_fewest_devices_solver_plans_a_thousand_devices_in_units_of_one():
+    """96 blocks of which no two fit one device: 96 one-block stages.  On 1024 devices in
+    units of 16 they cannot exist (96 x 16 > 1024); in units of one they do, every device is
+    used, and no stage has fewer replicas than a block needs to fit."""
+    import dataclasses
+
+    blocks, devices = 96, 1024
+    rng = np.random.default_rng(5)
+    coster = random_coster(rng, blocks, np.arange(1, devices + 1), 1536, 1.0)
+    coster.params = np.full(blocks, 10.0)
+    coster.saved = np.full(blocks, 0.02)
+    coster.boundary = np.full(blocks, 0.01)
+    coster.ring = np.full(devices, 1e-4)
+    coster.capacity = 79.0  # one block's state is 40, two blocks' 80
+    options = [16, 32, 64, 128]
+    got = search(blocks, devices, coster, options)
+    assert got is not None and len(got.stages) == blocks
+    assert_valid(got, blocks, devices, coster)
+    fits = [np.isfinite(coster(0, 1, m).slot_seconds) for m in options]
+    assert min(s.replicas for s in got.stages) >= min(int(np.argmax(f)) + 1 for f in fits)
+    coarse = dataclasses.replace(
+        coster, replicas=np.arange(16, devices + 1, 16), ring=np.full(64, 1e-4)
+    )
+    assert search(blocks, devices, coarse, options, replica_unit=16) is None

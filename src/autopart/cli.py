@@ -43,9 +43,10 @@ def _plan(args: argparse.Namespace) -> int:
         device_memory=args.device_memory,
         precision=args.precision,
         zero={"on": True, "off": False}.get(args.zero, args.zero),
-        offload=args.offload,
+        offload=args.offload or "auto",
         prefetch=args.prefetch,
         schedule=args.schedule,
+        given=frozenset({"offload"} if args.offload else ()),
     )
     options = PlanOptions.from_config(
         config,
@@ -116,17 +117,17 @@ def _add_plan_parser(sub) -> None:
         "--zero",
         nargs="?",
         const="on",
-        default="off",
+        default="auto",
         choices=["on", "off", "auto"],
         help="plan for ZeRO: optimizer state and gradients split over each stage's replicas "
-        "(auto: only on the stages that need it to fit)",
+        "(auto, the default: only on the stages that need it to fit)",
     )
     plan.add_argument(
         "--offload",
-        default="none",
         choices=OFFLOAD_CHOICES,
         help="keep parameters (and optimizer state) in host memory: on every stage, or auto: "
-        "only on the stages that do not fit otherwise",
+        "only on the stages that do not fit otherwise (the default, where --host-memory is "
+        "given; without it, none)",
     )
     plan.add_argument(
         "--prefetch", type=int, default=1, help="parameters an offloaded stage copies ahead"

@@ -81,11 +81,14 @@ class Config:
     precision: str = "fp32"
     """``"fp32"``, or ``"bf16"`` / ``"fp16"`` under native autocast with fp32 master weights."""
 
-    zero: bool | str = False
-    """Split optimizer state and gradients over a stage's replicas: True, False or "auto"."""
+    zero: bool | str = "auto"
+    """Split optimizer state and gradients over a stage's replicas: True, False or "auto"
+    (the default: only on the stages that need it to fit or to run faster)."""
 
-    offload: Offload | str = Offload.NONE
-    """Keep parameters in host memory: an `Offload` (True is params+optimizer) or "auto"."""
+    offload: Offload | str = "auto"
+    """Keep parameters in host memory: an `Offload` (True is params+optimizer) or "auto" (the
+    default: only on the stages that need it, and only where the host's memory is known and
+    is not the device's own: on CUDA devices)."""
 
     prefetch: int = 1
     """Parameters an offloaded stage copies to the device ahead of use."""

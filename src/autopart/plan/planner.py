@@ -33,9 +33,6 @@ from autopart.schedules import in_flight
 
 log = logging.getLogger(__name__)
 
-#: Above this many devices, replica counts are searched in multiples of a unit (see _replica_unit).
-MAX_REPLICA_STEPS = 64
-
 #: How many times partition() doubles target_blocks when no plan fits the automatic blocks.
 MAX_REFINEMENTS = 2
 
@@ -58,9 +55,10 @@ class PlanOptions:
     #: Blocks may end at any op, not only where a human would cut (`autopart.plan.blocks`);
     #: the planner's last resort when nothing fits.
     free_cuts: bool = False
-    max_microbatches: int = 64
+    #: The most microbatches the search tries; None: up to the global batch.
+    max_microbatches: int | None = None
     #: True, False, or "auto" (split optimizer state over replicas only where needed to fit).
-    zero: bool | str = False
+    zero: bool | str = "auto"
     #: "none", "params", "params+optimizer" (every stage), or "auto" (where it is needed).
     offload: str = "none"
     #: Parameters an offloaded stage copies ahead of use (the runtime's prefetch depth).
@@ -79,6 +77,9 @@ class PlanOptions:
         """The planner's options for ``config`` on a cluster of ``devices`` at
         ``global_batch``; ``tuning`` sets the planner's own knobs (margin, blocks, host memory)."""
         offload = "auto" if config.offload == "auto" else Offload.of(config.offload).value
+        if offload == "auto" and "offload" not in config.given and not tuning.get("host_memory"):
+            # The default "auto" offloads only where the host's memory is known.
+            offload = Offload.NONE.value
         return PlanOptions(
             devices=devices,
             global_batch=global_batch,
@@ -165,7 +166,6 @@ def prepare(
     blocks = list(blocks)
     block_nodes = [_nodes_of(graph, components[b.start : b.end]) for b in blocks]
     block_of = {c.anchor: b.index for b in blocks for c in components[b.start : b.end]}
-    unit = _replica_unit(options.devices)
     coster = StageCoster(
         graph,
         block_nodes,
@@ -175,7 +175,7 @@ def prepare(
         capacity_bytes=capacity,
         global_batch=options.global_batch,
         devices=options.devices,
-        replicas=np.arange(unit, options.devices + 1, unit),
+        replicas=np.arange(1, options.devices + 1),
         offload=options.offload,
         zero=options.zero,
     )
@@ -226,14 +226,7 @@ def _partition_once(
             f"cannot make {stages} stages from {len(blocks)} blocks on {options.devices} devices"
         )
     mb_options = microbatch_options(options)
-    unit = _replica_unit(options.devices)
-    log.info(
-        "stage DP: %d blocks, %d devices (unit %d), M in %s",
-        len(blocks),
-        options.devices,
-        unit,
-        mb_options,
-    )
+    log.info("stage DP: %d blocks, %d devices, M in %s", len(blocks), options.devices, mb_options)
     schedules, note = schedules_for(graph, options.schedule)
     solution = search(
         len(blocks),
@@ -241,7 +234,6 @@ def _partition_once(
         coster,
         mb_options,
         stages=stages,
-        replica_unit=unit,
         schedules=schedules,
     )
     if solution is None:
@@ -422,21 +414,17 @@ def manual_blocks(
     ]
 
 
-def _replica_unit(devices: int) -> int:
-    """Smallest divisor of ``devices`` keeping the replica dimension within MAX_REPLICA_STEPS."""
-    if devices <= MAX_REPLICA_STEPS:
-        return 1
-    for unit in range(2, devices + 1):
-        if devices % unit == 0 and devices // unit <= MAX_REPLICA_STEPS:
-            return unit
-    return 1
-
-
 def microbatch_options(options: PlanOptions) -> list[int]:
+    """The microbatch counts the search tries: the powers of two and the divisors of the
+    batch (even microbatches), up to ``max_microbatches`` (default: the batch itself, since a
+    pipeline of ~100 stages needs more microbatches than stages)."""
     if options.microbatches is not None:
         return [options.microbatches]
-    limit = min(options.max_microbatches, options.global_batch)
-    return [2**k for k in range(int(math.log2(limit)) + 1)]
+    batch = options.global_batch
+    limit = min(options.max_microbatches or batch, batch)
+    powers = {2**k for k in range(int(math.log2(limit)) + 1)}
+    divisors = {d for d in range(1, limit + 1) if batch % d == 0}
+    return sorted(powers | divisors)
 
 
 def _nodes_of(graph: Graph, components: Sequence[Component]) -> list[str]:

@@ -76,6 +76,7 @@ class StageCoster:
             frozenset(p for node in nodes for p in node.params) for nodes in self.block_nodes
         ]
         self._prefix_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.footprint = cache(self._footprint)
         self._costs = cache(self._stage_costs)
 
@@ -89,6 +90,11 @@ class StageCoster:
         per_mb = -(-self.global_batch // microbatches)
         rows = -(-per_mb // self.replicas)
         return np.where(self.replicas * microbatches <= self.global_batch, rows, 0)
+
+    def _distinct_rows(self, microbatches: int) -> tuple[np.ndarray, np.ndarray]:
+        if microbatches not in self._rows_cache:
+            self._rows_cache[microbatches] = np.unique(self.rows(microbatches), return_inverse=True)
+        return self._rows_cache[microbatches]
 
     def seconds(self, start: int, end: int, rows: int) -> tuple[float, float]:
         fwd, bwd = self._prefix(rows)
@@ -142,11 +148,10 @@ class StageCoster:
         fp = self.footprint(start, end)
         rows = self.rows(microbatches)
         usable = rows > 0
-        fwd = np.zeros(len(rows))
-        bwd = np.zeros(len(rows))
-        for k, r in enumerate(rows):
-            if r > 0:
-                fwd[k], bwd[k] = self.seconds(start, end, int(r))
+        # Many replica counts share a row count: cost each distinct one once.
+        distinct, where = self._distinct_rows(microbatches)
+        times = np.array([self.seconds(start, end, int(r)) if r else (0.0, 0.0) for r in distinct])
+        fwd, bwd = times[where, 0], times[where, 1]
         recv = fp.recv_per_sample * rows + fp.recv_fixed
         send = fp.send_per_sample * rows + fp.send_fixed
         # Activations go out in forward and their gradients come back in backward.

@@ -43,9 +43,13 @@ from typing import Protocol
 
 import numpy as np
 
+from autopart.plan import bottleneck
 from autopart.schedules import fill_slots, in_flight
 
 log = logging.getLogger(__name__)
+
+#: The longest unit axis the exact DP searches (see `search`).
+MAX_EXACT_UNITS = 64
 
 
 @dataclass(frozen=True)
@@ -122,18 +126,20 @@ def search(
     """The fastest plan, or None when no plan fits memory.
 
     Exact over the coster's replica counts, which must all be multiples of ``replica_unit``
-    (counts above ``devices`` are ignored).  ``stages`` forces the stage count; a single-element
-    ``microbatch_options`` forces the microbatch count; every schedule in ``schedules`` is tried.
+    (counts above ``devices`` are ignored), up to ``MAX_EXACT_UNITS`` units; beyond that, on
+    every count from one unit up, the fewest-devices solver (`autopart.plan.bottleneck`).
+    ``stages`` forces the stage count; a single-element ``microbatch_options`` forces the
+    microbatch count; every schedule in ``schedules`` is tried.
     """
     options = _check(num_blocks, devices, microbatch_options, stages)
     if replica_unit < 1 or devices % replica_unit:
         raise ValueError(f"replica_unit {replica_unit} does not divide {devices} devices")
     began = time.perf_counter()
-    tables: dict[tuple[int, int], _Table] = {}
+    tables: dict[tuple[int, int], Table] = {}
 
-    def table(m: int, held: int) -> _Table:
+    def table(m: int, held: int) -> Table:
         if (m, held) not in tables:
-            tables[(m, held)] = _Table.build(num_blocks, coster, m, devices, held)
+            tables[(m, held)] = Table.build(num_blocks, coster, m, devices, held)
         return tables[(m, held)]
 
     # The first table the search visits (one stage, the fewest microbatches) gives the axis.
@@ -147,6 +153,10 @@ def search(
     if not usable.any():
         return None
     most = min(num_blocks, total // int(units[usable].min()))
+    # The exact DP's work grows with the square of the unit axis; past MAX_EXACT_UNITS the
+    # fewest-devices solver takes over (`autopart.plan.bottleneck`), on unit steps only.
+    stepwise = np.array_equal(units, np.arange(1, len(units) + 1))
+    solver = bottleneck.solve if total > MAX_EXACT_UNITS and stepwise else _solve
     counts = range(1, most + 1) if stages is None else [stages] if stages <= most else []
 
     best: Solution | None = None
@@ -157,13 +167,13 @@ def search(
         for m, name in itertools.product(options, schedules):
             fill = fill_slots(name, count, m)
             candidate = table(m, _charged(max(in_flight(name, count, m)), m))
-            if fill * candidate.slowest_slot >= bound:
+            if fill * candidate.floor(devices) >= bound:
                 continue
             live = True
             if count < candidate.fewest_stages:
                 continue
             solved += 1
-            found = _solve(candidate, count, units, total, bound, fill)
+            found = solver(candidate, count, units, total, bound, fill)
             if found is not None:
                 bound, picks = found
                 chosen = tuple(candidate.choice(p, k) for p, k in picks)
@@ -204,7 +214,7 @@ def _check(
 
 
 @dataclass(frozen=True)
-class _Table:
+class Table:
     """Every stage that fits some replica count at one microbatch count, as (span, replica) arrays.
 
     Spans are sorted by (end, start) and replicas ascend, so the nonzero entries of any
@@ -223,13 +233,17 @@ class _Table:
     #: Some stage must hold each block; the slowest of those blocks' fastest slots, a lower
     #: bound on every plan's max slot.  ``inf`` when some block fits no stage at all.
     slowest_slot: float
+    #: The least device-seconds per slot that stages covering every block take (replicas x
+    #: slot, summed over the stages): the devices share it, so no plan's max slot is below
+    #: ``least_work / devices``.
+    least_work: float
     #: The fewest stages that cover every block with stages that fit (ignoring devices);
     #: ``num_blocks + 1`` when none do.
     fewest_stages: int
     calls: int
 
     @classmethod
-    def build(cls, num_blocks: int, coster: CostsOf, m: int, devices: int, held: int) -> _Table:
+    def build(cls, num_blocks: int, coster: CostsOf, m: int, devices: int, held: int) -> Table:
         spans: list[tuple[int, int]] = []
         costs: list[StageCosts] = []
         replicas: np.ndarray | None = None
@@ -258,8 +272,12 @@ class _Table:
         holds = (starts[:, None] <= blocks) & (blocks < ends[:, None])
         fastest = np.where(holds, slot.min(axis=1, initial=np.inf)[:, None], np.inf)
         fewest = [0] + [num_blocks + 1] * num_blocks
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):  # by end: fewest[a] is final
+        work = [0.0] + [math.inf] * num_blocks
+        span_work = (slot * replicas).min(axis=1, initial=np.inf).tolist()
+        for p, (a, b) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            # Sorted by end, so fewest[a] and work[a] are final here.
             fewest[b] = min(fewest[b], fewest[a] + 1)
+            work[b] = min(work[b], work[a] + span_work[p])
         return cls(
             num_blocks=num_blocks,
             microbatches=m,
@@ -271,9 +289,14 @@ class _Table:
             memory=stack("memory_bytes", np.int64),
             mode=stack("mode", np.int64),
             slowest_slot=float(fastest.min(axis=0, initial=np.inf).max()),
+            least_work=work[num_blocks],
             fewest_stages=fewest[num_blocks],
             calls=calls,
         )
+
+    def floor(self, devices: int) -> float:
+        """A lower bound on every plan's max slot on ``devices`` devices."""
+        return max(self.slowest_slot, self.least_work / devices)
 
     def choice(self, p: int, k: int) -> StageChoice:
         return StageChoice(
@@ -303,7 +326,7 @@ def _check_costs(costs: StageCosts, replicas: np.ndarray | None) -> np.ndarray:
 
 
 def _solve(
-    table: _Table, count: int, units: np.ndarray, total: int, bound: float, fill: float
+    table: Table, count: int, units: np.ndarray, total: int, bound: float, fill: float
 ) -> tuple[float, list[tuple[int, int]]] | None:
     """The best ``count``-stage plan strictly faster than ``bound``: (J, [(span, replica)]).
 
@@ -318,7 +341,7 @@ def _solve(
         return None
     low, high = window
 
-    e_p, e_r = np.nonzero(ok)  # grouped by stage end (see _Table)
+    e_p, e_r = np.nonzero(ok)  # grouped by stage end (see Table)
     e_j, e_i, e_u, e_c = table.start[e_p], table.end[e_p], units[e_r], cost[e_p, e_r]
     first = np.full((k_blocks + 1, total + 1), np.inf)
     first[0, 0] = -np.inf  # zero stages cost nothing; max(-inf, c) == c
@@ -366,7 +389,7 @@ def _solve(
 
 
 def _unit_windows(
-    table: _Table, ok: np.ndarray, count: int, units: np.ndarray, total: int
+    table: Table, ok: np.ndarray, count: int, units: np.ndarray, total: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Bounds on the replica units that ``s`` stages ending at block ``i`` can hold in a plan.
 
