@@ -12,9 +12,10 @@ between blocks, so every block boundary is a candidate stage boundary.
 
 Where a human cuts is read from the model's own structure.  A *repeated layer* is a module whose
 path ends in an index (``transformer.h.3``, ``model.layers.7``, ``net.2``: the children of a
-`ModuleList` or `Sequential`).  Inside one, a boundary may fall only where no more bytes per
+`ModuleList` or `Sequential`).  Inside one, a boundary may fall only between the layer's direct
+children (never inside an attention, an MLP or a norm), and only where no more bytes per
 sample cross than at the layer's cheapest boundary (its ends, or between attention and MLP in a
-transformer layer, where only the residual stream crosses); never inside an attention or MLP.
+transformer layer, where only the residual stream crosses).
 Among the allowed boundaries near the balanced position, a block ends at the one where the
 fewest bytes cross, then at the shallowest (between layers rather than inside one), then at the
 one nearest the balanced position.  A block grows past its time target to reach an allowed
@@ -100,7 +101,8 @@ def coarsen(
 
 def allowed_boundaries(paths: Sequence[str], cuts: np.ndarray) -> np.ndarray:
     """``allowed[p]``: a block may end before component ``p``.  Inside a repeated layer only
-    the boundaries as cheap as the layer's cheapest are; outside layers, every one is."""
+    the boundaries between its direct children (attention | MLP, not inside either, nor inside
+    a norm) that are as cheap as the layer's cheapest are; outside layers, every one is."""
     n = len(paths)
     allowed = np.ones(n + 1, dtype=bool)
     layer = [m.group(1) if (m := _INDEXED.match(p)) else None for p in paths]
@@ -109,10 +111,13 @@ def allowed_boundaries(paths: Sequence[str], cuts: np.ndarray) -> np.ndarray:
         end = start + 1
         while end < n and layer[end] == layer[start]:
             end += 1
-        if layer[start] is not None and end - start > 1:
+        key = layer[start]
+        if key is not None and end - start > 1:
             cheapest = float(cuts[start : end + 1].min())
-            inside = cuts[start + 1 : end] <= cheapest * CUT_TOLERANCE
-            allowed[start + 1 : end] = inside
+            depth = key.count(".") + 1
+            for p in range(start + 1, end):
+                shallow = _common_depth(paths[p - 1], paths[p]) <= depth
+                allowed[p] = shallow and cuts[p] <= cheapest * CUT_TOLERANCE
         start = end
     return allowed
 

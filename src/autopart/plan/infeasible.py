@@ -1,13 +1,21 @@
 """What to tell the user when no plan fits: how far off the model is, and what would fit.
 
 The search only says "nothing fits"; this module turns that into a number the user can act
-on: the device memory one block needs even alone, or the device count a greedy pipeline of the
-blocks needs.
+on: the device memory one block needs even alone, or the fewest devices on which some plan
+fits.  That count is exact under the planner's memory model, over plans cut at the same
+block boundaries and run as GPipe (1F1B, where it applies, holds fewer microbatches, so it
+may need fewer): each candidate stage needs the fewest replicas at which it fits (more
+replicas mean fewer rows per device, so less activation memory; up to one replica per
+sample), and a shortest path over the blocks gives the cheapest sum, at every microbatch
+count the search considers.  A plan needs every stage to fit, and such a plan fits on exactly
+that many devices, so no smaller count can work and that one does.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +29,49 @@ if TYPE_CHECKING:
     from autopart.plan.planner import PlanOptions
 
 
+@dataclass(frozen=True)
+class FewestDevices:
+    """The smallest cluster some plan fits: its stages as (start, end, replicas), and M."""
+
+    devices: int
+    stages: tuple[tuple[int, int, int], ...]
+    microbatches: int
+
+
+def fewest_devices(
+    coster: StageCoster, num_blocks: int, mb_options: Sequence[int]
+) -> FewestDevices | None:
+    """The fewest devices on which a plan of ``coster``'s blocks fits (see the module
+    docstring); None when some block fits no replica count at all."""
+    wide = coster.with_replicas(np.arange(1, coster.global_batch + 1))
+    best: FewestDevices | None = None
+    for m in sorted(mb_options):
+        spans: list[tuple[int, int, int]] = []
+        for start in range(num_blocks):
+            for end in range(start + 1, num_blocks + 1):
+                fits = np.isfinite(wide(start, end, m).slot_seconds)
+                if not fits.any():
+                    break  # memory only grows with the span
+                spans.append((start, end, int(wide.replicas[int(fits.argmax())])))
+        total = [0] + [None] * num_blocks
+        back: list[tuple[int, int, int] | None] = [None] * (num_blocks + 1)
+        for span in sorted(spans, key=lambda s: (s[1], s[0])):
+            a, b, r = span
+            if total[a] is not None and (total[b] is None or total[a] + r < total[b]):
+                total[b], back[b] = total[a] + r, span
+        if total[num_blocks] is None:
+            continue
+        if best is None or total[num_blocks] < best.devices:
+            stages, i = [], num_blocks
+            while i:
+                span = back[i]
+                assert span is not None
+                stages.append(span)
+                i = span[0]
+            best = FewestDevices(int(total[num_blocks]), tuple(stages[::-1]), m)
+    return best
+
+
 def infeasible_message(
     graph: Graph,
     blocks: Sequence[Block],
@@ -28,69 +79,64 @@ def infeasible_message(
     options: PlanOptions,
     mb_options: Sequence[int],
 ) -> str:
-    """Say how far off the model is: the hardest block, and what would fit.
-
-    A greedy contiguous packing of blocks into stages, each on the fewest replicas that fit it
-    (more replicas mean fewer rows per device, so less activation memory) at any microbatch count
-    the search considers, gives a device count that is about enough; a block that fits no replica
-    count even alone gives the device memory that is needed instead.
-    """
+    """Say how far off the model is: the hardest block, or the devices some plan needs."""
     margin = options.memory_margin
-
-    def fewest_replicas(start: int, end: int) -> int | None:
-        counts = [
-            int(fit[0])
-            for m in mb_options
-            if len(fit := coster.replicas[np.isfinite(coster(start, end, m).slot_seconds)])
-        ]
-        return min(counts, default=None)
-
-    def fits(start: int, end: int) -> bool:
-        return fewest_replicas(start, end) is not None
-
-    def least_bytes(b: int) -> float:
-        """Peak bytes of block ``b`` alone with recomputation, at its best M and replicas."""
-        fp = coster.footprint(b, b + 1)
-        peaks = []
-        for m in mb_options:
-            rows = coster.rows(m)
-            usable = rows > 0
-            if usable.any():
-                for mode in coster.offload_modes:
-                    peak = coster.memory.peak_bytes(
-                        fp, rows, m, coster.replicas, True, offload=mode, zero=bool(options.zero)
-                    )
-                    peaks.append(float(peak[usable].min()))
-        return min(peaks)
-
     head = (
         f"no partition of this model fits {options.devices} device(s) with "
         f"{format_bytes(coster.capacity)} usable each ({margin:.0%} margin held back) "
         f"at a global batch of {options.global_batch}."
     )
-    too_big = [b for b in range(len(blocks)) if not fits(b, b + 1)]
-    if too_big:
-        worst = max(too_big, key=least_bytes)
-        needed = max(least_bytes(b) for b in too_big) / (1 - margin)
+    fewest = fewest_devices(coster, len(blocks), mb_options)
+    if fewest is None:
+        wide = coster.with_replicas(np.arange(1, coster.global_batch + 1))
+        alone = {b: _least_bytes(wide, b, mb_options, options) for b in range(len(blocks))}
+        worst = max(alone, key=lambda b: alone[b])
         return (
             f"{head} Block {worst} ({_where(graph, coster, worst)}) alone needs "
-            f"{format_bytes(least_bytes(worst))} per device even with recomputation, so no "
-            f"device count helps. Use devices with at least {format_bytes(needed)}, "
-            "a smaller batch, a lighter optimizer (--optimizer sgd)"
+            f"{format_bytes(alone[worst])} per device even with recomputation, so no "
+            f"device count helps. Use devices with at least "
+            f"{format_bytes(alone[worst] / (1 - margin))}, a smaller batch, a lighter optimizer "
+            "(--optimizer sgd)"
             + (", or parameter offload (--offload auto)." if options.offload == "none" else ".")
         )
-    stages, start, needed = 0, 0, 0
-    while start < len(blocks):
-        end = start + 1
-        while end < len(blocks) and fits(start, end + 1):
-            end += 1
-        needed += fewest_replicas(start, end) or 0
-        stages, start = stages + 1, end
-    return (
-        f"{head} Every block fits on its own, but the model needs more devices: "
-        f"a pipeline of {stages} stage(s) with {needed} replica(s) in all fits, so use about "
-        f"{needed} devices, or larger devices, or a lighter optimizer."
+    replicas = [r for _, _, r in fewest.stages]
+    shape = (
+        f"a pipeline of {len(replicas)} stage(s) with {_runs(replicas)} replica(s) at "
+        f"{fewest.microbatches} microbatch(es) fits on {fewest.devices} device(s)"
     )
+    if fewest.devices <= options.devices:
+        return (
+            f"{head} {shape}, but on {options.devices} some replica would get no sample of the "
+            f"batch at every microbatch count that fits: use a global batch of at least "
+            f"{options.devices * fewest.microbatches} or {fewest.devices} device(s)."
+        )
+    return (
+        f"{head} Every block fits on its own, but the model needs more devices: {shape} and "
+        f"on no fewer, so use about {fewest.devices} devices, or larger devices, or a lighter "
+        "optimizer."
+    )
+
+
+def _least_bytes(wide: StageCoster, b: int, mb_options: Sequence[int], options) -> float:
+    """Peak bytes of block ``b`` alone with recomputation, at its best M and replicas."""
+    fp = wide.footprint(b, b + 1)
+    peaks = []
+    for m in mb_options:
+        rows = wide.rows(m)
+        usable = rows > 0
+        if usable.any():
+            for mode in wide.offload_modes:
+                peak = wide.memory.peak_bytes(
+                    fp, rows, m, wide.replicas, True, offload=mode, zero=bool(options.zero)
+                )
+                peaks.append(float(peak[usable].min()))
+    return min(peaks)
+
+
+def _runs(replicas: list[int]) -> str:
+    """``[12, 12, 12, 8]`` -> ``3 x 12, 8``."""
+    groups = [(r, len(list(g))) for r, g in itertools.groupby(replicas)]
+    return ", ".join(f"{n} x {r}" if n > 1 else str(r) for r, n in groups)
 
 
 def _where(graph: Graph, coster: StageCoster, block: int) -> str:

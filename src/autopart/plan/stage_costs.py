@@ -53,6 +53,18 @@ class StageCoster:
         offload: str = "none",
         zero: bool | str = False,
     ) -> None:
+        self._given = dict(
+            graph=graph,
+            block_nodes=block_nodes,
+            traffic=traffic,
+            cost_model=cost_model,
+            memory=memory,
+            capacity_bytes=capacity_bytes,
+            global_batch=global_batch,
+            devices=devices,
+            offload=offload,
+            zero=zero,
+        )
         self.graph = graph
         self.block_names = [list(names) for names in block_nodes]
         self.block_nodes = [[graph.node(n) for n in names] for names in block_nodes]
@@ -84,6 +96,10 @@ class StageCoster:
         self, start: int, end: int, microbatches: int, in_flight: int | None = None
     ) -> StageCosts:
         return self._costs(start, end, microbatches, in_flight)
+
+    def with_replicas(self, replicas: np.ndarray) -> StageCoster:
+        """The same stages costed over other replica counts (to ask what more devices need)."""
+        return StageCoster(**self._given, replicas=replicas)  # type: ignore[arg-type]
 
     def rows(self, microbatches: int) -> np.ndarray:
         """Samples per replica per microbatch; 0 where a replica would get no sample."""
