@@ -94,16 +94,13 @@ def test_no_stage_boundary_inside_an_attention_or_mlp(kind):
     paths = [graph.node(c.anchor).module_path for c in components]
     cuts = cut_bytes(graph, {c.anchor: i for i, c in enumerate(components)}, len(components))
 
+    layer_of = [m.group(1) if (m := LAYER.match(path)) else None for path in paths]
+
     def at_layer_start(p: int) -> float:
         """The bytes crossing into the layer at boundary ``p``: the residual stream (and what
         every layer reads, such as the mask)."""
-        key = next((m.group(1) for q in (p, p - 1) if (m := LAYER.match(paths[q]))), None)
-        first = next(
-            q
-            for q in range(len(paths))
-            if key is None or LAYER.match(paths[q]) and LAYER.match(paths[q]).group(1) == key
-        )
-        return float(cuts[first if key else p])
+        key = layer_of[p] or layer_of[p - 1]
+        return float(cuts[layer_of.index(key)] if key else cuts[p])
 
     state = 4 * graph.param_bytes
     cases = [dict(devices=8, stages=s) for s in (2, 4, 6, 8)]
