@@ -259,11 +259,17 @@ def measured_stage_memory(rank: int, world: int, cases: list, workdir: str) -> N
     from autopart.models import gpt2
 
     results = []
-    for layers, seq, stages, microbatches, local, offload in cases:
+    for layers, seq, stages, microbatches, local, offload, precision, zero in cases:
         model, args = gpt2(n_layer=layers, n_embd=64, n_head=4, seq=seq, vocab=256, dropout=0.0)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         wrapped = autopart.Module(
-            model, opt, stages=stages, microbatches=microbatches, offload=offload
+            model,
+            opt,
+            stages=stages,
+            microbatches=microbatches,
+            offload=offload,
+            precision=precision,
+            zero=zero,
         )
         ids = args[0].repeat(local, 1)
         with torch.no_grad():

@@ -11,13 +11,16 @@ from runtime_workers import measured_stage_memory
 
 TOLERANCE = 0.15
 
-# (layers, sequence, stages, microbatches, local batch, offload): activation-heavy GPT-2
-# shapes; with offload the device holds only the parameters in flight.
+# (layers, sequence, stages, microbatches, local batch, offload, precision, zero):
+# activation-heavy GPT-2 shapes; with offload the device holds only the parameters in flight.
 CASES = [
-    (2, 64, 1, 2, 8, False),
-    (4, 64, 2, 2, 8, False),
-    (4, 128, 2, 4, 8, False),
-    (4, 64, 2, 2, 8, True),
+    (2, 64, 1, 2, 8, False, "fp32", False),
+    (4, 64, 2, 2, 8, False, "fp32", False),
+    (4, 128, 2, 4, 8, False, "fp32", False),
+    (4, 64, 2, 2, 8, True, "fp32", False),
+    (4, 64, 2, 2, 8, False, "bf16", False),
+    (4, 128, 1, 4, 8, False, "bf16", True),
+    (4, 64, 2, 2, 8, True, "bf16", False),
 ]
 
 

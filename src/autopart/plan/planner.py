@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from autopart.config import SCHEDULES, Config, Offload, check_prefetch, check_zero
+from autopart.config import (
+    AUTOCAST_DTYPES,
+    SCHEDULES,
+    Config,
+    Offload,
+    check_prefetch,
+    check_zero,
+)
 from autopart.cost import CostModel
 from autopart.cost.units import format_bytes
 from autopart.errors import AutopartError
@@ -178,6 +185,7 @@ def prepare(
         replicas=np.arange(1, options.devices + 1),
         offload=options.offload,
         zero=options.zero,
+        autocast=str(dtype) if (dtype := AUTOCAST_DTYPES[options.precision]) else None,
     )
     return components, blocks, coster
 

@@ -30,6 +30,7 @@ import numpy as np
 from autopart.config import Offload
 from autopart.cost import CostModel, DeviceSpec, allreduce_seconds_array, p2p_seconds_array
 from autopart.ir import Graph
+from autopart.plan.autocast import autocast_saved
 from autopart.plan.memory import MemoryModel, StageFootprint
 from autopart.plan.stage_dp import StageCosts
 from autopart.plan.traffic import RangeTraffic
@@ -52,6 +53,7 @@ class StageCoster:
         replicas: np.ndarray,
         offload: str = "none",
         zero: bool | str = False,
+        autocast: str | None = None,
     ) -> None:
         self._given = dict(
             graph=graph,
@@ -64,8 +66,16 @@ class StageCoster:
             devices=devices,
             offload=offload,
             zero=zero,
+            autocast=autocast,
         )
         self.graph = graph
+        #: Saved bytes per node as the stage runs them: under autocast, narrower, with the
+        #: weights' low-precision copies (`autopart.plan.autocast`).
+        self._saved = (
+            autocast_saved(graph, autocast)
+            if autocast
+            else {n.name: (n.stats.saved_per_sample, n.stats.saved_fixed) for n in graph.nodes}
+        )
         self.block_names = [list(names) for names in block_nodes]
         self.block_nodes = [[graph.node(n) for n in names] for names in block_nodes]
         self.traffic = traffic
@@ -143,8 +153,8 @@ class StageCoster:
         return StageFootprint(
             param_bytes=sum(p.nbytes for p in params),
             trainable_bytes=sum(p.nbytes for p in params if p.requires_grad and not p.is_buffer),
-            saved_per_sample=sum(n.stats.saved_per_sample for n in nodes),
-            saved_fixed=sum(n.stats.saved_fixed for n in nodes),
+            saved_per_sample=sum(self._saved[n.name][0] for n in nodes if n.name in self._saved),
+            saved_fixed=sum(self._saved[n.name][1] for n in nodes if n.name in self._saved),
             recv_per_sample=float(t.recv[0, start, end]),
             recv_fixed=float(t.recv[1, start, end]),
             send_per_sample=float(t.send[0, start, end]),
