@@ -10,6 +10,8 @@ backward that reaches an output other than the loss (an error that loses nothing
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,10 +235,23 @@ def loss_fn_trains_like_ddp(rank: int, world: int, name: str, microbatches: int)
 def traced_training(rank: int, world: int, workdir: str, schedule: str) -> None:
     """Four training steps with ``trace=``: calls 2 to 4 are recorded and written by rank 0."""
     pair = _Pair(rank, world, stages=2, microbatches=4, schedule=schedule, trace=workdir)
-    for _ in range(4):
+    for step in range(4):
         pair.mine(pair.batches()).loss.backward()
         pair.opt.step()
         pair.opt.zero_grad()
+        if step == 0:  # the first step is not timed: it also plans
+            assert "nothing measured yet" in str(pair.wrapped.plan_report(show=False))
+    report = pair.wrapped.plan_report(show=False)
     if rank == 0:
         pair.wrapped.plan.save(f"{workdir}/plan.json")
+        Path(workdir, "report.json").write_text(
+            json.dumps(
+                {
+                    "steps": report.steps,
+                    "measured_step": report.measured_step,
+                    "stages": [s.measured for s in report.stages],
+                    "text": str(report),
+                }
+            )
+        )
     dist.barrier()

@@ -57,6 +57,18 @@ def test_measured_and_predicted_traces_follow_the_action_lists(tmp_path, schedul
     out = tmp_path / "show.json"
     assert main(["show", "--trace", str(out), str(tmp_path / "plan.json")]) == 0
     assert json.loads(out.read_text()) == predicted
+    # The plan report reads the same timers: its forward per stage is the mean F span of the
+    # stage's rank, its step spans at least that rank's actions in one step.
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 3 and "pred / meas" in report["text"]
+    rows = _rows(measured)
+    for stage, got in zip(plan.stages, report["stages"], strict=True):
+        (rank,) = stage.ranks
+        forwards = [e["dur"] / 1e6 for e in rows[rank] if e["name"][0] == "F"]
+        assert got["forward"] == pytest.approx(sum(forwards) / len(forwards), rel=1e-9)
+        assert got["backward"] > 0
+        busy = sum(e["dur"] for e in rows[rank] if e["name"][0] in "FBR") / 1e6 / 3
+        assert report["measured_step"] >= busy
     # Stage 1 forwards microbatch 0 only after stage 0 did, in both pictures.
     for trace in (measured, predicted):
         rows = _rows(trace)

@@ -118,7 +118,10 @@ def _train(rank: int, s: dict) -> None:
             if step == 0 and rank == 0:
                 print_plan(model.plan, console)
             progress.update(task, advance=1, loss=losses[-1], rate=rates[-1])
+    report = model.plan_report(show=False)  # a collective: every rank's timers
     if rank == 0:
+        console.print("the plan's prediction against the runtime's timers (steps 2 to 4):")
+        console.print(str(report), markup=False)
         window = max(1, len(losses) // 5)
         first, last = statistics.mean(losses[:window]), statistics.mean(losses[-window:])
         verdict = "fell" if last < first else "did not fall"

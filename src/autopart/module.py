@@ -25,6 +25,7 @@ from torch import nn
 
 from autopart.config import Config, Offload
 from autopart.errors import AutopartError
+from autopart.fidelity import PlanReport, build_report
 from autopart.ir import Graph
 from autopart.memtrack import storage_bytes
 from autopart.plan.plan import Plan
@@ -295,6 +296,31 @@ class Module(nn.Module):
         if self.offload is not None:
             report["offload_peak"] = self.offload.peak
         report.update(self._calls.memory)
+        return report
+
+    def plan_report(self, *, show: bool = True) -> PlanReport:
+        """The plan's predicted forward, backward, allreduce and peak memory per stage, and its
+        step time, beside what the runtime measured in training steps 2 to 4 (`autopart.fidelity`).
+
+        A collective: every rank calls it (their measurements are gathered), and rank 0 prints
+        it unless ``show=False``.  Peak memory is measured on CUDA, and on CPU with
+        ``track_memory=True``.
+        """
+        self._require_setup("plan_report")
+        peak = None
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._calls.memory:
+            peak = max(self._calls.memory.get(k, 0) for k in ("forward_peak", "backward_peak"))
+        mine = {"events": self._calls.timed_events, "steps": self._calls.step_seconds, "peak": peak}
+        every: list[Any] = [mine]
+        if self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, mine)
+        assert self.plan is not None
+        report = build_report(self.plan, every)
+        if show and self.rank == 0:
+            print(report)
         return report
 
     def _require_setup(self, what: str) -> None:

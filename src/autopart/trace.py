@@ -71,18 +71,18 @@ class Recorder:
         #: Called before each clock read, so a device's queued work is counted (CUDA).
         self.synchronize = synchronize
 
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.synchronize is not None:
             self.synchronize()
         return time.time()
 
     @contextlib.contextmanager
     def span(self, name: str, category: str = "compute") -> Iterator[None]:
-        start = self._now()
+        start = self.now()
         try:
             yield
         finally:
-            self.events.append(_span(name, start, self._now(), self.rank, category))
+            self.events.append(_span(name, start, self.now(), self.rank, category))
 
 
 def merge(per_rank: list[list[dict[str, Any]]], plan: Plan) -> dict[str, Any]:

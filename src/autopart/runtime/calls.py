@@ -10,8 +10,12 @@ duplication (`Holders.unsum_synced`).
 
 Under 1F1B the pipeline's backward runs inside the call, from the model's own loss
 (`runtime.loss_grads`); what it computes is kept apart (`DeferredGrads`), and the caller's
-backward only scales it by the gradient it puts on the loss before the same sums.  A call
-with ``trace=`` set records training calls 2 to 1 + `TRACE_CALLS` (`autopart.trace`).
+backward only scales it by the gradient it puts on the loss before the same sums.
+
+Training calls 2 to 1 + `TRACE_CALLS` are timed, action by action and whole steps (forward
+to the end of backward's gradient sum): `Module.plan_report` sets them against the plan's
+prediction, and with ``trace=`` every rank's actions go to a Chrome trace (`autopart.trace`).
+The first call is left out: it also captures and plans.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from autopart.trace import Recorder
 
 log = logging.getLogger(__name__)
 
-#: Training calls recorded when a trace is asked for.
+#: Training calls timed (after the first).
 TRACE_CALLS = 3
 
 
@@ -80,10 +84,14 @@ class Calls:
         self.memory: dict[str, int] = {}
         self._anchor = torch.zeros((), requires_grad=True)
         self._warned: set[StageRunner] = set()
-        #: Where the measured timeline goes, and this rank's recording of it.
+        #: Where the measured timeline goes (None: nowhere), and this rank's recording of it.
         self.trace = trace
-        self.recorder = Recorder(self.rank, _synchronizer(self.device)) if trace else None
+        self.recorder: Recorder | None = Recorder(self.rank, _synchronizer(self.device))
         self._training_calls = 0
+        #: The timed calls' actions (trace events) and step seconds, once they are over.
+        self.timed_events: list[dict[str, Any]] = []
+        self.step_seconds: list[float] = []
+        self._step_began: float | None = None
 
     def run(self, key: str, args: tuple, kwargs: dict[str, Any], training: bool) -> Any:
         sizes = [bridge.local_batch(args, kwargs)]
@@ -107,6 +115,7 @@ class Calls:
         local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
         layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
         schedule.recorder = self._recording(grad)
+        self._step_began = schedule.recorder.now() if schedule.recorder else None
         interleaved = grad and self._interleaves(schedule)
         if schedule.offload is not None:
             schedule.offload.reset_peak()
@@ -208,21 +217,29 @@ class Calls:
         return recorder.span(name, "comm") if recorder else nullcontext()
 
     def _write_trace(self) -> None:
-        """After the last traced call's backward: every rank's events to rank 0, which writes
-        the measured trace and, beside it, the plan's predicted one."""
-        if self.recorder is None or self._training_calls != 1 + TRACE_CALLS:
+        """After a timed call's backward: its step time; after the last one's, every rank's
+        events to rank 0, which writes the measured trace and, beside it, the plan's
+        predicted one (with ``trace=``)."""
+        recorder = self._traced()
+        if recorder is None:
             return
-        assert self.trace is not None  # a recorder exists only with a trace directory
+        if self._step_began is not None:
+            self.step_seconds.append(recorder.now() - self._step_began)
+            self._step_began = None
+        if self._training_calls != 1 + TRACE_CALLS:
+            return
+        self.timed_events, self.recorder = recorder.events, None
+        if self.trace is None:
+            return
         every: list = [None] * self.world
         if self.world > 1:
-            dist.gather_object(self.recorder.events, every if self.rank == 0 else None, dst=0)
+            dist.gather_object(self.timed_events, every if self.rank == 0 else None, dst=0)
         else:
-            every = [self.recorder.events]
+            every = [self.timed_events]
         if self.rank == 0:
             measured = trace.write(trace.merge(every, self.plan), Path(self.trace, "trace.json"))
             trace.write(trace.predicted_trace(self.plan), Path(self.trace, "predicted.json"))
             log.warning("autopart: wrote the measured timeline to %s", measured)
-        self.recorder = None
 
     def _add_signature(
         self, key: str, args: tuple, kwargs: dict[str, Any], training: bool
