@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,47 @@ def test_blocks_without_ops_cost_nothing(tmp_path, mlp_graph):
     inputs_only = [n for n in mlp_graph.nodes if n.kind in (NodeKind.INPUT, NodeKind.OUTPUT)]
     assert model.block_seconds(inputs_only, 4) == (0.0, 0.0)
     assert not list(tmp_path.rglob("*.json"))
+
+
+def _wrapped_gpt2_costs(rank: int, world: int, cache: str, results: str) -> None:
+    """cost='measured' plans a real model (GPT-2 with its own loss) from profiles of its
+    blocks on this device, cached by model and device: a second wrapper measures nothing.
+    cost='auto' on a CPU device stays analytic; measured costs of a meta model are refused."""
+    import autopart
+    import autopart.cost.measured as measured
+    from hf_zoo import gpt2
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(measured, "DEFAULT_CACHE_DIR", Path(cache))
+    runs = []
+    real_run = measured.MeasuredCostModel._run
+    monkey.setattr(
+        measured.MeasuredCostModel, "_run", lambda self, *a: runs.append(a) or real_run(self, *a)
+    )
+    ids = torch.randint(0, 64, (4, 8))
+    sources, counts = [], []
+    for cost in ("measured", "measured", "auto"):
+        torch.manual_seed(0)
+        wrapped = autopart.Module(gpt2(), cost=cost)
+        wrapped(ids, labels=ids).loss.backward()
+        sources.append(wrapped.plan.cost_source)
+        counts.append(len(runs))
+    with torch.device("meta"):
+        meta = gpt2()
+    with pytest.raises(AutopartError, match="built on the meta device"):
+        autopart.Module(meta, cost="measured")(ids, labels=ids)
+    monkey.undo()
+    Path(results).write_text(json.dumps([sources, counts]))
+
+
+@pytest.mark.multirank
+def test_measured_costs_plan_the_module_and_are_cached(tmp_path):
+    from multirank import run_ranks
+
+    results = tmp_path / "results.json"
+    run_ranks(1, _wrapped_gpt2_costs, str(tmp_path / "cache"), str(results))
+    sources, counts = json.loads(results.read_text())
+    assert sources == ["measured", "measured", "analytic"]
+    assert counts[0] > 0, "the first wrapper measured its blocks"
+    assert counts[1] == counts[0] == counts[2], "the second one read them all from the cache"
+    assert any((tmp_path / "cache").rglob("*.json"))

@@ -58,6 +58,9 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 #: Pipeline schedules; "auto" lets the planner choose among the ones that apply.
 SCHEDULES = ("auto", "gpipe", "1f1b")
 
+#: Where the planner's stage times come from (`Config.cost`).
+COSTS = ("auto", "analytic", "measured")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
@@ -95,6 +98,11 @@ class Config:
 
     schedule: str = "auto"
     """The pipeline schedule: "auto", "gpipe" or "1f1b"."""
+
+    cost: str = "auto"
+    """Where stage times come from: "measured" (each block profiled on this device, cached by
+    model and device, `autopart.cost.measured`), "analytic" (the roofline model), or "auto":
+    measured on CUDA, analytic elsewhere and for a model built on meta (nothing to run)."""
 
     timeout: float | None = None
     """Seconds a rank waits on a dead peer before failing; None: ``AUTOPART_TIMEOUT`` or 300."""
@@ -138,6 +146,8 @@ class Config:
             raise AutopartError(
                 f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}"
             )
+        if self.cost not in COSTS:
+            raise AutopartError(f"unknown cost {self.cost!r}; use one of {', '.join(COSTS)}")
         for name in ("stages", "microbatches"):
             value = getattr(self, name)
             if value is not None and value < 1:

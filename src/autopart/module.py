@@ -76,6 +76,7 @@ class Module(nn.Module):
         offload: bool | str | None = None,
         prefetch: int | None = None,
         schedule: str | None = None,
+        cost: str | None = None,
         track_memory: bool | None = None,
         trace: str | Path | None = None,
         timeout: float | None = None,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
 import statistics
 import time
@@ -57,7 +58,8 @@ from autopart.ir import Graph, Node, NodeKind
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("~/.cache/autopart/profiles")
+#: Where profiles are kept between runs: ``AUTOPART_CACHE_DIR``, else the user's cache.
+DEFAULT_CACHE_DIR = Path(os.environ.get("AUTOPART_CACHE_DIR", "~/.cache/autopart/profiles"))
 
 T = TypeVar("T")
 
@@ -75,9 +77,12 @@ class MeasuredCostModel:
         warmup: int = 1,
         iters: int = 2,
         spec: DeviceSpec | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
         """``spec`` describes ``device`` to the planner (memory, links); by default it is the
-        matching built-in or a measurement (`autopart.cost.devices.local_device_spec`)."""
+        matching built-in or a measurement (`autopart.cost.devices.local_device_spec`).
+        ``autocast`` runs the blocks under native autocast at that dtype, as the runtime
+        runs them under ``precision="bf16"``/``"fp16"``."""
         if graph.fx_module is None:
             raise AutopartError(
                 "measured costs need a captured module, but graph.fx_module is None (the model "
@@ -95,9 +100,14 @@ class MeasuredCostModel:
         self._module = graph.fx_module
         self._fx_ops = {node.name: node.op for node in self._module.graph.nodes}
         self._inputs = InputMaker(
-            self._module, _batch_symbols(graph, self._module), differentiable_nodes(self._module)
+            self._module,
+            _batch_symbols(graph, self._module),
+            differentiable_nodes(self._module),
+            {node.name: node.outputs for node in graph.nodes},
         )
-        self._device_name = _device_name(self.torch_device)
+        self.autocast = autocast
+        # Profiles under autocast are other profiles: the dtype is part of the cache key.
+        self._device_name = _device_name(self.torch_device) + (f"+{autocast}" if autocast else "")
 
     def block_seconds(self, nodes: Sequence[Node], batch: int) -> tuple[float, float]:
         profile = self.profile(nodes, batch)
@@ -150,7 +160,10 @@ class MeasuredCostModel:
     def _step(
         self, module: torch.nn.Module, inputs: list[Any], leaves: list[torch.Tensor]
     ) -> tuple[float, float]:
-        with torch.enable_grad():
+        cast = torch.autocast(
+            self.torch_device.type, dtype=self.autocast, enabled=self.autocast is not None
+        )
+        with torch.enable_grad(), cast:
             forward, outputs = self._timed(lambda: module(*inputs))
         needs_grad = [t for t in _tensors(outputs) if t.requires_grad]
         if not needs_grad:

@@ -17,7 +17,7 @@ position, so no softmax sees a fully masked row).
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 import torch.fx
 
 from autopart.errors import AutopartError
+from autopart.ir import TensorSpec
 
 #: fx ops that do work; placeholders, attribute reads and the output only name values.
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
@@ -138,10 +139,14 @@ class InputMaker:
         gm: torch.fx.GraphModule,
         batch_symbols: frozenset[sympy.Symbol],
         differentiable: frozenset[str],
+        specs: Mapping[str, Sequence[TensorSpec]] | None = None,
     ) -> None:
+        """``specs``: the IR's output specs by node, for nodes that passes after capture
+        added without ``meta["val"]`` (the scalar-loss rewrite's)."""
         self._gm = gm
         self._batch_symbols = batch_symbols
         self._differentiable = differentiable
+        self._specs = specs or {}
 
     def make(
         self, subgraph: Subgraph, batch: int, device: torch.device
@@ -155,12 +160,16 @@ class InputMaker:
                 real = _fetch_attr(self._gm, source.target)
                 value = real.detach().to(device, copy=True)
             else:
-                if "val" not in source.meta:
+                specs = self._specs.get(source.name)
+                if "val" not in source.meta and specs is not None and len(specs) == 1:
+                    value = _from_spec(specs[0], batch, device)
+                elif "val" not in source.meta:
                     raise AutopartError(
                         f"node {source.name!r} has no meta['val'] to make a block input from; "
                         "measured costs need a graph captured by torch.export"
                     )
-                value = self._materialize(source.name, source.meta["val"], batch, device)
+                else:
+                    value = self._materialize(source.name, source.meta["val"], batch, device)
             inputs.append(value)
             if grad:
                 leaves.extend(_require_grad(value))
@@ -209,6 +218,16 @@ class InputMaker:
         result = expr.xreplace(values)
         kind = {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}[type(size)]
         return kind(result)
+
+
+def _from_spec(spec: TensorSpec, batch: int, device: torch.device) -> torch.Tensor:
+    shape = list(spec.shape)
+    if spec.batch_dim is not None:
+        shape[spec.batch_dim] *= batch
+    dtype = getattr(torch, spec.dtype.removeprefix("torch."))
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.ones(shape, dtype=dtype, device=device)
 
 
 def _require_grad(value: Any) -> list[torch.Tensor]:

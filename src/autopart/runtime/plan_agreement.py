@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -18,8 +19,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autopart.config import Config, check_plan_agrees
-from autopart.cost import DeviceSpec, get_device_spec, local_device_spec
+from autopart.config import AUTOCAST_DTYPES, Config, check_plan_agrees
+from autopart.cost import (
+    CostModel,
+    DeviceSpec,
+    MeasuredCostModel,
+    get_device_spec,
+    local_device_spec,
+)
 from autopart.cost.bandwidth import measure_links
 from autopart.cost.probe import host_memory_bytes, measure_host_link
 from autopart.errors import AutopartError
@@ -89,7 +96,27 @@ def _make_plan(
         optimizer=optimizer_kind(optimizer),
         host_memory=host_memory_bytes() if offloading else None,
     )
-    return plan_graph(graph, analytic_cost_model(graph, spec, config.precision), options)
+    return plan_graph(graph, _cost_model(graph, config, spec, device), options)
+
+
+def _cost_model(graph: Graph, config: Config, spec: DeviceSpec, device: torch.device) -> CostModel:
+    """Measured costs where asked, or by default on CUDA for a model with real values (the
+    analytic model otherwise): RaNNC's plans are good because it profiles on the device."""
+    module = graph.fx_module
+    real = module is not None and not any(
+        t.is_meta for t in itertools.chain(module.parameters(), module.buffers())
+    )
+    measured = config.cost == "measured" or (
+        config.cost == "auto" and device.type == "cuda" and real
+    )
+    if not measured:
+        return analytic_cost_model(graph, spec, config.precision)
+    if not real:
+        raise AutopartError(
+            "cost='measured' runs the model's blocks, but this model has no values on this "
+            "rank yet (it was built on the meta device); use cost='analytic' or 'auto'"
+        )
+    return MeasuredCostModel(graph, device, spec=spec, autocast=AUTOCAST_DTYPES[config.precision])
 
 
 def _measured_spec(device: torch.device, memory: int | None, world: int) -> DeviceSpec:
