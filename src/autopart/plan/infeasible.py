@@ -112,8 +112,9 @@ def infeasible_message(
         )
     return (
         f"{head} Every block fits on its own, but the model needs more devices: {shape} and "
-        f"on no fewer, so use about {fewest.devices} devices, or larger devices, or a lighter "
-        "optimizer."
+        f"on no fewer, so use about {fewest.devices} devices, or larger devices, a lighter "
+        "optimizer"
+        + (", or parameter offload (--offload auto)." if options.offload == "none" else ".")
     )
 
 

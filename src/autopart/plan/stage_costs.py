@@ -100,12 +100,13 @@ class StageCoster:
         self._prefix_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._rows_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.footprint = cache(self._footprint)
-        self._costs = cache(self._stage_costs)
 
     def __call__(
         self, start: int, end: int, microbatches: int, in_flight: int | None = None
     ) -> StageCosts:
-        return self._costs(start, end, microbatches, in_flight)
+        # Not cached: the search asks for each stage once, and keeping every answer (one array
+        # per replica count) would hold memory the search no longer reads.
+        return self._stage_costs(start, end, microbatches, in_flight)
 
     def with_replicas(self, replicas: np.ndarray) -> StageCoster:
         """The same stages costed over other replica counts (to ask what more devices need)."""

@@ -229,7 +229,7 @@ class Table:
     slot: np.ndarray  # float64[P, R]; inf where it does not fit or r > devices
     allreduce: np.ndarray  # float64[P, R]
     memory: np.ndarray  # int64[P, R]
-    mode: np.ndarray  # int64[P, R]
+    mode: np.ndarray  # int8[P, R]
     #: Some stage must hold each block; the slowest of those blocks' fastest slots, a lower
     #: bound on every plan's max slot.  ``inf`` when some block fits no stage at all.
     slowest_slot: float
@@ -287,7 +287,7 @@ class Table:
             slot=slot,
             allreduce=stack("allreduce_seconds", np.float64),
             memory=stack("memory_bytes", np.int64),
-            mode=stack("mode", np.int64),
+            mode=stack("mode", np.int8),
             slowest_slot=float(fastest.min(axis=0, initial=np.inf).max()),
             least_work=work[num_blocks],
             fewest_stages=fewest[num_blocks],
