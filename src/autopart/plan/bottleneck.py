@@ -38,16 +38,14 @@ def solve(
     under = cost < bound
     if not under.any():
         return None
+    # Cheap refusal first: even at the loosest target, with any number of stages, too many
+    # devices (most (S, M) the search asks about end here).
+    need = np.where(under.any(axis=1), units[under.argmax(axis=1)], np.inf)
+    if _fewest_units_any(table, need) > total:
+        return None
     # Per span, the fastest time within the first k replica counts: non-increasing in k, so the
     # fewest replicas that reach a target is a search in it.
     reach = np.minimum.accumulate(cost, axis=1)
-    # Cheap refusal first: even at the loosest target, with any number of stages, too many
-    # devices (most (S, M) the search asks about end here).
-    loosest = float(cost[under].max())
-    hit = reach <= loosest
-    need = np.where(hit.any(axis=1), units[hit.argmax(axis=1)], np.inf)
-    if _fewest_units_any(table, need) > total:
-        return None
     values = np.unique(cost[under])
     # The answer's index lies in [low, high]; high is the smallest index known to fit
     # (len(values): none known).
