@@ -219,7 +219,7 @@ def main() -> None:
                     f"{r['stages']} stages, M={r['microbatches']}, "
                     f"replicas {runs_of(r['replicas'])}, ZeRO on {r['zero']}, recompute on "
                     f"{r['recompute']}, peak {r['peak'] / 2**30:.1f} of "
-                    f"{r['capacity'] / 2**30:.1f} GiB, predicted step {r['step']:.1f} s"
+                    f"{r['capacity'] / 2**30:.1f} GiB, predicted step {r['step']:.3g} s"
                 )
             missed = "" if "stages" in r and r["seconds"] < target else " (missed)"
             print(

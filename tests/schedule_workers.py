@@ -233,10 +233,15 @@ def loss_fn_trains_like_ddp(rank: int, world: int, name: str, microbatches: int)
 
 
 def traced_training(rank: int, world: int, workdir: str, schedule: str) -> None:
-    """Four training steps with ``trace=``: calls 2 to 4 are recorded and written by rank 0."""
+    """Four training steps with ``trace=``: calls 2 to 4 are recorded and written by rank 0
+    (an evaluation call inside one of them is not)."""
     pair = _Pair(rank, world, stages=2, microbatches=4, schedule=schedule, trace=workdir)
     for step in range(4):
-        pair.mine(pair.batches()).loss.backward()
+        out = pair.mine(pair.batches())
+        if step == 1:  # a no-grad call between a timed forward and its backward is not timed
+            with torch.no_grad():
+                pair.mine(pair.batches())
+        out.loss.backward()
         pair.opt.step()
         pair.opt.zero_grad()
         if step == 0:  # the first step is not timed: it also plans

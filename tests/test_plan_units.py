@@ -206,3 +206,60 @@ def test_memory_model_charges_what_each_offload_mode_leaves_on_the_device():
     # The optimizer state stays; the step brings parameters and gradients back beside it.
     assert peak("params") == 100 + 96 + 192
     assert peak("params", rows=400) == working + 192 + 400
+
+
+def test_allowed_boundaries_follow_repeated_layers_at_any_depth():
+    """Inside a repeated layer a block may end only between its children and where no more
+    bytes cross than at its cheapest boundary; a bare Sequential's layers are ``0``, ``1``."""
+    import numpy as np
+
+    from autopart.plan.blocks import allowed_boundaries
+
+    for prefix in ("", "transformer.h."):
+        paths = [
+            f"{prefix}0.attn.q",
+            f"{prefix}0.attn.k",  # inside attention
+            f"{prefix}0",  # the residual add
+            f"{prefix}0.mlp.fc",
+            f"{prefix}0.mlp.proj",  # inside the MLP
+            f"{prefix}1.attn.q",
+        ]
+        cuts = np.array([1.0, 1.0, 3.0, 1.0, 1.0, 4.0, 1.0])
+        allowed = allowed_boundaries(paths, cuts).tolist()
+        # Before 1 and 4: inside a child; before 2: between children, but more crosses than
+        # at the layer's cheapest; before 3 (attention | MLP) and 5 (the next layer): allowed.
+        assert allowed == [True, False, False, True, False, True, True], prefix
+
+
+def test_autocast_saved_bytes_keep_parameter_only_ops_and_halve_matmuls():
+    """Under bf16 autocast a matmul's saved input is half as wide and its weight's bf16 copy is
+    saved; an op on parameters alone keeps its captured bytes (none may go missing)."""
+    import torch
+
+    from autopart.capture import capture
+    from autopart.ir import NodeKind
+    from autopart.plan.autocast import autocast_saved
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(16, 16)
+            self.scale = torch.nn.Parameter(torch.ones(16))
+
+        def forward(self, x):
+            return self.linear(x) * (self.scale * 2).exp()
+
+    graph = capture(Scaled(), (torch.randn(2, 16),))
+    saved = autocast_saved(graph, "torch.bfloat16")
+    assert set(saved) == {n.name for n in graph.nodes}
+    matmuls = 0
+    for node in graph.nodes:
+        plain = (node.stats.saved_per_sample, node.stats.saved_fixed)
+        if node.kind is NodeKind.PARAM_ONLY:
+            assert saved[node.name] == plain
+        if node.op in ("aten.linear.default", "aten.addmm.default"):
+            matmuls += 1
+            assert saved[node.name][0] == plain[0] / 2
+            assert saved[node.name][1] == plain[1] / 2 + 16 * 16 * 2  # the weight's bf16 copy
+    assert matmuls == 1
+    assert any(n.kind is NodeKind.PARAM_ONLY and n.stats.saved_fixed for n in graph.nodes)

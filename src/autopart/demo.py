@@ -121,7 +121,7 @@ def _train(rank: int, s: dict) -> None:
     report = model.plan_report(show=False)  # a collective: every rank's timers
     if rank == 0:
         console.print("the plan's prediction against the runtime's timers (steps 2 to 4):")
-        console.print(str(report), markup=False)
+        console.print(str(report), markup=False, soft_wrap=True)
         window = max(1, len(losses) // 5)
         first, last = statistics.mean(losses[:window]), statistics.mean(losses[-window:])
         verdict = "fell" if last < first else "did not fall"

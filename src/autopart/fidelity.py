@@ -7,7 +7,8 @@ beside what the plan predicted, stage by stage:
 * **forward**: one microbatch's forward on one replica (``F`` spans);
 * **backward**: one microbatch's backward, with its recomputation where the stage recomputes
   (``B`` and ``R`` spans; the plan's backward plus, when recomputing, its forward again);
-* **allreduce**: the stage's gradient sum once per step (``allreduce`` spans);
+* **allreduce**: the stage's gradient sum, once per synced step (``allreduce`` spans: with the
+  sum overlapped with backward, only the part left after backward ends is timed);
 * **peak**: the stage's peak device memory, where it was measured (CUDA's allocator peak, or
   the live tensor bytes that ``track_memory=True`` counts on CPU);
 * **step**: the whole step, the slowest rank's forward start to its gradients summed.
@@ -96,7 +97,6 @@ def build_report(plan: Plan, per_rank: list[dict[str, Any]]) -> PlanReport:
     stages = []
     for stage in plan.stages:
         mine = [per_rank[r] for r in stage.ranks]
-        steps = max((len(m["steps"]) for m in mine), default=0)
         backward = stage.backward_seconds + (stage.forward_seconds if stage.recompute else 0.0)
         predicted = {
             "forward": stage.forward_seconds,
@@ -108,7 +108,7 @@ def build_report(plan: Plan, per_rank: list[dict[str, Any]]) -> PlanReport:
         measured: dict[str, float | None] = {
             "forward": _mean_span(mine, ("F",)),
             "backward": _per_microbatch(mine, ("B", "R")),
-            "allreduce": _per_step(mine, "allreduce", steps) if stage.replicas > 1 else 0.0,
+            "allreduce": _mean_named(mine, "allreduce") if stage.replicas > 1 else 0.0,
             "peak": float(max(peaks)) if peaks else None,
         }
         stages.append(StageFidelity(stage.index, stage.replicas, predicted, measured))
@@ -144,9 +144,11 @@ def _per_microbatch(ranks: list[dict[str, Any]], prefixes: tuple[str, ...]) -> f
     return total / backs if backs else None
 
 
-def _per_step(ranks: list[dict[str, Any]], name: str, steps: int) -> float | None:
+def _mean_named(ranks: list[dict[str, Any]], name: str) -> float | None:
+    """The mean of the spans called ``name``: per gradient sum (steps under ``no_sync`` have
+    none)."""
     spans = [e["dur"] / 1e6 for m in ranks for e in m["events"] if e["name"] == name]
-    return sum(spans) / (steps * len(ranks)) if spans and steps else None
+    return statistics.mean(spans) if spans else None
 
 
 def _ms(seconds: float) -> str:

@@ -313,7 +313,9 @@ class Module(nn.Module):
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self._calls.memory:
             peak = max(self._calls.memory.get(k, 0) for k in ("forward_peak", "backward_peak"))
-        mine = {"events": self._calls.timed_events, "steps": self._calls.step_seconds, "peak": peak}
+        events = self._calls.timed_events  # set once the last timed call is over
+        steps = self._calls.step_seconds if events else []
+        mine = {"events": events, "steps": steps, "peak": peak}
         every: list[Any] = [mine]
         if self.world > 1:
             every = [None] * self.world

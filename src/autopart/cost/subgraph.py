@@ -161,7 +161,9 @@ class InputMaker:
                 value = real.detach().to(device, copy=True)
             else:
                 specs = self._specs.get(source.name)
-                if "val" not in source.meta and specs is not None and len(specs) == 1:
+                tensor_spec = specs is not None and len(specs) == 1 and specs[0].dtype != "symint"
+                if "val" not in source.meta and tensor_spec:
+                    assert specs is not None
                     value = _from_spec(specs[0], batch, device)
                 elif "val" not in source.meta:
                     raise AutopartError(

@@ -81,8 +81,9 @@ def _aten_name(op: str) -> str:
 
 
 def autocast_saved(graph: Graph, dtype: str) -> dict[str, tuple[float, float]]:
-    """Per batch node: its (per-sample, fixed) saved bytes when its stage runs under autocast at
-    ``dtype`` (e.g. ``"torch.bfloat16"``), the weight copies included in the fixed part."""
+    """Per node: its (per-sample, fixed) saved bytes when its stage runs under autocast at
+    ``dtype`` (e.g. ``"torch.bfloat16"``), the weight copies included in the fixed part; nodes
+    that do not carry the batch keep their captured numbers."""
     low = dtype_bytes(dtype)
     narrow: dict[str, bool] = {}  # value name -> holds the low dtype under autocast
     result: dict[str, tuple[float, float]] = {}
@@ -100,9 +101,11 @@ def autocast_saved(graph: Graph, dtype: str) -> dict[str, tuple[float, float]]:
             is_low = bool(floats) and all(narrow[i] for i in floats) and not weights
         if any("float" in t.dtype for t in node.outputs):
             narrow[node.name] = is_low
-        if node.kind is not NodeKind.BATCH:
-            continue
         stats = node.stats
+        if node.kind is not NodeKind.BATCH:
+            # Parameter-only nodes: charged as captured (their dtype is the parameters').
+            result[node.name] = (stats.saved_per_sample, stats.saved_fixed)
+            continue
         widths = [dtype_bytes(t.dtype) for t in node.outputs if "float" in t.dtype]
         full = max(widths, default=4)
         scale = low / full if is_low else 1.0

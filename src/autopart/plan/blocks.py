@@ -40,7 +40,8 @@ CUT_WINDOW = 0.3
 #: Cut sizes within this ratio of each other count as equally cheap.
 CUT_TOLERANCE = 1.01
 
-_INDEXED = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+#: A repeated layer's path: up to the first index (``transformer.h.3``, or ``3`` at top level).
+_INDEXED = re.compile(r"^((?:.*?\.)??\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ that many devices, so no smaller count can work and that one does.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,21 +54,22 @@ def fewest_devices(
                 if not fits.any():
                     break  # memory only grows with the span
                 spans.append((start, end, int(wide.replicas[int(fits.argmax())])))
-        total = [0] + [None] * num_blocks
+        total = [0.0] + [math.inf] * num_blocks
         back: list[tuple[int, int, int] | None] = [None] * (num_blocks + 1)
         for span in sorted(spans, key=lambda s: (s[1], s[0])):
             a, b, r = span
-            if total[a] is not None and (total[b] is None or total[a] + r < total[b]):
+            if total[a] + r < total[b]:
                 total[b], back[b] = total[a] + r, span
-        if total[num_blocks] is None:
+        if not math.isfinite(total[num_blocks]):
             continue
         if best is None or total[num_blocks] < best.devices:
-            stages, i = [], num_blocks
+            stages: list[tuple[int, int, int]] = []
+            i = num_blocks
             while i:
-                span = back[i]
-                assert span is not None
-                stages.append(span)
-                i = span[0]
+                found = back[i]
+                assert found is not None  # total[i] is finite, so a span reached i
+                stages.append(found)
+                i = found[0]
             best = FewestDevices(int(total[num_blocks]), tuple(stages[::-1]), m)
     return best
 
@@ -104,6 +106,11 @@ def infeasible_message(
         f"a pipeline of {len(replicas)} stage(s) with {_runs(replicas)} replica(s) at "
         f"{fewest.microbatches} microbatch(es) fits on {fewest.devices} device(s)"
     )
+    if options.stages is not None and options.stages != len(replicas):
+        return (
+            f"{head} {shape}, in {len(replicas)} stage(s), not the {options.stages} asked for: "
+            "let the planner choose the stage count, or use more or larger devices."
+        )
     if fewest.devices <= options.devices:
         return (
             f"{head} {shape}, but on {options.devices} some replica would get no sample of the "

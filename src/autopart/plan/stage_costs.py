@@ -154,8 +154,8 @@ class StageCoster:
         return StageFootprint(
             param_bytes=sum(p.nbytes for p in params),
             trainable_bytes=sum(p.nbytes for p in params if p.requires_grad and not p.is_buffer),
-            saved_per_sample=sum(self._saved[n.name][0] for n in nodes if n.name in self._saved),
-            saved_fixed=sum(self._saved[n.name][1] for n in nodes if n.name in self._saved),
+            saved_per_sample=sum(self._saved[n.name][0] for n in nodes),
+            saved_fixed=sum(self._saved[n.name][1] for n in nodes),
             recv_per_sample=float(t.recv[0, start, end]),
             recv_fixed=float(t.recv[1, start, end]),
             send_per_sample=float(t.send[0, start, end]),

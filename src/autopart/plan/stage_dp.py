@@ -20,11 +20,16 @@ The fill factor depends on the final stage count, so the DP runs once per
 * stage costs are fetched once per ``(start, end, M)``, and a start stops growing its end as soon
   as a stage fits no replica count, since memory only grows with the span;
 * every ``(S, M)`` is solved against the best step time found so far: stage options that are not
-  strictly faster are dropped, and ``(M + S - 1)`` times the slowest unavoidable slot ends the
-  search over ``S`` once it reaches the best;
+  strictly faster are dropped, and ``(M + S - 1)`` times a lower bound on every plan's max slot
+  (the slowest unavoidable slot, or the least replica-seconds covering the blocks spread over
+  the devices, `Table.floor`) skips the pair, and ends the search over ``S`` once every ``M``
+  is skipped;
 * before the exact DP, cheap min-plus passes over the surviving options bound how many replica
   units any prefix and suffix can take; that rules ``(S, M)`` out outright or narrows the device
   axis of the exact DP to the few counts that can still sum to ``D``.
+
+Past ``MAX_EXACT_UNITS`` units the exact DP is replaced by the fewest-devices solver
+(`autopart.plan.bottleneck`), which is not exact but close (the tests bound the gap).
 
 Candidates are visited in order of preference (fewer stages, then fewer microbatches, then
 GPipe before 1F1B, which constrains the caller's loss), and only a strictly faster plan replaces

@@ -114,8 +114,14 @@ class Calls:
         schedule = self.schedules.get(key) or self._add_signature(key, args, kwargs, training)
         local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
         layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
-        schedule.recorder = self._recording(grad)
-        self._step_began = schedule.recorder.now() if schedule.recorder else None
+        # A call without gradients is not timed, and leaves the timing of a training call
+        # whose backward is still to come (same schedule) as it was.
+        pending = schedule.recorder
+        if grad:
+            schedule.recorder = self._recording(grad)
+            self._step_began = schedule.recorder.now() if schedule.recorder else None
+        else:
+            schedule.recorder = None
         interleaved = grad and self._interleaves(schedule)
         if schedule.offload is not None:
             schedule.offload.reset_peak()
@@ -132,6 +138,8 @@ class Calls:
         finally:  # the gradients accumulated so far come back even if the call failed
             if deferred is not None:
                 deferred.settle()
+            if not grad:
+                schedule.recorder = pending
         if tracker is not None:
             resident = storage_bytes(self.resident())
             self.memory = {
@@ -202,10 +210,13 @@ class Calls:
 
     def _recording(self, grad: bool) -> Recorder | None:
         """The recorder for this call: training calls 2 to 1 + `TRACE_CALLS` are traced (the
-        first one also captures and plans)."""
+        first one also captures and plans, so the device's memory peak restarts at the
+        second: `Module.plan_report` reads it)."""
         if self.recorder is None or not grad:
             return None
         self._training_calls += 1
+        if self._training_calls == 2 and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         return self._traced()
 
     def _traced(self) -> Recorder | None:

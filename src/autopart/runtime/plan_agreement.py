@@ -86,7 +86,9 @@ def _make_plan(
 ) -> Plan:
     # On a CPU device the host's memory is the device's own: the default "auto" offloads
     # nothing there (asked for explicitly, it runs, as the tests of offload do).
-    offloading = config.offload != "none" and (device.type == "cuda" or "offload" in config.given)
+    offloading = config.offload != "none" and (
+        device.type == "cuda" or config.offload != "auto" or "offload" in config.given
+    )
     if offloading:  # only the planning rank needs the host link's speed
         spec = dataclasses.replace(spec, host_link_bandwidth=measure_host_link(device))
     options = PlanOptions.from_config(
