@@ -93,12 +93,21 @@ def _worker(rank: int, world: int, port: int, case: str, cost: str, steps: int, 
     dist.destroy_process_group()
 
 
-def run(case: str, cost: str, steps: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp, "report.json"))
-        world = CASES[case]
-        mp.spawn(_worker, (world, free_port(), case, cost, steps, out), nprocs=world)
-        return json.loads(Path(out).read_text())
+def run(case: str, cost: str, steps: int, tries: int = 2) -> dict:
+    """One case in fresh processes; tried again once if it fails (a port taken meanwhile)."""
+    for attempt in range(tries):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp, "report.json"))
+            world = CASES[case]
+            try:
+                mp.spawn(_worker, (world, free_port(), case, cost, steps, out), nprocs=world)
+            except Exception as err:
+                if attempt + 1 == tries:
+                    raise
+                print(f"{case}/{cost} failed ({err}); once more", file=sys.stderr)
+                continue
+            return json.loads(Path(out).read_text())
+    raise AssertionError("unreachable")
 
 
 def main() -> None:
