@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from autopart.plan.cover import cheapest_cover
+
 if TYPE_CHECKING:
     from autopart.plan.stage_dp import Table
 
@@ -41,7 +43,10 @@ def solve(
     # Cheap refusal first: even at the loosest target, with any number of stages, too many
     # devices (most (S, M) the search asks about end here).
     need = np.where(under.any(axis=1), units[under.argmax(axis=1)], np.inf)
-    if _fewest_units_any(table, need) > total:
+    fewest, _ = cheapest_cover(
+        table.start.tolist(), table.end.tolist(), need.tolist(), table.num_blocks
+    )
+    if fewest > total:
         return None
     # Per span, the fastest time within the first k replica counts: non-increasing in k, so the
     # fewest replicas that reach a target is a search in it.
@@ -79,47 +84,37 @@ def _fewest_units(
     table: Table, reach: np.ndarray, units: np.ndarray, targets: np.ndarray, count: int
 ) -> np.ndarray:
     """Per target, the fewest units that ``count`` stages covering every block need."""
-    need = _need(reach, units, targets)
+    return _layers(table, _need(reach, units, targets), count)[-1][:, table.num_blocks]
+
+
+def _layers(table: Table, need: np.ndarray, count: int) -> list[np.ndarray]:
+    """``layers[s][t, i]``: the fewest units ``s`` stages covering blocks ``[0, i)`` need
+    at target ``t``, for ``s`` in ``0..count`` (``need`` is ``[target, span]``)."""
     heads = np.flatnonzero(np.r_[True, table.end[1:] != table.end[:-1]])
     ends = table.end[heads]
-    best = np.full((len(targets), table.num_blocks + 1), np.inf)
-    best[:, 0] = 0.0
+    first = np.full((need.shape[0], table.num_blocks + 1), np.inf)
+    first[:, 0] = 0.0
+    layers = [first]
     for _ in range(count):
-        through = best[:, table.start] + need
-        best = np.full_like(best, np.inf)
-        best[:, ends] = np.minimum.reduceat(through, heads, axis=1)
-    return best[:, table.num_blocks]
-
-
-def _fewest_units_any(table: Table, need: np.ndarray) -> float:
-    """The fewest units any number of stages covering every block need: a lower bound on
-    `_fewest_units` for every stage count, in one pass over the spans (sorted by end)."""
-    best = [0.0] + [np.inf] * table.num_blocks
-    for a, b, n in zip(table.start.tolist(), table.end.tolist(), need.tolist(), strict=True):
-        if best[a] + n < best[b]:
-            best[b] = best[a] + n
-    return best[table.num_blocks]
+        through = layers[-1][:, table.start] + need
+        layer = np.full_like(first, np.inf)
+        layer[:, ends] = np.minimum.reduceat(through, heads, axis=1)
+        layers.append(layer)
+    return layers
 
 
 def _backtrack(
     table: Table, reach: np.ndarray, units: np.ndarray, target: float, count: int
 ) -> list[tuple[int, int]]:
     """The spans and replica indices of the fewest-units plan at ``target``."""
-    need = _need(reach, units, np.array([target]))[0]
-    heads = np.flatnonzero(np.r_[True, table.end[1:] != table.end[:-1]])
-    ends = table.end[heads]
-    layers = [np.r_[0.0, np.full(table.num_blocks, np.inf)]]
-    for _ in range(count):
-        through = layers[-1][table.start] + need
-        layer = np.full(table.num_blocks + 1, np.inf)
-        layer[ends] = np.minimum.reduceat(through, heads)
-        layers.append(layer)
+    need = _need(reach, units, np.array([target]))
+    layers = [layer[0] for layer in _layers(table, need, count)]
     spans = []
     i = table.num_blocks
     for s in range(count, 0, -1):
-        through = np.where(table.end == i, layers[s - 1][table.start] + need, np.inf)
+        through = np.where(table.end == i, layers[s - 1][table.start] + need[0], np.inf)
         p = int(np.argmin(through))
-        k = int(np.searchsorted(units, need[p]))
+        k = int(np.searchsorted(units, need[0, p]))
         spans.append((p, k))
         i = int(table.start[p])
     return spans[::-1]

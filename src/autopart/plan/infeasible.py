@@ -14,7 +14,6 @@ that many devices, so no smaller count can work and that one does.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ import numpy as np
 from autopart.cost.units import format_bytes
 from autopart.ir import Graph
 from autopart.plan.blocks import Block
+from autopart.plan.cover import cheapest_cover
 from autopart.plan.stage_costs import StageCoster
 
 if TYPE_CHECKING:
@@ -54,23 +54,12 @@ def fewest_devices(
                 if not fits.any():
                     break  # memory only grows with the span
                 spans.append((start, end, int(wide.replicas[int(fits.argmax())])))
-        total = [0.0] + [math.inf] * num_blocks
-        back: list[tuple[int, int, int] | None] = [None] * (num_blocks + 1)
-        for span in sorted(spans, key=lambda s: (s[1], s[0])):
-            a, b, r = span
-            if total[a] + r < total[b]:
-                total[b], back[b] = total[a] + r, span
-        if not math.isfinite(total[num_blocks]):
-            continue
-        if best is None or total[num_blocks] < best.devices:
-            stages: list[tuple[int, int, int]] = []
-            i = num_blocks
-            while i:
-                found = back[i]
-                assert found is not None  # total[i] is finite, so a span reached i
-                stages.append(found)
-                i = found[0]
-            best = FewestDevices(int(total[num_blocks]), tuple(stages[::-1]), m)
+        spans.sort(key=lambda s: (s[1], s[0]))
+        devices, path = cheapest_cover(
+            [a for a, _, _ in spans], [b for _, b, _ in spans], [r for _, _, r in spans], num_blocks
+        )
+        if path and (best is None or devices < best.devices):
+            best = FewestDevices(int(devices), tuple(spans[p] for p in path), m)
     return best
 
 

@@ -49,6 +49,7 @@ from typing import Protocol
 import numpy as np
 
 from autopart.plan import bottleneck
+from autopart.plan.cover import cheapest_cover
 from autopart.schedules import fill_slots, in_flight
 
 log = logging.getLogger(__name__)
@@ -276,13 +277,10 @@ class Table:
         blocks = np.arange(num_blocks)
         holds = (starts[:, None] <= blocks) & (blocks < ends[:, None])
         fastest = np.where(holds, slot.min(axis=1, initial=np.inf)[:, None], np.inf)
-        fewest = [0] + [num_blocks + 1] * num_blocks
-        work = [0.0] + [math.inf] * num_blocks
+        first, last = starts.tolist(), ends.tolist()  # sorted by end, as the cover needs
+        fewest, _ = cheapest_cover(first, last, [1.0] * len(first), num_blocks)
         span_work = (slot * replicas).min(axis=1, initial=np.inf).tolist()
-        for p, (a, b) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-            # Sorted by end, so fewest[a] and work[a] are final here.
-            fewest[b] = min(fewest[b], fewest[a] + 1)
-            work[b] = min(work[b], work[a] + span_work[p])
+        least_work, _ = cheapest_cover(first, last, span_work, num_blocks)
         return cls(
             num_blocks=num_blocks,
             microbatches=m,
@@ -294,8 +292,8 @@ class Table:
             memory=stack("memory_bytes", np.int64),
             mode=stack("mode", np.int8),
             slowest_slot=float(fastest.min(axis=0, initial=np.inf).max()),
-            least_work=work[num_blocks],
-            fewest_stages=fewest[num_blocks],
+            least_work=least_work,
+            fewest_stages=int(fewest) if math.isfinite(fewest) else num_blocks + 1,
             calls=calls,
         )
 

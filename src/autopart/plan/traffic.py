@@ -24,23 +24,35 @@ def cut_bytes(graph: Graph, unit_of: Mapping[str, int], num_units: int) -> np.nd
     all positions at once, in memory linear in the unit count (the coarsening reads only this,
     over every op of the model)."""
     change = np.zeros(num_units + 2)
+    for node, producer, users in _crossings(graph, unit_of, num_units):
+        if producer >= 0:
+            # The value crosses every cut after its producer, up to its last user.
+            size = sum(_value_bytes(node))
+            change[producer + 1] += size
+            change[max(users) + 1] -= size
+    return np.cumsum(change)[: num_units + 1]
+
+
+def _crossings(graph: Graph, unit_of: Mapping[str, int], num_units: int):
+    """Each value some other unit reads: ``(node, producer, users)``, the producer ``-1`` for a
+    model input and the users the other units that read it (``num_units``: the output)."""
     consumers = graph.consumers()
     for node in graph.nodes:
-        if node.kind is not NodeKind.BATCH:
+        if node.kind is NodeKind.INPUT:
+            producer = -1
+        elif node.kind is NodeKind.BATCH:
+            producer = unit_of[node.name]
+        else:
             continue
-        producer = unit_of[node.name]
-        last = producer
+        users = set()
         for user in consumers[node.name]:
             kind = graph.node(user).kind
             if kind is NodeKind.OUTPUT:
-                last = num_units
-            elif kind is NodeKind.BATCH:
-                last = max(last, unit_of[user])
-        if last > producer:
-            # The value crosses every cut after its producer, up to its last user.
-            change[producer + 1] += sum(_value_bytes(node))
-            change[last + 1] -= sum(_value_bytes(node))
-    return np.cumsum(change)[: num_units + 1]
+                users.add(num_units)
+            elif kind is NodeKind.BATCH and unit_of[user] != producer:
+                users.add(unit_of[user])
+        if users:
+            yield node, producer, users
 
 
 class RangeTraffic:
@@ -51,23 +63,7 @@ class RangeTraffic:
         shape = (k + 1, k + 1)
         send_w = np.zeros((2, k + 1, k + 1))
         recv = np.zeros((2, *shape))
-        consumers = graph.consumers()
-        for node in graph.nodes:
-            if node.kind is NodeKind.INPUT:
-                producer = -1
-            elif node.kind is NodeKind.BATCH:
-                producer = unit_of[node.name]
-            else:
-                continue
-            users = set()
-            for user in consumers[node.name]:
-                kind = graph.node(user).kind
-                if kind is NodeKind.OUTPUT:
-                    users.add(k)
-                elif kind is NodeKind.BATCH and unit_of[user] != producer:
-                    users.add(unit_of[user])
-            if not users:
-                continue
+        for node, producer, users in _crossings(graph, unit_of, k):
             size = np.array(_value_bytes(node))
             last = max(users)
             if producer >= 0:
