@@ -160,18 +160,16 @@ class InputMaker:
                 real = _fetch_attr(self._gm, source.target)
                 value = real.detach().to(device, copy=True)
             else:
-                specs = self._specs.get(source.name)
-                tensor_spec = specs is not None and len(specs) == 1 and specs[0].dtype != "symint"
-                if "val" not in source.meta and tensor_spec:
-                    assert specs is not None
+                specs = self._specs.get(source.name, ())
+                if "val" in source.meta:
+                    value = self._materialize(source.name, source.meta["val"], batch, device)
+                elif len(specs) == 1 and specs[0].dtype != "symint":
                     value = _from_spec(specs[0], batch, device)
-                elif "val" not in source.meta:
+                else:
                     raise AutopartError(
                         f"node {source.name!r} has no meta['val'] to make a block input from; "
                         "measured costs need a graph captured by torch.export"
                     )
-                else:
-                    value = self._materialize(source.name, source.meta["val"], batch, device)
             inputs.append(value)
             if grad:
                 leaves.extend(_require_grad(value))

@@ -20,7 +20,8 @@ Among the allowed boundaries near the balanced position, a block ends at the one
 fewest bytes cross, then at the shallowest (between layers rather than inside one), then at the
 one nearest the balanced position.  A block grows past its time target to reach an allowed
 boundary when none is near, so blocks are at least about half a layer when the target asks for
-less; when memory ends a block early it ends at the last allowed boundary before that point.
+less.  When memory ends a block early, it ends at an allowed boundary before that point: the
+cheapest, then the shallowest, then the latest.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ gradients going back do not.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,19 +56,6 @@ class StageCoster:
         zero: bool | str = False,
         autocast: str | None = None,
     ) -> None:
-        self._given = dict(
-            graph=graph,
-            block_nodes=block_nodes,
-            traffic=traffic,
-            cost_model=cost_model,
-            memory=memory,
-            capacity_bytes=capacity_bytes,
-            global_batch=global_batch,
-            devices=devices,
-            offload=offload,
-            zero=zero,
-            autocast=autocast,
-        )
         self.graph = graph
         #: Saved bytes per node as the stage runs them: under autocast, narrower, with the
         #: weights' low-precision copies (`autopart.plan.autocast`).
@@ -109,8 +97,12 @@ class StageCoster:
         return self._stage_costs(start, end, microbatches, in_flight)
 
     def with_replicas(self, replicas: np.ndarray) -> StageCoster:
-        """The same stages costed over other replica counts (to ask what more devices need)."""
-        return StageCoster(**self._given, replicas=replicas)  # type: ignore[arg-type]
+        """The same stages costed over other replica counts (to ask what more devices need):
+        only the row counts depend on the replica axis, so everything else is shared."""
+        other = copy.copy(self)
+        other.replicas = np.asarray(replicas, dtype=np.int64)
+        other._rows_cache = {}
+        return other
 
     def rows(self, microbatches: int) -> np.ndarray:
         """Samples per replica per microbatch; 0 where a replica would get no sample."""

@@ -118,7 +118,7 @@ class Calls:
         # whose backward is still to come (same schedule) as it was.
         pending = schedule.recorder
         if grad:
-            schedule.recorder = self._recording(grad)
+            schedule.recorder = self._recording()
             self._step_began = schedule.recorder.now() if schedule.recorder else None
         else:
             schedule.recorder = None
@@ -208,11 +208,11 @@ class Calls:
                 self.grads_synced = True
         self._write_trace()
 
-    def _recording(self, grad: bool) -> Recorder | None:
-        """The recorder for this call: training calls 2 to 1 + `TRACE_CALLS` are traced (the
+    def _recording(self) -> Recorder | None:
+        """The recorder for this training call: calls 2 to 1 + `TRACE_CALLS` are traced (the
         first one also captures and plans, so the device's memory peak restarts at the
         second: `Module.plan_report` reads it)."""
-        if self.recorder is None or not grad:
+        if self.recorder is None:
             return None
         self._training_calls += 1
         if self._training_calls == 2 and self.device.type == "cuda":
