@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopart.config import Config, Offload
+from autopart.device import local_device, peak_bytes
 from autopart.errors import AutopartError
 from autopart.fidelity import PlanReport, build_report
 from autopart.ir import Graph
@@ -31,7 +32,7 @@ from autopart.memtrack import storage_bytes
 from autopart.plan.plan import Plan
 from autopart.runtime import bridge, memory_report
 from autopart.runtime.calls import Calls
-from autopart.runtime.distenv import ensure_initialized, local_device
+from autopart.runtime.distenv import ensure_initialized
 from autopart.runtime.gradients import Holders
 from autopart.runtime.local_optimizer import LocalOptimizer
 from autopart.runtime.materialize import InitFn, has_meta
@@ -308,10 +309,8 @@ class Module(nn.Module):
         ``track_memory=True``.
         """
         self._require_setup("plan_report")
-        peak = None
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self._calls.memory:
+        peak = peak_bytes(self.device)
+        if peak is None and self._calls.memory:
             peak = max(self._calls.memory.get(k, 0) for k in ("forward_peak", "backward_peak"))
         events = self._calls.timed_events  # set once the last timed call is over
         steps = self._calls.step_seconds if events else []

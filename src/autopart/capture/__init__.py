@@ -11,6 +11,11 @@ Comparing the two runs tells which dimension of every value carries the batch an
 per sample, uniformly for symbolic exports, static exports and fx graphs.  Running on meta keeps
 capture free of real compute and memory, so a model built under ``torch.device("meta")`` with
 hundreds of billions of parameters can be captured on a laptop.
+
+Capture does not depend on placement: the example inputs are moved to the model's device for
+tracing (a model on the CPU called with inputs on the GPU, or the other way round), and every
+device the trace baked into its ops is then written as the CPU (`autopart.device`), so the
+same model gives the same graph wherever it and its inputs were.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from autopart.capture.common import METHODS, LeafSpec, log
 from autopart.capture.errors import _capture_error, _first_line
 from autopart.capture.inputs import _Inputs
 from autopart.capture.tracing import _keep_batch_in_squeeze, _trace_export, _trace_fx
+from autopart.device import canonicalize, capture_device, to_device
 from autopart.errors import CaptureError
 from autopart.ir import Graph
 from autopart.scalar_outputs import rewrite_scalar_outputs
@@ -48,14 +54,16 @@ def capture(
     or qualified names) are kept as single opaque calls by the fx tracer.  Raises `CaptureError`
     naming the failing op and module when the model cannot be captured.
 
-    The returned ``Graph.fx_module`` is called like the model and accepts any batch size.  If
+    The returned ``Graph.fx_module`` is called like the model and accepts any batch size; its
+    ops name the CPU as their device (`autopart.device.retarget` points them elsewhere).  If
     the model pins the batch size (export cannot keep it symbolic), capture falls back to static
     exports at batch ``b`` and ``b + 1``: per-sample shapes and batch dims still come from the
     difference, but ``fx_module`` then only runs at ``Graph.static_batch == b``.
     """
     if method not in METHODS:
         raise CaptureError(f"unknown capture method {method!r}; use one of {', '.join(METHODS)}")
-    inputs = _Inputs.of(args, dict(kwargs or {}))
+    traced_on = capture_device(model)
+    inputs = _Inputs.of(*to_device((args, dict(kwargs or {})), traced_on))
     failures: list[tuple[str, BaseException]] = []
     trace = None
     if method in ("auto", "export"):
@@ -77,6 +85,7 @@ def capture(
         raise _capture_error(model, failures, strict) from failures[0][1]
     for gm in (trace.gm, trace.gm_next):
         if gm is not None:
+            canonicalize(gm, traced_on)
             _keep_batch_in_squeeze(gm)
             rewrite_scalar_outputs(gm, trace.sources)
     return _build_graph(model, trace, inputs)

@@ -18,7 +18,6 @@ METHODS = ("auto", "export", "fx")
 LeafSpec = str | type[torch.nn.Module]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_DEVICE_TYPES = {"cpu", "cuda", "mps", "xpu", "hpu", "meta"}
 _SCALAR_DTYPES = {bool: "bool", int: "int", float: "float"}
 _COMPARISONS = (operator.eq, operator.ne)
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.layout)

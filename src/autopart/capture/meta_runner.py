@@ -7,6 +7,7 @@ tensors instead."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import operator
 from collections.abc import Callable, Hashable, Iterator
@@ -19,9 +20,10 @@ import torch.fx.config
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from autopart.capture.common import _DEVICE_TYPES, _PLAIN, _module_path, _op_name, _storage_id, log
+from autopart.capture.common import _PLAIN, _module_path, _op_name, _storage_id, log
 from autopart.capture.errors import _first_line
 from autopart.capture.inputs import _is_tensor
+from autopart.device import DEVICE_TYPES, map_devices
 from autopart.errors import CaptureError
 
 
@@ -35,9 +37,15 @@ def _on_meta(value: Any) -> Any:
     """Point device arguments (``arange(..., device='cpu')``, ``x.to('cuda')``) at meta."""
     if isinstance(value, torch.device):
         return torch.device("meta")
-    if isinstance(value, str) and value.split(":")[0] in _DEVICE_TYPES:
+    if isinstance(value, str) and value.split(":")[0] in DEVICE_TYPES:
         return "meta"
     return value
+
+
+def _device_on_meta(value: Any) -> Any:
+    """Inside a higher-order op's body only devices move to meta: its strings are autocast's
+    device types, and autocast has none for meta (the region runs on meta tensors anyway)."""
+    return torch.device("meta") if isinstance(value, torch.device) else value
 
 
 @dataclass
@@ -212,6 +220,9 @@ class _MetaRunner:
             if node.op == "get_attr":
                 value = operator.attrgetter(node.target)(gm)
                 self.real_attrs[node.target] = value
+                if isinstance(value, torch.fx.GraphModule):  # a higher-order op's body
+                    value = copy.deepcopy(value)
+                    map_devices(value, _device_on_meta)
                 self.attrs[node.target] = twin(value) if _is_tensor(value) else value
             elif node.op == "call_module":
                 module = gm.get_submodule(node.target)

@@ -281,7 +281,12 @@ def _placeholders(gm: torch.fx.GraphModule) -> list[str]:
 
 def _strip_checks(gm: torch.fx.GraphModule, *, recompile: bool = True) -> None:
     """Drop the runtime checks tracers insert (guards, dtype and specialization asserts): they
-    compute nothing, and leaving them in would give the planner nodes that belong nowhere."""
+    compute nothing, and leaving them in would give the planner nodes that belong nowhere.
+    The subgraphs of higher-order ops (a ``no_grad`` or autocast region) are stripped too:
+    their checks name the device of the trace, which is not where a stage runs."""
+    for child in gm.children():
+        if isinstance(child, torch.fx.GraphModule):
+            _strip_checks(child, recompile=True)
     checks = [node for node in gm.graph.nodes if _is_check(node) and not node.users]
     feeding = {arg for node in checks for arg in node.all_input_nodes}
     for node in reversed(checks):

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from autopart.cost.spec import DeviceSpec
+from autopart.device import synchronize
 from autopart.errors import AutopartError
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _ping_pong(
         elif rank == 1:
             dist.recv(buffer, src=first, group=group)
             dist.send(buffer, dst=first, group=group)
-        _synchronize(device)
+        synchronize(device)
         if i > 0:
             samples.append((time.perf_counter() - start) / 2)
     return statistics.median(samples) if rank in (0, 1) else 0.0
@@ -149,7 +150,7 @@ def _allreduce(
         _barrier(group, device)
         start = time.perf_counter()
         dist.all_reduce(buffer, group=group)
-        _synchronize(device)
+        synchronize(device)
         if i > 0:
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)
@@ -158,12 +159,7 @@ def _allreduce(
 def _barrier(group: dist.ProcessGroup | None, device: torch.device) -> None:
     """A tiny allreduce: unlike ``dist.barrier`` it needs no device hint under NCCL."""
     dist.all_reduce(torch.zeros(1, device=device), group=group)
-    _synchronize(device)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
 
 
 def _fit(nbytes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:

@@ -22,7 +22,13 @@ The contract this module assumes of ``Graph.fx_module`` (what capture must provi
   symbols (a dynamic sequence length, say) are held at the example value of the capture.
 * Every fx node a block reads from outside, other than ``get_attr``, carries ``meta["val"]`` (a
   fake tensor, a symbolic scalar, or a tuple of them), as ``torch.export`` records.
-* Blocks run on copies: the captured module is never modified or moved to the device.
+* Blocks run on copies: the captured module is never modified or moved to the device.  Its ops
+  name the CPU as their device (`autopart.device`); a block's copy is pointed at the device it
+  runs on, so the model may be anywhere.
+
+A block that cannot be measured (an op the cut-out block cannot run alone, a device out of
+memory) does not stop planning: it is costed by ``fallback`` (the analytic model by default),
+and one warning names it.
 
 Backward differentiates with respect to every block input that depends on a parameter and to the
 parameters themselves, as a training step does, with ``torch.autograd.grad`` so that nothing
@@ -44,7 +50,9 @@ from typing import Any, TypeVar
 import sympy
 import torch
 
+from autopart.cost.analytic import AnalyticCostModel
 from autopart.cost.devices import local_device_spec
+from autopart.cost.model import CostModel
 from autopart.cost.profiles import BlockProfile, ProfileCache, ProfileKey
 from autopart.cost.spec import DeviceSpec
 from autopart.cost.subgraph import (
@@ -53,6 +61,7 @@ from autopart.cost.subgraph import (
     differentiable_nodes,
     extract_subgraph,
 )
+from autopart.device import retarget
 from autopart.errors import AutopartError
 from autopart.ir import Graph, Node, NodeKind
 
@@ -62,6 +71,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path(os.environ.get("AUTOPART_CACHE_DIR", "~/.cache/autopart/profiles"))
 
 T = TypeVar("T")
+
+
+class UnmeasurableBlock(AutopartError):
+    """Running a block on the device failed; the block is costed by the fallback instead."""
 
 
 class MeasuredCostModel:
@@ -78,11 +91,13 @@ class MeasuredCostModel:
         iters: int = 2,
         spec: DeviceSpec | None = None,
         autocast: torch.dtype | None = None,
+        fallback: CostModel | None = None,
     ) -> None:
         """``spec`` describes ``device`` to the planner (memory, links); by default it is the
         matching built-in or a measurement (`autopart.cost.devices.local_device_spec`).
         ``autocast`` runs the blocks under native autocast at that dtype, as the runtime
-        runs them under ``precision="bf16"``/``"fp16"``."""
+        runs them under ``precision="bf16"``/``"fp16"``.  ``fallback`` costs the blocks that
+        cannot be measured."""
         if graph.fx_module is None:
             raise AutopartError(
                 "measured costs need a captured module, but graph.fx_module is None (the model "
@@ -106,6 +121,10 @@ class MeasuredCostModel:
             {node.name: node.outputs for node in graph.nodes},
         )
         self.autocast = autocast
+        self.fallback = fallback or AnalyticCostModel(
+            self.device, dtype=str(autocast) if autocast else "float32"
+        )
+        self._unmeasurable: set[tuple[str, str]] = set()
         # Profiles under autocast are other profiles: the dtype is part of the cache key.
         self._device_name = _device_name(self.torch_device) + (f"+{autocast}" if autocast else "")
 
@@ -114,10 +133,18 @@ class MeasuredCostModel:
         row counts (every replica count at every microbatch count), and profiling each would
         take minutes where a few sizes take seconds."""
         low = 1 << (max(batch, 1).bit_length() - 1)
-        below = self.profile(nodes, low)
+        span = (nodes[0].name, nodes[-1].name) if nodes else ("", "")
+        if span in self._unmeasurable:
+            return self.fallback.block_seconds(nodes, batch)
+        try:
+            below = self.profile(nodes, low)
+            above = below if batch == low else self.profile(nodes, 2 * low)
+        except UnmeasurableBlock as err:
+            self._unmeasurable.add(span)
+            log.warning("%s; costing that block analytically instead", err)
+            return self.fallback.block_seconds(nodes, batch)
         if batch == low:
             return below.forward_seconds, below.backward_seconds
-        above = self.profile(nodes, 2 * low)
         share = (batch - low) / low
         return (
             below.forward_seconds + share * (above.forward_seconds - below.forward_seconds),
@@ -150,6 +177,7 @@ class MeasuredCostModel:
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 module = subgraph.module.to(device)
+                retarget(module, device)
                 inputs, leaves = self._inputs.make(subgraph, batch, device)
                 leaves += [p for p in module.parameters() if p.requires_grad]
                 forward, backward = [], []
@@ -158,10 +186,10 @@ class MeasuredCostModel:
                     if i >= self.warmup:
                         forward.append(f)
                         backward.append(b)
-            except AutopartError:
-                raise
             except Exception as err:
-                raise AutopartError(
+                if cuda:  # what the failed run allocated goes back before the next block
+                    torch.cuda.empty_cache()
+                raise UnmeasurableBlock(
                     f"measuring {len(subgraph.names)} nodes ({subgraph.names[0]} .. "
                     f"{subgraph.names[-1]}) at batch {batch} on {device} failed: {err}"
                 ) from err

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from autopart.cost.spec import DTYPES, DeviceSpec
+from autopart.device import pinned, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def measure_host_link(device: torch.device) -> float:
     prefetches get.  On the CPU it is the memory bandwidth of a plain copy."""
     if device.type != "cuda":
         return measure_memory_bandwidth(device) / 2
-    src = torch.empty(_COPY_BYTES, dtype=torch.uint8).pin_memory()
+    src = pinned(torch.empty(_COPY_BYTES, dtype=torch.uint8), device)
     dst = torch.empty(_COPY_BYTES, dtype=torch.uint8, device=device)
     seconds = _best_seconds(device, lambda: dst.copy_(src, non_blocking=True))
     return _COPY_BYTES / seconds
@@ -93,12 +94,10 @@ def _best_seconds(device: torch.device, fn) -> float:
     fn()
     best = float("inf")
     for _ in range(_REPEATS):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return max(best, 1e-9)
 

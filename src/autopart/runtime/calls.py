@@ -20,6 +20,7 @@ The first call is left out: it also captures and plans.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from autopart import trace
+from autopart.device import reset_peak, synchronize
 from autopart.errors import AutopartError
 from autopart.memtrack import LiveBytes, storage_bytes
 from autopart.plan.plan import Plan
@@ -49,13 +51,6 @@ log = logging.getLogger(__name__)
 
 #: Training calls timed (after the first).
 TRACE_CALLS = 3
-
-
-def _synchronizer(device: torch.device) -> Callable[[], None] | None:
-    """What makes a clock read count a device's queued work: CUDA runs asynchronously."""
-    if device.type == "cpu":
-        return None
-    return lambda: torch.get_device_module(device).synchronize(device)
 
 
 class Calls:
@@ -86,7 +81,8 @@ class Calls:
         self._warned: set[StageRunner] = set()
         #: Where the measured timeline goes (None: nowhere), and this rank's recording of it.
         self.trace = trace
-        self.recorder: Recorder | None = Recorder(self.rank, _synchronizer(self.device))
+        waits = functools.partial(synchronize, self.device)
+        self.recorder: Recorder | None = Recorder(self.rank, waits)
         self._training_calls = 0
         #: The timed calls' actions (trace events) and step seconds, once they are over.
         self.timed_events: list[dict[str, Any]] = []
@@ -215,8 +211,8 @@ class Calls:
         if self.recorder is None:
             return None
         self._training_calls += 1
-        if self._training_calls == 2 and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self._training_calls == 2:
+            reset_peak(self.device)
         return self._traced()
 
     def _traced(self) -> Recorder | None:

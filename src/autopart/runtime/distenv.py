@@ -53,14 +53,6 @@ def ensure_initialized(timeout_s: float | None = None) -> None:
         )
 
 
-def local_device() -> torch.device:
-    if "nccl" in dist.get_backend():
-        index = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
-
-
 def free_port() -> int:
     """A TCP port on this host that nothing listens on now, for a local rendezvous."""
     with socket.socket() as sock:

@@ -59,13 +59,15 @@ def has_meta(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def meta_view(
-    model: nn.Module, keep: Iterable[torch.Tensor] = ()
+def device_view(
+    model: nn.Module, device: torch.device, keep: Iterable[torch.Tensor] = ()
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Swap every real parameter and buffer of a partly materialized model (but those in
-    ``keep``) for a meta twin, then put them back.  Capture runs in this view, because export
-    needs one device throughout; so does the initializer, so that it writes only the tensors
-    being materialized.  Yields the real tensor of each twin (by ``id``), to `rebind` to."""
+    """Swap every parameter and buffer of a model on several devices that is not on
+    ``device`` (nor in ``keep``) for a twin there, then put them back.  Capture runs in this
+    view, because export needs one device throughout: on meta for a partly materialized
+    model (so does the initializer, so that it writes only the tensors being materialized),
+    on the CPU, with copies of the values, for one whose stage is on the GPU already.  Yields
+    the original tensor of each twin (by ``id``), to `rebind` to."""
     kept = {id(t) for t in keep}
     twins: dict[int, torch.Tensor] = {}
     originals: dict[int, torch.Tensor] = {}
@@ -73,11 +75,14 @@ def meta_view(
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for key, value in table.items():
-                if value is None or value.is_meta or id(value) in kept:
+                if value is None or value.device == device or id(value) in kept:
                     continue
                 twin = twins.get(id(value))
                 if twin is None:
-                    twin = torch.empty_like(value, device="meta")
+                    if device.type == "meta":
+                        twin = torch.empty_like(value, device=device)
+                    else:
+                        twin = value.detach().to(device, copy=True)
                     if isinstance(value, nn.Parameter):
                         twin = nn.Parameter(twin, requires_grad=value.requires_grad)
                     twins[id(value)] = twin
@@ -147,7 +152,8 @@ def materialize(
     pending = [name for name in fresh if name not in wanted and fresh[name].numel()]
     if pending:
         if initialize:
-            with meta_view(model, keep=fresh.values()):  # real tensors keep their values
+            # Real tensors keep their values.
+            with device_view(model, torch.device("meta"), keep=fresh.values()):
                 _initialize(model, init_fn, device)
         unfilled = [name for name in pending if _holds_sentinel(fresh[name])]
         listed = f"{', '.join(unfilled[:5])}{' ...' if len(unfilled) > 5 else ''}"

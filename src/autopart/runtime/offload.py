@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from autopart.device import copy_stream, pinned
+
 #: Autograd nodes of ops whose output is a view of their input: a saved tensor reached from a
 #: parameter copy through these (and one dtype cast) can be rebuilt from a fresh copy.
 _VIEW_NODES = frozenset(
@@ -71,16 +73,14 @@ class ParamOffload:
         self.device = device
         self.depth = depth
         self.host: dict[str, nn.Parameter] = {}
-        pin = device.type == "cuda"
         for node in module.graph.find_nodes(op="get_attr"):
             value = _attr(module, node.target)
             if isinstance(value, nn.Parameter) and node.target not in self.host:
-                if value.device.type != "cpu" or (pin and not value.is_pinned()):
-                    host = value.detach().cpu()
-                    value.data = host.pin_memory() if pin else host
+                if value.device.type != "cpu" or (device.type == "cuda" and not value.is_pinned()):
+                    value.data = pinned(value, device)
                 self.host[node.target] = value
         self.forward_order = _insert_fetches(module, self)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream = copy_stream(device)
         self._live: dict[int, str] = {}  # storage id of a live copy -> its parameter
         self._sizes: dict[int, int] = {}
         self._copies: dict[str, _Live] = {}  # parameter -> its live copy

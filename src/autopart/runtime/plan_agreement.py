@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from autopart.plan.plan import Plan
 from autopart.plan.planner import PlanOptions
 from autopart.planning import analytic_cost_model, plan_graph
 from autopart.runtime.routing import all_gather_ints
+
+log = logging.getLogger(__name__)
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer | None) -> str:
@@ -118,7 +121,14 @@ def _cost_model(graph: Graph, config: Config, spec: DeviceSpec, device: torch.de
             "cost='measured' runs the model's blocks, but this model has no values on this "
             "rank yet (it was built on the meta device); use cost='analytic' or 'auto'"
         )
-    return MeasuredCostModel(graph, device, spec=spec, autocast=AUTOCAST_DTYPES[config.precision])
+    analytic = analytic_cost_model(graph, spec, config.precision)
+    try:
+        return MeasuredCostModel(
+            graph, device, spec=spec, autocast=AUTOCAST_DTYPES[config.precision], fallback=analytic
+        )
+    except AutopartError as err:  # measuring is an optimization: planning goes on without it
+        log.warning("%s; planning with analytic costs instead", err)
+        return analytic
 
 
 def _measured_spec(device: torch.device, memory: int | None, world: int) -> DeviceSpec:

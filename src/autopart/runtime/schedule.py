@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import fx
 
+from autopart.device import replayed_rng, rng_state
 from autopart.ir import Graph, NodeKind
 from autopart.loss_output import find_loss
 from autopart.plan.plan import Plan
@@ -58,7 +59,7 @@ from autopart.runtime.messages import (
 )
 from autopart.runtime.offload import ParamOffload
 from autopart.runtime.stage_module import StageIO
-from autopart.runtime.step_state import Microbatch, StepState, rng_state, track_inputs
+from autopart.runtime.step_state import Microbatch, StepState, track_inputs
 from autopart.runtime.whole_outputs import add_share, combine_whole
 from autopart.schedules import SEND_LAG, Action
 from autopart.trace import Recorder
@@ -374,13 +375,8 @@ class StageRunner:
     def _recompute(self, mb: Microbatch) -> list[list[Any]]:
         track_inputs(self.graph, self.io.inputs, mb.inputs)
         assert mb.rng_state is not None  # a recomputing stage saved it in forward
-        accelerator = [self.device] if self.device.type != "cpu" else []
-        with torch.random.fork_rng(devices=accelerator, device_type=self.device.type):
-            torch.set_rng_state(mb.rng_state[0])
-            if accelerator:
-                torch.get_device_module(self.device).set_rng_state(mb.rng_state[1], self.device)
-            with torch.enable_grad():
-                return self._run(mb.inputs)
+        with replayed_rng(mb.rng_state, self.device), torch.enable_grad():
+            return self._run(mb.inputs)
 
     def _send_output_grads(self, state: StepState, grads) -> dict[tuple[str, int], torch.Tensor]:
         """Post this rank's output gradients to their producers; average the scalar ones."""

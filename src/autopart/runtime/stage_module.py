@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.utils._pytree as pytree
 from torch import fx
 
+from autopart.device import retarget
 from autopart.errors import AutopartError
 from autopart.ir import Graph, NodeKind
 from autopart.plan.plan import Plan
@@ -94,10 +94,9 @@ def build_stage_module(graph: Graph, io: StageIO, device: torch.device) -> fx.Gr
     """An executable module for one stage on ``device``, sharing parameters with the
     captured model.
 
-    Export bakes the capture's device into the ops that make tensors (``arange``, ``full``,
-    ``to``): the parameters' device, which is the CPU or, for a model built on it, meta.
-    Those arguments are pointed at ``device``, where the plain model would have run them."""
-    retarget = _retarget(device)
+    The captured graph names the CPU in the ops that make or move tensors (``arange``,
+    ``to``, an autocast region's device type; `autopart.device`): they are pointed at
+    ``device``, where the plain model would have run them."""
     source: fx.GraphModule = graph.fx_module
     if source is None:
         raise StageBuildError("the graph has no captured module to execute; capture it again")
@@ -111,12 +110,11 @@ def build_stage_module(graph: Graph, io: StageIO, device: torch.device) -> fx.Gr
             for dep in node.all_input_nodes:
                 if dep.op == "get_attr" and dep.name not in env:
                     env[dep.name] = new.node_copy(dep, lambda n: env[n.name])
-            copied = new.node_copy(node, lambda n: env[n.name])
-            copied.args = pytree.tree_map(retarget, copied.args)
-            copied.kwargs = pytree.tree_map(retarget, copied.kwargs)
-            env[node.name] = copied
+            env[node.name] = new.node_copy(node, lambda n: env[n.name])
     new.output(tuple(env[name] for name in io.outputs))
-    return fx.GraphModule(source, new)
+    module = fx.GraphModule(source, new)
+    retarget(module, device)
+    return module
 
 
 def state_updates(graph: Graph, plan: Plan) -> dict[int, tuple[str, ...]]:
@@ -148,15 +146,6 @@ def state_updates(graph: Graph, plan: Plan) -> dict[int, tuple[str, ...]]:
         index: tuple(n.name for n in graph.nodes if n.name in names)
         for index, names in found.items()
     }
-
-
-def _retarget(device: torch.device):
-    def point(value):
-        if isinstance(value, torch.device) and value.type in ("cpu", "meta") and value != device:
-            return device
-        return value
-
-    return point
 
 
 def _in_place(op: str) -> bool:

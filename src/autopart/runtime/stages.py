@@ -18,13 +18,14 @@ from torch import nn
 
 from autopart.capture import capture
 from autopart.config import AUTOCAST_DTYPES, Config, Offload
+from autopart.device import CANONICAL
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan, StagePlan
 from autopart.runtime.materialize import (
+    device_view,
     has_meta,
     materialize,
-    meta_view,
     needed_names,
     on_meta,
     rebind,
@@ -57,11 +58,18 @@ class StageBuilder:
         self.meta_built = has_meta(model)
         #: Messages to higher ranks get a process group of their own (`runtime.messages`).
         self.upward: dist.ProcessGroup | None = None
+        #: Tensors of the stage modules built so far: the ones this rank keeps on its device.
+        self.held: set[int] = set()
 
     def capture(self, args: tuple, kwargs: dict[str, Any]) -> Graph:
+        devices = {t.device for t in (*self.model.parameters(), *self.model.buffers())}
         if has_meta(self.model):  # wholly or partly on meta: capture it all there
-            with meta_view(self.model) as originals:
+            with device_view(self.model, torch.device("meta")) as originals:
                 graph = capture(self.model, *on_meta((args, kwargs)))
+            rebind([graph.fx_module], originals)
+        elif len(devices) > 1:  # a later call signature: this rank's stage is placed already
+            with device_view(self.model, CANONICAL) as originals:
+                graph = capture(self.model, args, kwargs)
             rebind([graph.fx_module], originals)
         else:
             graph = capture(self.model, args, kwargs)
@@ -120,6 +128,8 @@ class StageBuilder:
         else:
             module.to(self.device)
         _share_buffers(module, self.model)
+        self.held |= {id(t) for t in (*module.parameters(), *module.buffers())}
+        _release_others(self.model, self.held)
         module.train(training)
         autocast = AUTOCAST_DTYPES[plan.precision]
         return StageRunner(
@@ -134,6 +144,7 @@ class StageBuilder:
         if mine:
             io = StageIO(stage.index, mine, (), ())
             update = build_stage_module(schedule.graph, io, self.device).to(self.device)
+            self.held |= {id(t) for t in update.buffers()}
             _share_buffers(update, self.model)
             schedule.state_update = update
         ranks: dict[str, list] = {}
@@ -177,6 +188,22 @@ def _move_buffers(module: nn.Module, device: torch.device) -> None:
         for name, buffer in sub._buffers.items():
             if buffer is not None:
                 sub._buffers[name] = buffer.to(device)
+
+
+def _release_others(model: nn.Module, held: set[int]) -> None:
+    """Move the model's tensors that this rank's stage does not hold off any accelerator.
+
+    A user who moved the whole model to the GPU before wrapping it (as with DDP) would
+    otherwise keep every other stage's parameters there, and an offloaded stage's would stay
+    twice; the plan's memory counts neither.  They go to host memory, where the values stay
+    readable; a meta-built model's stay on meta.  ``held``: the ids of the tensors of every
+    stage module this rank built (one per call signature)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in held or tensor.device.type in ("cpu", "meta"):
+            continue
+        tensor.data = tensor.data.cpu()
+        if tensor.grad is not None:
+            tensor.grad = tensor.grad.cpu()
 
 
 def _share_buffers(stage: nn.Module, model: nn.Module) -> None:

@@ -46,14 +46,6 @@ class StepState:
     shares: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
-def rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The generators a stage's random ops draw from: the CPU's, and the device's own (on
-    CUDA dropout draws from the device generator, which the CPU state does not cover)."""
-    if device.type == "cpu":
-        return (torch.get_rng_state(),)
-    return (torch.get_rng_state(), torch.get_device_module(device).get_rng_state(device))
-
-
 def track_inputs(graph: Graph, names, inputs) -> None:
     """Make received activations leaves that collect gradients for the sending stage."""
     for name, leaves in zip(names, inputs, strict=True):
