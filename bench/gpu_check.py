@@ -224,7 +224,7 @@ class OffloadSection:
         return [
             ("offload 1 planner w/o offload", self.planner_refuses),
             ("offload 1 plain under the cap", self.plain_runs_out),
-            ("offload 2 trains = CPU updates", self.trains_under_cap),
+            ("offload 2 trains = plain updates", self.trains_under_cap),
             ("offload 3 step vs plain", self.step_time),
             ("offload 3 host link", self.host_link),
             ("offload 4 peak pred/meas", self.peak),
