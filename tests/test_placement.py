@@ -56,6 +56,19 @@ class RotaryNet(nn.Module):
         return self.out(self.inp(x) * self.rotary(x, pos))
 
 
+class AutocastOff(nn.Module):
+    """An autocast region switched off at the top level of forward (no ``no_grad`` around
+    it): a higher-order op whose device-type string must survive the meta run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.inp(x).float().relu()
+
+
 def rotary_net():
     return RotaryNet(), ((torch.randn(3, 5, 8),), {})
 
@@ -65,7 +78,13 @@ def hf(name):
     return lambda: (build(), batch(4, 0))
 
 
-MODELS = {"rotary": rotary_net, "gpt2": hf("gpt2"), "llama": hf("llama"), "t5": hf("t5")}
+MODELS = {
+    "autocast_off": lambda: (AutocastOff(), ((torch.randn(3, 8),), {})),
+    "rotary": rotary_net,
+    "gpt2": hf("gpt2"),
+    "llama": hf("llama"),
+    "t5": hf("t5"),
+}
 
 
 def _code(gm: torch.fx.GraphModule) -> str:
@@ -126,8 +145,8 @@ def test_stage_modules_point_every_op_at_the_stage_device(name):
         named |= _devices(module)
         assert "_assert_tensor_metadata" not in _code(module)
     assert named <= {"cuda:0", "autocast:cuda"}
-    if name == "rotary":
-        assert named == {"cuda:0", "autocast:cuda"}
+    if name in ("rotary", "autocast_off"):
+        assert "autocast:cuda" in named
     assert _devices(graph.fx_module) <= {"cpu", "autocast:cpu"}  # the capture is untouched
 
 
@@ -151,22 +170,49 @@ def _mlp_graph():
 
 
 def test_a_block_that_cannot_be_measured_is_costed_analytically(tmp_path, monkeypatch, caplog):
+    """Measured at no size, a block costs what the analytic model says, scaled by how the
+    measured blocks compared with it; one warning names it; the plan says so."""
     graph = _mlp_graph()
     measured = MeasuredCostModel(graph, "cpu", cache_dir=tmp_path, spec=SPEC)
     analytic = AnalyticCostModel(SPEC)
-    block = [n for n in graph.nodes if n.op.startswith("aten.")][:2]
+    ops = [n for n in graph.nodes if n.op.startswith("aten.")]
+    good, bad = ops[:1], ops[1:]
+    original = MeasuredCostModel._run
 
-    def fail(self, names, batch):
-        raise UnmeasurableBlock(f"measuring {names[0]} .. {names[-1]} failed: out of memory")
+    def fail_bad(self, names, batch):
+        if names[0] == bad[0].name:
+            raise UnmeasurableBlock(f"measuring {names[0]} .. {names[-1]} failed: out of memory")
+        return original(self, names, batch)
 
-    monkeypatch.setattr(MeasuredCostModel, "_run", fail)
+    monkeypatch.setattr(MeasuredCostModel, "_run", fail_bad)
+    measured_good = sum(measured.block_seconds(good, 4))
+    ratio = measured_good / sum(analytic.block_seconds(good, 4))
     with caplog.at_level(logging.WARNING, logger="autopart"):
         for batch in (2, 3, 8):
-            got = measured.block_seconds(block, batch)
-            assert got == pytest.approx(analytic.block_seconds(block, batch))
-    warnings = [r for r in caplog.records if "analytically" in r.getMessage()]
-    assert len(warnings) == 1
-    assert block[0].name in warnings[0].getMessage()
+            got = measured.block_seconds(bad, batch)
+            want = [t * ratio for t in analytic.block_seconds(bad, batch)]
+            assert got == pytest.approx(want, rel=1e-6)
+    warnings = [r.getMessage() for r in caplog.records if "instead" in r.getMessage()]
+    assert len(warnings) == 1 and bad[0].name in warnings[0]
+    assert measured.source == "measured (1 block(s) partly estimated)"
+
+
+def test_a_block_too_big_at_one_size_scales_from_the_size_measured(tmp_path, monkeypatch):
+    """Out of memory at 2x rows: the block keeps its measured time at x rows, in
+    proportion to rows, not the analytic model's (which is several times off)."""
+    graph = _mlp_graph()
+    measured = MeasuredCostModel(graph, "cpu", cache_dir=tmp_path, spec=SPEC)
+    block = [n for n in graph.nodes if n.op.startswith("aten.")]
+    original = MeasuredCostModel._run
+
+    def fail_big(self, names, batch):
+        if batch > 4:
+            raise UnmeasurableBlock(f"measuring at batch {batch} failed: out of memory")
+        return original(self, names, batch)
+
+    monkeypatch.setattr(MeasuredCostModel, "_run", fail_big)
+    at_four = measured.block_seconds(block, 4)
+    assert measured.block_seconds(block, 6) == pytest.approx([t * 1.5 for t in at_four])
 
 
 def test_measured_costs_of_a_graph_that_cannot_be_measured_fall_back(caplog):

@@ -266,7 +266,13 @@ class _MetaRunner:
                 else:
                     call = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
                     leaves, spec = pytree.tree_flatten(call)
-                    inputs = [_on_meta(leaf) for leaf in leaves]
+                    # A higher-order op's strings are autocast's device types: kept.
+                    point = (
+                        _device_on_meta
+                        if isinstance(node.target, torch._ops.HigherOrderOperator)
+                        else _on_meta
+                    )
+                    inputs = [point(leaf) for leaf in leaves]
                     executed = self._execute(node, inputs, spec)
                     value = executed.value
                 env[node] = value

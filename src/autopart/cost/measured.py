@@ -26,9 +26,13 @@ The contract this module assumes of ``Graph.fx_module`` (what capture must provi
   name the CPU as their device (`autopart.device`); a block's copy is pointed at the device it
   runs on, so the model may be anywhere.
 
-A block that cannot be measured (an op the cut-out block cannot run alone, a device out of
-memory) does not stop planning: it is costed by ``fallback`` (the analytic model by default),
-and one warning names it.
+A block that cannot be measured at some size (an op the cut-out block cannot run alone, a
+device out of memory) does not stop planning, and one warning names it: it is costed in
+proportion to rows from the largest size it was measured at, or, measured at none, by
+``fallback`` (the analytic model by default) scaled by how measured times compared with the
+fallback's on the blocks that did run, so that measured and fallen-back blocks stay
+comparable in one search.  ``source`` then says how many blocks fell back.  A failure that
+leaves the device unusable (a CUDA device-side assert) still stops planning.
 
 Backward differentiates with respect to every block input that depends on a parameter and to the
 parameters themselves, as a training step does, with ``torch.autograd.grad`` so that nothing
@@ -124,7 +128,13 @@ class MeasuredCostModel:
         self.fallback = fallback or AnalyticCostModel(
             self.device, dtype=str(autocast) if autocast else "float32"
         )
-        self._unmeasurable: set[tuple[str, str]] = set()
+        #: Failed measurements by (first node, last node, batch), and the blocks warned of.
+        self._failed: dict[tuple[str, str, int], UnmeasurableBlock] = {}
+        self._warned: set[tuple[str, str]] = set()
+        #: Measured and fallback seconds of the blocks measured so far (their ratio scales
+        #: the fallback's costs of blocks measured at no size).
+        self._measured_total = 0.0
+        self._fallback_total = 0.0
         # Profiles under autocast are other profiles: the dtype is part of the cache key.
         self._device_name = _device_name(self.torch_device) + (f"+{autocast}" if autocast else "")
 
@@ -133,36 +143,56 @@ class MeasuredCostModel:
         row counts (every replica count at every microbatch count), and profiling each would
         take minutes where a few sizes take seconds."""
         low = 1 << (max(batch, 1).bit_length() - 1)
-        span = (nodes[0].name, nodes[-1].name) if nodes else ("", "")
-        if span in self._unmeasurable:
-            return self.fallback.block_seconds(nodes, batch)
         try:
             below = self.profile(nodes, low)
-            above = below if batch == low else self.profile(nodes, 2 * low)
         except UnmeasurableBlock as err:
-            self._unmeasurable.add(span)
-            log.warning("%s; costing that block analytically instead", err)
-            return self.fallback.block_seconds(nodes, batch)
+            self._warn(nodes, err, "from the analytic model, scaled to the measured blocks")
+            forward, backward = self.fallback.block_seconds(nodes, batch)
+            scale = self._measured_total / self._fallback_total if self._fallback_total else 1.0
+            return forward * scale, backward * scale
         if batch == low:
             return below.forward_seconds, below.backward_seconds
+        try:
+            above = self.profile(nodes, 2 * low)
+        except UnmeasurableBlock as err:
+            self._warn(nodes, err, f"in proportion to rows from batch {low}")
+            scale = batch / low
+            return below.forward_seconds * scale, below.backward_seconds * scale
         share = (batch - low) / low
         return (
             below.forward_seconds + share * (above.forward_seconds - below.forward_seconds),
             below.backward_seconds + share * (above.backward_seconds - below.backward_seconds),
         )
 
+    def _warn(self, nodes: Sequence[Node], err: UnmeasurableBlock, how: str) -> None:
+        span = (nodes[0].name, nodes[-1].name)
+        if span not in self._warned:
+            self._warned.add(span)
+            self.source = f"measured ({len(self._warned)} block(s) partly estimated)"
+            log.warning("%s; costing that block %s instead", err, how)
+
     def profile(self, nodes: Sequence[Node], batch: int) -> BlockProfile:
-        """Seconds and peak memory of ``nodes`` at ``batch``, from the cache when present."""
+        """Seconds and peak memory of ``nodes`` at ``batch``, from the cache when present;
+        raises `UnmeasurableBlock` (again, without retrying) where measuring failed."""
         names = [node.name for node in nodes]
         if all(name in self._fx_ops and self._fx_ops[name] not in COMPUTE_OPS for name in names):
             return BlockProfile(0.0, 0.0, None)  # only inputs and outputs: nothing runs
+        failed = (names[0], names[-1], batch)
+        if failed in self._failed:
+            raise self._failed[failed]
         key = ProfileKey.of(self.graph.fingerprint, names, batch, self._device_name)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        profile = self._run(names, batch)
-        log.debug("measured %d nodes at batch %d: %s", len(names), batch, profile)
-        self.cache.put(key, profile)
+        profile = self.cache.get(key)
+        if profile is None:
+            try:
+                profile = self._run(names, batch)
+            except UnmeasurableBlock as err:
+                self._failed[failed] = err
+                raise
+            log.debug("measured %d nodes at batch %d: %s", len(names), batch, profile)
+            self.cache.put(key, profile)
+        forward, backward = self.fallback.block_seconds(nodes, batch)
+        self._measured_total += profile.forward_seconds + profile.backward_seconds
+        self._fallback_total += forward + backward
         return profile
 
     def _run(self, names: list[str], batch: int) -> BlockProfile:
@@ -175,6 +205,10 @@ class MeasuredCostModel:
                 torch.cuda.synchronize(device)
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
+            module: torch.nn.Module | None = None
+            inputs: list[Any] = []
+            leaves: list[torch.Tensor] = []
+            failure = None
             try:
                 module = subgraph.module.to(device)
                 retarget(module, device)
@@ -187,12 +221,16 @@ class MeasuredCostModel:
                         forward.append(f)
                         backward.append(b)
             except Exception as err:
-                if cuda:  # what the failed run allocated goes back before the next block
-                    torch.cuda.empty_cache()
-                raise UnmeasurableBlock(
+                failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+            if failure is not None:
+                module, inputs, leaves = None, [], []  # the traceback is gone with ``err``
+                what = (
                     f"measuring {len(subgraph.names)} nodes ({subgraph.names[0]} .. "
-                    f"{subgraph.names[-1]}) at batch {batch} on {device} failed: {err}"
-                ) from err
+                    f"{subgraph.names[-1]}) at batch {batch} on {device} failed: {failure}"
+                )
+                if cuda:
+                    _recover(device, what)
+                raise UnmeasurableBlock(what)
             peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
         return BlockProfile(statistics.median(forward), statistics.median(backward), peak)
 
@@ -226,6 +264,18 @@ class MeasuredCostModel:
         end_event.record()
         end_event.synchronize()
         return start_event.elapsed_time(end_event) / 1e3, result
+
+
+def _recover(device: torch.device, what: str) -> None:
+    """Give back what a failed run allocated, and stop if the device itself is broken (a
+    device-side assert poisons the CUDA context: nothing after it could run)."""
+    try:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    except Exception as err:
+        raise AutopartError(
+            f"{what}, and the device is unusable since ({err}); plan with cost='analytic'"
+        ) from err
 
 
 def _batch_symbols(graph: Graph, module: torch.fx.GraphModule) -> frozenset[sympy.Symbol]:

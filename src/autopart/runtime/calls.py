@@ -43,7 +43,7 @@ from autopart.runtime.plan_agreement import agreeing
 from autopart.runtime.routing import all_gather_floats, all_gather_ints, comm_errors
 from autopart.runtime.schedule import StageRunner
 from autopart.runtime.signatures import derive_plan, key_number
-from autopart.runtime.stages import StageBuilder
+from autopart.runtime.stages import StageBuilder, raise_on_every_rank
 from autopart.runtime.step_state import StepState
 from autopart.trace import Recorder
 
@@ -252,7 +252,12 @@ class Calls:
         self, key: str, args: tuple, kwargs: dict[str, Any], training: bool
     ) -> StageRunner:
         """A call unlike every earlier one: its own graph, on the first call's placement."""
-        graph = self.stages.capture(args, kwargs)
+        failure = None
+        try:
+            graph = self.stages.capture(args, kwargs)
+        except AutopartError as err:  # ranks may capture differently placed models
+            failure = err
+        raise_on_every_rank(failure, self.world)
         plan = derive_plan(self.plan, graph)
         plan.validate_for(graph, self.world, idle_stages=True)
         self.stages.materialize(graph, plan, first=False)  # the constants of its own capture

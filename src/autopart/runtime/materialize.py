@@ -62,38 +62,38 @@ def has_meta(model: nn.Module) -> bool:
 def device_view(
     model: nn.Module, device: torch.device, keep: Iterable[torch.Tensor] = ()
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Swap every parameter and buffer of a model on several devices that is not on
-    ``device`` (nor in ``keep``) for a twin there, then put them back.  Capture runs in this
-    view, because export needs one device throughout: on meta for a partly materialized
-    model (so does the initializer, so that it writes only the tensors being materialized),
-    on the CPU, with copies of the values, for one whose stage is on the GPU already.  Yields
-    the original tensor of each twin (by ``id``), to `rebind` to."""
+    """Swap every parameter, buffer and tensor attribute of a model on several devices that
+    is not on ``device`` (nor in ``keep``) for a twin there, then put them back.  Capture runs
+    in this view, because export needs one device throughout: on meta for a partly
+    materialized model (so does the initializer, so that it writes only the tensors being
+    materialized), on the CPU for one whose stage is on the GPU already.  Twins hold no values
+    (export makes fake tensors of parameters and buffers).  Yields the original tensor of each
+    twin (by ``id``), to `rebind` to."""
     kept = {id(t) for t in keep}
     twins: dict[int, torch.Tensor] = {}
     originals: dict[int, torch.Tensor] = {}
-    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
     for module in model.modules():
-        for table in (module._parameters, module._buffers):
+        attributes = {k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}
+        for table in (module._parameters, module._buffers, attributes):
             for key, value in table.items():
                 if value is None or value.device == device or id(value) in kept:
                     continue
                 twin = twins.get(id(value))
                 if twin is None:
-                    if device.type == "meta":
-                        twin = torch.empty_like(value, device=device)
-                    else:
-                        twin = value.detach().to(device, copy=True)
+                    twin = torch.empty_like(value, device=device)
                     if isinstance(value, nn.Parameter):
                         twin = nn.Parameter(twin, requires_grad=value.requires_grad)
                     twins[id(value)] = twin
                     originals[id(twin)] = value
-                swapped.append((table, key, value))
-                table[key] = twin  # type: ignore[assignment]
+                target: dict[str, Any] = module.__dict__ if table is attributes else table
+                swapped.append((target, key, value))
+                target[key] = twin
     try:
         yield originals
     finally:
-        for table, key, value in swapped:
-            table[key] = value  # type: ignore[assignment]
+        for where, key, value in swapped:
+            where[key] = value
 
 
 def on_meta(values: Any) -> Any:

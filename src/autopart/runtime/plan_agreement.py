@@ -73,6 +73,8 @@ def agree_on_plan(
             box[0] = _make_plan(graph, config, optimizer, global_batch, spec, device).to_json()
         except AutopartError as err:
             box[0] = err
+        except Exception as err:  # every rank waits on this broadcast: never leave them hanging
+            box[0] = AutopartError(f"planning failed on rank 0: {type(err).__name__}: {err}")
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], AutopartError):
         raise type(box[0])(str(box[0]))

@@ -144,7 +144,7 @@ class StageBuilder:
         if mine:
             io = StageIO(stage.index, mine, (), ())
             update = build_stage_module(schedule.graph, io, self.device).to(self.device)
-            self.held |= {id(t) for t in update.buffers()}
+            self.held |= {id(t) for t in (*update.parameters(), *update.buffers())}
             _share_buffers(update, self.model)
             schedule.state_update = update
         ranks: dict[str, list] = {}
