@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from autopart.runtime.distenv import free_port, set_local_launch_env  # noqa: E402
+from autopart.runtime.transport.distenv import free_port, set_local_launch_env  # noqa: E402
 
 CASES = {
     "demo": 2,
@@ -47,7 +47,7 @@ def _worker(rank: int, world: int, port: int, case: str, cost: str, steps: int, 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     import autopart
-    from autopart.demo import build_model, counting_batch
+    from autopart.cli.demo import build_model, counting_batch
     from runtime_overhead import BATCH, Stack, _loss
 
     torch.manual_seed(0)

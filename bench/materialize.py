@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from autopart.runtime.distenv import free_port, set_local_launch_env
+from autopart.runtime.transport.distenv import free_port, set_local_launch_env
 
 VOCAB, SEQ, ROWS = 50257, 32, 1
 

@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from autopart.runtime.distenv import free_port, set_local_launch_env
+from autopart.runtime.transport.distenv import free_port, set_local_launch_env
 
 MODES = {
     "none": {},
@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, steps: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     import autopart
-    from autopart.models import gpt2
+    from autopart.cli.models import gpt2
 
     base, _ = gpt2(n_layer=4, n_embd=256, n_head=4, seq=64, vocab=1024, dropout=0.0)
     ids = torch.randint(0, 1024, (LOCAL_BATCH, 64), generator=torch.Generator().manual_seed(rank))

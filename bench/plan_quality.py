@@ -29,13 +29,13 @@ from examples import models  # noqa: E402
 from autopart.capture import capture  # noqa: E402
 from autopart.cost import AnalyticCostModel, get_device_spec  # noqa: E402
 from autopart.plan.blocks import Block  # noqa: E402
-from autopart.plan.exhaustive import exhaustive  # noqa: E402
 from autopart.plan.planner import (  # noqa: E402
     PlanOptions,
     microbatch_options,
     partition,
     prepare,
 )
+from exhaustive import exhaustive  # noqa: E402
 
 DEVICE = "a100-40gb"
 

@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from autopart.runtime.distenv import free_port, set_local_launch_env
+from autopart.runtime.transport.distenv import free_port, set_local_launch_env
 
 WIDTH, DEPTH, BATCH, MICROBATCHES = 512, 8, 64, 4
 

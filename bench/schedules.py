@@ -30,8 +30,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from autopart.demo import build_model, counting_batch
-from autopart.runtime.distenv import free_port, set_local_launch_env
+from autopart.cli.demo import build_model, counting_batch
+from autopart.runtime.transport.distenv import free_port, set_local_launch_env
 
 BATCH = 16
 LAYERS, HIDDEN, SEQ, STAGES, MICROBATCHES = 4, 128, 64, 2, 4

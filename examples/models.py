@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autopart.models import gpt2
+from autopart.cli.models import gpt2
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, seq: int, vocab: int, device: str = "cpu"):

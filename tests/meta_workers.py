@@ -12,7 +12,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import autopart
-from autopart.runtime.materialize import needed_names
+from autopart.runtime.stage.materialize import needed_names
 from ddp_oracle import compare_outputs, loss_of, sgd, train_like_ddp
 from equivalence import assert_close
 from hf_zoo import HF_ZOO

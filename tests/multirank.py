@@ -32,7 +32,7 @@ def _context():
 
 
 def free_port() -> int:
-    from autopart.runtime.distenv import free_port as find
+    from autopart.runtime.transport.distenv import free_port as find
 
     return find()
 
@@ -51,7 +51,7 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 60.0) -> None:
 
 def _entry(rank: int, world: int, port: int, timeout_s: float, name, args, env) -> None:
     fn = _take(env, name)
-    from autopart.runtime.distenv import set_local_launch_env
+    from autopart.runtime.transport.distenv import set_local_launch_env
 
     set_local_launch_env(rank, world, port)
     torch.set_num_threads(1)  # several ranks share the machine's cores
@@ -92,7 +92,7 @@ def run_ranks_unjoined(world: int, fn, *args, timeout_s: float = 60.0) -> list[i
 
 def _entry_unjoined(rank: int, world: int, port: int, name, args, env) -> None:
     fn = _take(env, name)
-    from autopart.runtime.distenv import set_local_launch_env
+    from autopart.runtime.transport.distenv import set_local_launch_env
 
     set_local_launch_env(rank, world, port)
     fn(rank, world, *args)

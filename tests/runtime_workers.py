@@ -14,7 +14,7 @@ from torch import nn
 
 import autopart
 from autopart.errors import AutopartError
-from autopart.runtime.routing import RuntimeCommError
+from autopart.runtime.transport.routing import RuntimeCommError
 from equivalence import assert_close, assert_near, grow, rows_of
 from zoo import ZOO, kwargs_mask
 
@@ -255,8 +255,8 @@ def dies_after_one_step(rank: int, world: int, workdir: str) -> None:
 
 def measured_stage_memory(rank: int, world: int, cases: list, workdir: str) -> None:
     """Peak live bytes of this rank's stage over two training steps, next to the prediction."""
-    from autopart.memtrack import LiveBytes
-    from autopart.models import gpt2
+    from autopart.cli.models import gpt2
+    from autopart.reports.memtrack import LiveBytes
 
     results = []
     for layers, seq, stages, microbatches, local, offload, precision, zero in cases:
@@ -371,7 +371,7 @@ def zero_matches_reference(rank: int, world: int, stages: int, workdir: str) -> 
 
 def memory_report_by_category(rank: int, world: int, workdir: str) -> None:
     """memory_report() splits this rank's bytes by category and sees activations grow."""
-    from autopart.models import gpt2
+    from autopart.cli.models import gpt2
 
     model, args = gpt2(n_layer=2, n_embd=64, n_head=4, seq=64, vocab=256, dropout=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

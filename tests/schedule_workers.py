@@ -148,8 +148,8 @@ def activation_memory(rank: int, world: int, workdir: str) -> None:
     import json
     from pathlib import Path
 
-    from autopart.memtrack import LiveBytes
-    from autopart.models import gpt2
+    from autopart.cli.models import gpt2
+    from autopart.reports.memtrack import LiveBytes
 
     results = {}
     for schedule in ("gpipe", "1f1b"):

@@ -32,7 +32,7 @@ def test_the_users_model_sees_the_stage_buffers_after_a_device_move():
 
     import torch
 
-    from autopart.runtime.stages import _share_buffers
+    from autopart.runtime.pipeline.builder import _share_buffers
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     stage = copy.deepcopy(model)

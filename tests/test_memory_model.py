@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from autopart.memtrack import LiveBytes
+from autopart.reports.memtrack import LiveBytes
 from multirank import run_ranks
 from runtime_workers import measured_stage_memory
 

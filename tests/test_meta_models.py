@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import autopart
 import meta_workers as workers
-from autopart.runtime.tensor_sources import CheckpointError, open_checkpoint
+from autopart.runtime.stage.tensor_sources import CheckpointError, open_checkpoint
 from hf_zoo import HF_ZOO
 from multirank import run_ranks, run_ranks_unjoined
 

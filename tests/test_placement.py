@@ -20,7 +20,7 @@ from autopart.device import capture_device
 from autopart.errors import AutopartError
 from autopart.plan.planner import PlanOptions, make_plan
 from autopart.runtime import plan_agreement
-from autopart.runtime.stage_module import build_stage_module, stage_ios
+from autopart.runtime.stage.graph_cut import build_stage_module, stage_ios
 from pretend_gpu import CUDA, on_pretend_gpu
 
 SPEC = get_device_spec("h100")

@@ -10,10 +10,10 @@ from torch import nn
 from autopart.capture import capture
 from autopart.cost import AnalyticCostModel, get_device_spec
 from autopart.plan.atomic import atomic_components
-from autopart.plan.exhaustive import exhaustive
 from autopart.plan.infeasible import infeasible_message
 from autopart.plan.planner import PlanOptions, manual_blocks, microbatch_options, prepare
 from autopart.plan.stage_dp import search
+from exhaustive import exhaustive
 
 
 @pytest.fixture(scope="module")

@@ -252,7 +252,8 @@ def test_zero_splits_optimizer_state_over_replicas(graphs):
 
 
 def test_analytic_costs_use_the_models_parameter_dtype():
-    from autopart.planning import compute_dtype, cost_model_for
+    from autopart.cli.planning import cost_model_for
+    from autopart.cost import compute_dtype
 
     model, args, kwargs = ZOO["mlp"]()
     model = model.to(torch.bfloat16)
@@ -353,9 +354,9 @@ def test_auto_schedule_picks_1f1b_where_gpipe_must_recompute():
     devices (H100 spec, so the costs are fixed): GPipe holds all 4 microbatches and must
     recompute; 1F1B holds at most 2, fits without recomputing and is predicted faster, so
     "auto" takes it.  Each stage's recorded memory counts its own microbatches in flight."""
+    from autopart.cli.demo import build_model
+    from autopart.cli.planning import plan_model
     from autopart.config import Config
-    from autopart.demo import build_model
-    from autopart.planning import plan_model
     from autopart.schedules import in_flight
 
     model, _ = build_model(4, 128, 64)

@@ -50,7 +50,7 @@ def test_a_dead_rank_makes_the_others_fail_within_the_timeout(tmp_path):
 def test_mpirun_environment_is_read():
     code = (
         "import torch.distributed as dist\n"
-        "from autopart.runtime.distenv import ensure_initialized\n"
+        "from autopart.runtime.transport.distenv import ensure_initialized\n"
         "ensure_initialized(10)\n"
         "print(dist.get_rank(), dist.get_world_size())\n"
     )

@@ -12,11 +12,11 @@ from autopart.capture import capture
 from autopart.config import Offload
 from autopart.ir import NodeKind
 from autopart.plan.plan import Plan, StagePlan
-from autopart.runtime.layout import BatchLayout, split_rows, transfers
-from autopart.runtime.messages import ACT, BACKWARD, FORWARD, GRAD, Messages
-from autopart.runtime.routing import value_shape
-from autopart.runtime.stage_module import stage_ios
-from autopart.runtime.zero import assign_shards
+from autopart.runtime.data_parallel.zero import assign_shards
+from autopart.runtime.stage.graph_cut import stage_ios
+from autopart.runtime.transport.layout import BatchLayout, split_rows, transfers
+from autopart.runtime.transport.messages import ACT, BACKWARD, FORWARD, GRAD, Messages
+from autopart.runtime.transport.routing import value_shape
 
 
 @pytest.mark.parametrize(("lo", "hi", "parts"), [(0, 10, 3), (4, 5, 1), (2, 9, 7), (0, 3, 5)])

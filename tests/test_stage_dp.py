@@ -10,7 +10,6 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from autopart.plan.exhaustive import exhaustive
 from autopart.plan.stage_dp import (
     Solution,
     StageChoice,
@@ -18,6 +17,7 @@ from autopart.plan.stage_dp import (
     search,
     step_seconds,
 )
+from exhaustive import exhaustive
 
 
 @dataclass

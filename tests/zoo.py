@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autopart.models import gpt2
+from autopart.cli.models import gpt2
 
 Example = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
 

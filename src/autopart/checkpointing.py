@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from autopart.runtime.tensor_sources import CheckpointError
+from autopart.runtime.stage.tensor_sources import CheckpointError
 
 if TYPE_CHECKING:
     from autopart.module import Module

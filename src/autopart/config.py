@@ -22,7 +22,50 @@ from autopart.cost.units import parse_bytes
 from autopart.errors import AutopartError
 
 
-class Offload(str, Enum):
+class Choice(str, Enum):
+    """A named choice that is also its string, so ``"bf16"`` and ``Precision.BF16`` are
+    interchangeable (in comparisons, dict keys, JSON and messages)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value: str, what: str) -> Any:
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(repr(member.value) for member in cls)
+            raise AutopartError(f"unknown {what} {value!r}; use one of {names}") from None
+
+
+class Precision(Choice):
+    """What the stages compute in: fp32, or bf16 / fp16 under autocast (fp32 master weights)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Schedule(Choice):
+    """The pipeline schedule; ``auto`` lets the planner choose among those that apply."""
+
+    AUTO = "auto"
+    GPIPE = "gpipe"
+    ONE_F_ONE_B = "1f1b"
+
+
+class CostSource(Choice):
+    """Where the planner's stage times come from; ``auto``: measured on CUDA, else analytic."""
+
+    AUTO = "auto"
+    ANALYTIC = "analytic"
+    MEASURED = "measured"
+
+
+class Offload(Choice):
     """Where a stage keeps its parameters (and optimizer state)."""
 
     NONE = "none"
@@ -56,10 +99,10 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 #: Pipeline schedules; "auto" lets the planner choose among the ones that apply.
-SCHEDULES = ("auto", "gpipe", "1f1b")
+SCHEDULES = tuple(s.value for s in Schedule)
 
 #: Where the planner's stage times come from (`Config.cost`).
-COSTS = ("auto", "analytic", "measured")
+COSTS = tuple(c.value for c in CostSource)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +124,7 @@ class Config:
     plan: Any = None
     """A `Plan` or the path of a saved one: skips planning and runs it as it was costed."""
 
-    precision: str = "fp32"
+    precision: Precision | str = Precision.FP32
     """``"fp32"``, or ``"bf16"`` / ``"fp16"`` under native autocast with fp32 master weights."""
 
     zero: bool | str = "auto"
@@ -96,10 +139,10 @@ class Config:
     prefetch: int = 1
     """Parameters an offloaded stage copies to the device ahead of use."""
 
-    schedule: str = "auto"
+    schedule: Schedule | str = Schedule.AUTO
     """The pipeline schedule: "auto", "gpipe" or "1f1b"."""
 
-    cost: str = "auto"
+    cost: CostSource | str = CostSource.AUTO
     """Where stage times come from: "measured" (each block profiled on this device, cached by
     model and device, `autopart.cost.measured`), "analytic" (the roofline model), or "auto":
     measured on CUDA, analytic elsewhere and for a model built on meta (nothing to run)."""
@@ -112,7 +155,7 @@ class Config:
 
     trace: str | None = None
     """A directory: record a few training steps' timeline on every rank and write it there
-    as a Chrome trace (`autopart.trace`); None: ``AUTOPART_TRACE``, or no trace."""
+    as a Chrome trace (`autopart.reports.trace`); None: ``AUTOPART_TRACE``, or no trace."""
 
     checkpoint: str | None = None
     """Where a meta-device model's values come from: safetensors, torch.save or DCP."""
@@ -122,7 +165,7 @@ class Config:
 
     loss_fn: Callable[[Any, Any], Any] | None = None
     """``loss_fn(output, target)``: the model is then called as ``model(..., target=y)`` and
-    returns the loss, captured with it, so that 1F1B can run (`autopart.with_loss`)."""
+    returns the loss, captured with it, so that 1F1B can run (`autopart.capture.with_loss`)."""
 
     given: frozenset[str] = field(default=frozenset(), compare=False)
     """The fields the user set explicitly (`from_keywords` fills it): a loaded plan must
@@ -138,16 +181,12 @@ class Config:
             raise AutopartError(
                 f"unknown precision {self.precision!r}; use 'fp32', 'bf16' or 'fp16'"
             )
-        set_(self, "precision", PRECISIONS[self.precision])
+        set_(self, "precision", Precision(PRECISIONS[self.precision]))
         check_zero(self.zero)
         set_(self, "offload", "auto" if self.offload == "auto" else Offload.of(self.offload))
         check_prefetch(self.prefetch)
-        if self.schedule not in SCHEDULES:
-            raise AutopartError(
-                f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}"
-            )
-        if self.cost not in COSTS:
-            raise AutopartError(f"unknown cost {self.cost!r}; use one of {', '.join(COSTS)}")
+        set_(self, "schedule", Schedule.parse(self.schedule, "schedule"))
+        set_(self, "cost", CostSource.parse(self.cost, "cost"))
         for name in ("stages", "microbatches"):
             value = getattr(self, name)
             if value is not None and value < 1:

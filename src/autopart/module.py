@@ -2,12 +2,15 @@
 
 The wrapper plans on its first call, because only then does it know the inputs: it captures
 the model on this rank's batch, agrees on a plan with every rank (`runtime.plan_agreement`),
-materializes a meta-built model's part (`runtime.stages`), builds this rank's stage, and cuts
-the optimizer down to it (`runtime.local_optimizer`).  From then on the plan is the only input
+materializes a meta-built model's part (`runtime.pipeline.builder`), builds this rank's stage, and
+cuts
+the optimizer down to it (`runtime.data_parallel.local_optimizer`).  From then on the plan is the
+only input
 that says what runs where; the keywords live in a `Config` and are not read again.  Each call
-runs the forward of every microbatch (`runtime.schedule`) and hands back outputs joined to one
-autograd node (`runtime.bridge`), whose backward runs the pipeline's backward and sums each
-gradient over the ranks holding its parameter (`runtime.gradients`).
+runs the forward of every microbatch (`runtime.pipeline.runner`) and hands back outputs joined to
+one
+autograd node (`runtime.pipeline.bridge`), whose backward runs the pipeline's backward and sums each
+gradient over the ranks holding its parameter (`runtime.data_parallel.holders`).
 """
 
 from __future__ import annotations
@@ -23,26 +26,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autopart.capture.with_loss import TARGET, WithLoss
 from autopart.config import Config, Offload
 from autopart.device import local_device, peak_bytes
 from autopart.errors import AutopartError
-from autopart.fidelity import PlanReport, build_report
 from autopart.ir import Graph
-from autopart.memtrack import storage_bytes
 from autopart.plan.plan import Plan
-from autopart.runtime import bridge, memory_report
-from autopart.runtime.calls import Calls
-from autopart.runtime.distenv import ensure_initialized
-from autopart.runtime.gradients import Holders
-from autopart.runtime.local_optimizer import LocalOptimizer
-from autopart.runtime.materialize import InitFn, has_meta
-from autopart.runtime.offload import ParamOffload
+from autopart.reports.fidelity import PlanReport, build_report
+from autopart.reports.memtrack import storage_bytes
+from autopart.runtime import memory_report
+from autopart.runtime.context import RankContext
+from autopart.runtime.data_parallel.holders import Holders
+from autopart.runtime.data_parallel.local_optimizer import LocalOptimizer
+from autopart.runtime.data_parallel.zero import assign_shards
+from autopart.runtime.pipeline import bridge
+from autopart.runtime.pipeline.builder import StageBuilder, canonical_names
+from autopart.runtime.pipeline.calls import Calls
+from autopart.runtime.pipeline.signatures import call_key
 from autopart.runtime.plan_agreement import agree_on_plan
-from autopart.runtime.signatures import call_key
-from autopart.runtime.stages import StageBuilder, canonical_names
-from autopart.runtime.state_gather import gather, to_cpu
-from autopart.runtime.zero import assign_shards
-from autopart.with_loss import TARGET, WithLoss
+from autopart.runtime.stage.materialize import InitFn, has_meta
+from autopart.runtime.stage.offload import ParamOffload
+from autopart.runtime.transport.collectives import gather, to_cpu
+from autopart.runtime.transport.distenv import ensure_initialized
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +130,8 @@ class Module(nn.Module):
             self.graph, self.config, self.optimizer, bridge.local_batch(args, kwargs), self.device
         )
         self.plan.validate_for(self.graph, self.world)
-        stage = self.plan.stage_of_rank(self.rank)
+        ctx = RankContext(self.rank, self.world, self.device, self.plan)
+        stage = ctx.stage
         initialized = self._stages.materialize(self.graph, self.plan, first=True)
         self.schedule = self._stages.build(self.graph, self.plan, self.training)
         self.offload = self.schedule.offload
@@ -138,23 +144,21 @@ class Module(nn.Module):
             if (canonical := self.names.get(name)) is not None and param.requires_grad
         }
         shards = assign_shards(stage, self.graph.params) if stage.zero else None
-        self.holders = Holders(self.plan, self.rank, trainable, self.device, shards, updated)
+        self.holders = Holders(ctx, trainable, shards, updated)
         if initialized:  # random values: every holder takes the first holder's, as DDP does
             self.holders.broadcast_from_first(self.local_tensors(initialized))
         self.local_optimizer = LocalOptimizer(
+            ctx,
             self.optimizer,
             self._stages.original_groups,
-            self.plan,
             self.graph,
-            self.rank,
             self.holders,
             trainable,
             self.offload,
-            self.device,
         )
         self._calls = Calls(
+            ctx,
             self._stages,
-            self.plan,
             self.holders,
             (key, self.schedule),
             lambda: self._sync,
@@ -234,7 +238,7 @@ class Module(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The full model state dict, gathered from the ranks that train each part: on every
         rank (each then holds the whole model), or with ``rank0_only`` streamed to rank 0 one
-        rank's part at a time (`runtime.state_gather`), the others getting ``{}``."""
+        rank's part at a time (`runtime.transport.collectives`), the others getting ``{}``."""
         self._require_setup("state_dict")
         keys = self.model.state_dict(keep_vars=True)
         mine = {
@@ -302,7 +306,8 @@ class Module(nn.Module):
 
     def plan_report(self, *, show: bool = True) -> PlanReport:
         """The plan's predicted forward, backward, allreduce and peak memory per stage, and its
-        step time, beside what the runtime measured in training steps 2 to 4 (`autopart.fidelity`).
+        step time, beside what the runtime measured in training steps 2 to 4
+        (`autopart.reports.fidelity`).
 
         A collective: every rank calls it (their measurements are gathered), and rank 0 prints
         it unless ``show=False``.  Peak memory is measured on CUDA, and on CPU with

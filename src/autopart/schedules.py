@@ -4,8 +4,8 @@ A schedule is a function of ``(stages, microbatches)`` that gives every stage th
 it runs the forward and the backward of each microbatch.  Three readers use the same lists, so
 they cannot disagree:
 
-* the runtime executes them (`autopart.runtime.schedule`), and derives from them the order in
-  which each rank posts its messages (`autopart.runtime.messages`);
+* the runtime executes them (`autopart.runtime.pipeline.runner`), and derives from them the order in
+  which each rank posts its messages (`autopart.runtime.transport.messages`);
 * the stage DP takes its fill factor from `fill_slots`;
 * the memory model takes the microbatches in flight per stage from `in_flight`.
 
@@ -25,7 +25,7 @@ The schedules:
   alternates one forward and one backward, then drains.  It keeps at most ``S - s``
   microbatches in flight, and with even stages it has GPipe's bubble, ``S - 1`` slots.
   Its backward of microbatch ``m`` runs before the caller has the step's loss, so it needs each
-  microbatch's loss gradient from the model itself (`autopart.runtime.loss_output`).
+  microbatch's loss gradient from the model itself (`autopart.ir.loss`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
+from autopart.config import Choice
 from autopart.errors import AutopartError
 
-FORWARD, BACKWARD = "F", "B"
+
+class Direction(Choice):
+    """Which way a stage runs a microbatch; also names a pass over every microbatch
+    (GPipe's forward pass inside the call, its backward inside ``loss.backward()``)."""
+
+    FORWARD = "F"
+    BACKWARD = "B"
+
+
+FORWARD, BACKWARD = Direction.FORWARD, Direction.BACKWARD
 
 
 class ScheduleError(AutopartError):
@@ -47,7 +57,7 @@ class ScheduleError(AutopartError):
 class Action:
     """The forward (``F``) or backward (``B``) of microbatch ``microbatch`` on one stage."""
 
-    kind: str
+    kind: Direction
     microbatch: int
 
     @property
@@ -144,7 +154,7 @@ class Span:
 
 
 #: How many actions' sends a rank keeps in flight: before each action it waits until what it
-#: sent ``SEND_LAG`` actions back has been received (`autopart.runtime.schedule`).
+#: sent ``SEND_LAG`` actions back has been received (`autopart.runtime.pipeline.runner`).
 SEND_LAG = 2
 
 

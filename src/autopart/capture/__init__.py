@@ -28,11 +28,11 @@ from autopart.capture.build import _build_graph
 from autopart.capture.common import METHODS, LeafSpec, log
 from autopart.capture.errors import _capture_error, _first_line
 from autopart.capture.inputs import _Inputs
+from autopart.capture.scalar_outputs import rewrite_scalar_outputs
 from autopart.capture.tracing import _keep_batch_in_squeeze, _trace_export, _trace_fx
 from autopart.device import canonicalize, capture_device, to_device
 from autopart.errors import CaptureError
 from autopart.ir import Graph
-from autopart.scalar_outputs import rewrite_scalar_outputs
 
 __all__ = ["METHODS", "LeafSpec", "capture"]
 

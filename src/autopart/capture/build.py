@@ -16,6 +16,7 @@ from autopart.capture.common import _module_path, _op_name, _storage_id
 from autopart.capture.inputs import _Inputs, _is_tensor
 from autopart.capture.meta_runner import _MetaRunner
 from autopart.capture.params import _Params
+from autopart.capture.scalar_outputs import reductions_of
 from autopart.capture.tracing import _placeholders, _Trace
 from autopart.ir import (
     Graph,
@@ -25,7 +26,6 @@ from autopart.ir import (
     OutputLeaf,
     structural_fingerprint,
 )
-from autopart.scalar_outputs import reductions_of
 
 
 def _kinds(gm: torch.fx.GraphModule, user_inputs: Iterable[str]) -> dict[str, NodeKind]:

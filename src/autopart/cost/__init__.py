@@ -6,7 +6,13 @@ uses; `autopart.cost.comm` models stage-to-stage sends and gradient allreduce; a
 `measure_links` replaces the link numbers of a spec with ones measured on a live process group.
 """
 
-from autopart.cost.analytic import AnalyticCostModel, BlockTimer, NodeArrays
+from autopart.cost.analytic import (
+    AnalyticCostModel,
+    BlockTimer,
+    NodeArrays,
+    analytic_cost_model,
+    compute_dtype,
+)
 from autopart.cost.bandwidth import LinkMeasurement, measure_links
 from autopart.cost.comm import (
     allreduce_seconds,
@@ -42,6 +48,8 @@ __all__ = [
     "NodeArrays",
     "allreduce_seconds",
     "allreduce_seconds_array",
+    "analytic_cost_model",
+    "compute_dtype",
     "cpu_spec",
     "crosses_nodes",
     "device_spec_from_dict",

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from autopart.cost.spec import DeviceSpec, dtype_name
-from autopart.ir import Node, NodeKind
+from autopart.ir import Graph, Node, NodeKind
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,23 @@ class NodeArrays:
                 s.grad_inputs,
             )
         return cls(*columns)
+
+
+def compute_dtype(graph: Graph) -> str:
+    """The dtype most parameter bytes are in: the one matmuls run at, for the roofline."""
+    totals: dict[str, int] = {}
+    for spec in graph.params.values():
+        if "float" in spec.dtype and not spec.is_buffer:
+            totals[spec.dtype] = totals.get(spec.dtype, 0) + spec.nbytes
+    return max(totals, key=lambda dtype: totals[dtype]) if totals else "torch.float32"
+
+
+def analytic_cost_model(
+    graph: Graph, spec: DeviceSpec, autocast: torch.dtype | None = None
+) -> AnalyticCostModel:
+    """The roofline model of ``spec``, at the dtype matmuls run in: ``autocast``'s, or the
+    dtype of most parameter bytes."""
+    return AnalyticCostModel(spec, dtype=str(autocast) if autocast else compute_dtype(graph))
 
 
 class AnalyticCostModel:

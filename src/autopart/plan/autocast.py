@@ -2,8 +2,8 @@
 
 Capture runs on meta tensors, where autocast does not apply, so the saved bytes it records are
 at the parameters' dtype.  Under ``precision="bf16"`` / ``"fp16"`` the runtime runs every stage
-under native autocast with fp32 master weights (`autopart.runtime.schedule`), which changes two
-things the memory model must charge:
+under native autocast with fp32 master weights (`autopart.runtime.pipeline.runner`), which changes
+two things the memory model must charge:
 
 * **Narrower activations.**  Matmul-like ops (`LOW`) run in the low dtype, so their outputs and
   the inputs they save are half as wide; ops that autocast keeps in float32 (`FULL`: norms,

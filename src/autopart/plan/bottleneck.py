@@ -18,14 +18,10 @@ step is greedy, so the result can be slightly slower than the exact DP's on the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from autopart.plan.cover import cheapest_cover
-
-if TYPE_CHECKING:
-    from autopart.plan.stage_dp import Table
+from autopart.plan.stage_table import Table
 
 #: Targets tried per DP pass.
 FANOUT = 64

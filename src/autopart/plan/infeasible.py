@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,10 +23,8 @@ from autopart.cost.units import format_bytes
 from autopart.ir import Graph
 from autopart.plan.blocks import Block
 from autopart.plan.cover import cheapest_cover
+from autopart.plan.options import PlanOptions
 from autopart.plan.stage_costs import StageCoster
-
-if TYPE_CHECKING:
-    from autopart.plan.planner import PlanOptions
 
 
 @dataclass(frozen=True)

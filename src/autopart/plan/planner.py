@@ -15,23 +15,17 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from autopart.config import (
-    AUTOCAST_DTYPES,
-    SCHEDULES,
-    Config,
-    Offload,
-    check_prefetch,
-    check_zero,
-)
+from autopart.config import AUTOCAST_DTYPES, Offload
 from autopart.cost import CostModel
 from autopart.cost.units import format_bytes
 from autopart.errors import AutopartError
 from autopart.ir import Graph
-from autopart.loss_output import find_loss
+from autopart.ir.loss import find_loss
 from autopart.plan.atomic import Component, atomic_components
 from autopart.plan.blocks import Block, coarsen
 from autopart.plan.infeasible import infeasible_message
 from autopart.plan.memory import OPTIMIZER_FACTORS, MemoryModel
+from autopart.plan.options import PlanOptions
 from autopart.plan.plan import Plan, StagePlan
 from autopart.plan.stage_costs import StageCoster
 from autopart.plan.stage_dp import Solution, search
@@ -49,93 +43,6 @@ class InfeasiblePlanError(AutopartError):
 
 
 @dataclass(frozen=True)
-class PlanOptions:
-    devices: int
-    global_batch: int
-    optimizer: str = "adam"
-    memory_margin: float = 0.1
-    device_memory: int | None = None
-    stages: int | None = None
-    microbatches: int | None = None
-    split_points: tuple[str, ...] | None = None
-    target_blocks: int = 32
-    #: Blocks may end at any op, not only where a human would cut (`autopart.plan.blocks`);
-    #: the planner's last resort when nothing fits.
-    free_cuts: bool = False
-    #: The most microbatches the search tries; None: up to the global batch.
-    max_microbatches: int | None = None
-    #: True, False, or "auto" (split optimizer state over replicas only where needed to fit).
-    zero: bool | str = "auto"
-    #: "none", "params", "params+optimizer" (every stage), or "auto" (where it is needed).
-    offload: str = "none"
-    #: Parameters an offloaded stage copies ahead of use (the runtime's prefetch depth).
-    prefetch: int = 1
-    #: Host memory per node for what offload keeps there; None: not checked.
-    host_memory: int | None = None
-    #: What the stages are costed at (recorded in the plan; the cost model is chosen for it).
-    precision: str = "fp32"
-    #: The pipeline schedule, or "auto": every one that applies, the fastest wins.
-    schedule: str = "auto"
-
-    @staticmethod
-    def from_config(
-        config: Config, *, devices: int, global_batch: int, optimizer: str, **tuning
-    ) -> PlanOptions:
-        """The planner's options for ``config`` on a cluster of ``devices`` at
-        ``global_batch``; ``tuning`` sets the planner's own knobs (margin, blocks, host memory)."""
-        offload = "auto" if config.offload == "auto" else Offload.of(config.offload).value
-        if offload == "auto" and "offload" not in config.given and not tuning.get("host_memory"):
-            # The default "auto" offloads only where the host's memory is known.
-            offload = Offload.NONE.value
-        return PlanOptions(
-            devices=devices,
-            global_batch=global_batch,
-            optimizer=optimizer,
-            device_memory=config.device_memory,  # type: ignore[arg-type]
-            stages=config.stages,
-            microbatches=config.microbatches,
-            split_points=config.split_points,
-            zero=config.zero,
-            offload=offload,
-            prefetch=config.prefetch,
-            precision=config.precision,
-            schedule=config.schedule,
-            **tuning,
-        )
-
-    def __post_init__(self) -> None:
-        if self.devices < 1:
-            raise AutopartError(f"devices must be at least 1, got {self.devices}")
-        if self.global_batch < 1:
-            raise AutopartError(
-                f"the global batch size must be at least 1, got {self.global_batch}"
-            )
-        if self.optimizer not in OPTIMIZER_FACTORS:
-            raise AutopartError(
-                f"unknown optimizer {self.optimizer!r}; use one of {sorted(OPTIMIZER_FACTORS)}"
-            )
-        if self.offload != "auto":
-            Offload.of(self.offload)
-        check_zero(self.zero)
-        if self.host_memory is not None and self.host_memory <= 0:
-            raise AutopartError(f"host memory must be positive, got {self.host_memory}")
-        check_prefetch(self.prefetch)
-        if self.schedule not in SCHEDULES:
-            raise AutopartError(
-                f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}"
-            )
-        if not 0 <= self.memory_margin < 1:
-            raise AutopartError(f"memory margin must be in [0, 1), got {self.memory_margin}")
-        if self.stages is not None and not 1 <= self.stages <= self.devices:
-            raise AutopartError(f"stages must be between 1 and {self.devices}, got {self.stages}")
-        if self.microbatches is not None and not 1 <= self.microbatches <= self.global_batch:
-            raise AutopartError(
-                f"microbatches must be between 1 and the global batch ({self.global_batch}), "
-                f"got {self.microbatches}"
-            )
-
-
-@dataclass(frozen=True)
 class Partition:
     """The planner's intermediate products, kept for tests and reports."""
 
@@ -149,7 +56,9 @@ class Partition:
 
 def make_plan(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Plan:
     """Partition ``graph`` over ``options.devices`` devices; raise if nothing fits."""
-    return plan_from_partition(graph, cost_model, options, partition(graph, cost_model, options))
+    plan = plan_from_partition(graph, cost_model, options, partition(graph, cost_model, options))
+    log.info("planned %d stage(s) x %d microbatch(es)", plan.num_stages, plan.microbatches)
+    return plan
 
 
 def prepare(
@@ -251,7 +160,7 @@ def _partition_once(
 
 def schedules_for(graph: Graph, schedule: str) -> tuple[tuple[str, ...], str]:
     """The schedules the search tries for ``schedule``, and why 1F1B is not among them
-    ("" when it is).  1F1B needs the model's own loss (`autopart.loss_output`)."""
+    ("" when it is).  1F1B needs the model's own loss (`autopart.ir.loss`)."""
     if schedule == "gpipe":
         return ("gpipe",), "gpipe was asked for"
     found = find_loss(graph)

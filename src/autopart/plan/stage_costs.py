@@ -33,7 +33,7 @@ from autopart.cost import CostModel, DeviceSpec, allreduce_seconds_array, p2p_se
 from autopart.ir import Graph
 from autopart.plan.autocast import autocast_saved
 from autopart.plan.memory import MemoryModel, StageFootprint
-from autopart.plan.stage_dp import StageCosts
+from autopart.plan.stage_table import StageCosts
 from autopart.plan.traffic import RangeTraffic
 
 

@@ -1,7 +1,7 @@
 """What this rank holds, by category, for `autopart.Module.memory_report`.
 
-Resident tensors are counted by storage (`autopart.memtrack.storage_bytes`), so views and tied
-weights count once; what offload keeps in host memory is reported apart, under ``host_*``.
+Resident tensors are counted by storage (`autopart.reports.memtrack.storage_bytes`), so views and
+tied weights count once; what offload keeps in host memory is reported apart, under ``host_*``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from autopart.runtime.offload import ParamOffload
+from autopart.runtime.stage.offload import ParamOffload
 
 
 def resident(

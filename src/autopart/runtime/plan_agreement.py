@@ -25,6 +25,7 @@ from autopart.cost import (
     CostModel,
     DeviceSpec,
     MeasuredCostModel,
+    analytic_cost_model,
     get_device_spec,
     local_device_spec,
 )
@@ -33,9 +34,8 @@ from autopart.cost.probe import host_memory_bytes, measure_host_link
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan
-from autopart.plan.planner import PlanOptions
-from autopart.planning import analytic_cost_model, plan_graph
-from autopart.runtime.routing import all_gather_ints
+from autopart.plan.planner import PlanOptions, make_plan
+from autopart.runtime.transport.routing import all_gather_ints
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _make_plan(
         optimizer=optimizer_kind(optimizer),
         host_memory=host_memory_bytes() if offloading else None,
     )
-    return plan_graph(graph, _cost_model(graph, config, spec, device), options)
+    return make_plan(graph, _cost_model(graph, config, spec, device), options)
 
 
 def _cost_model(graph: Graph, config: Config, spec: DeviceSpec, device: torch.device) -> CostModel:
@@ -117,13 +117,13 @@ def _cost_model(graph: Graph, config: Config, spec: DeviceSpec, device: torch.de
         config.cost == "auto" and device.type == "cuda" and real
     )
     if not measured:
-        return analytic_cost_model(graph, spec, config.precision)
+        return analytic_cost_model(graph, spec, AUTOCAST_DTYPES[config.precision])
     if not real:
         raise AutopartError(
             "cost='measured' runs the model's blocks, but this model has no values on this "
             "rank yet (it was built on the meta device); use cost='analytic' or 'auto'"
         )
-    analytic = analytic_cost_model(graph, spec, config.precision)
+    analytic = analytic_cost_model(graph, spec, AUTOCAST_DTYPES[config.precision])
     try:
         return MeasuredCostModel(
             graph, device, spec=spec, autocast=AUTOCAST_DTYPES[config.precision], fallback=analytic

@@ -1,7 +1,7 @@
 """This rank's stage, from model to runnable schedule, for every call signature.
 
 `StageBuilder` captures the model (on meta when it was built there), materializes this rank's
-tensors of a meta-built model (`runtime.materialize`), and builds the stage module of a graph
+tensors of a meta-built model (`runtime.stage.materialize`), and builds the stage module of a graph
 under a plan: on the device, or with its parameters in host memory where the plan offloads the
 stage, with the buffers shared back into the user's model and the once-per-call buffer updates
 attached.  It reads nothing but the plan for what to build.
@@ -22,7 +22,9 @@ from autopart.device import CANONICAL
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan, StagePlan
-from autopart.runtime.materialize import (
+from autopart.runtime.pipeline.runner import StageRunner
+from autopart.runtime.stage.graph_cut import StageIO, build_stage_module, stage_ios, state_updates
+from autopart.runtime.stage.materialize import (
     device_view,
     has_meta,
     materialize,
@@ -31,9 +33,7 @@ from autopart.runtime.materialize import (
     rebind,
     rebind_optimizer,
 )
-from autopart.runtime.offload import ParamOffload
-from autopart.runtime.schedule import StageRunner
-from autopart.runtime.stage_module import StageIO, build_stage_module, stage_ios, state_updates
+from autopart.runtime.stage.offload import ParamOffload
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class StageBuilder:
         self.world = dist.get_world_size()
         #: Decided once: every rank must take the same collective path, whatever it holds now.
         self.meta_built = has_meta(model)
-        #: Messages to higher ranks get a process group of their own (`runtime.messages`).
+        #: Messages to higher ranks get a process group of their own (`runtime.transport.messages`).
         self.upward: dist.ProcessGroup | None = None
         #: Tensors of the stage modules built so far: the ones this rank keeps on its device.
         self.held: set[int] = set()

@@ -27,6 +27,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import torch
 import torch.distributed as dist
@@ -34,14 +35,24 @@ import torch.distributed as dist
 from autopart import schedules
 from autopart.ir import Graph, NodeKind, TensorSpec
 from autopart.plan.plan import Plan
-from autopart.runtime import routing
-from autopart.runtime.layout import BatchLayout, Rows, transfers
-from autopart.runtime.routing import ValueShape
-from autopart.runtime.stage_module import StageIO
-from autopart.schedules import Action
+from autopart.runtime.stage.graph_cut import StageIO
+from autopart.runtime.transport import routing
+from autopart.runtime.transport.layout import BatchLayout, Rows, transfers
+from autopart.runtime.transport.routing import ValueShape
+from autopart.schedules import BACKWARD, FORWARD, Action
 
-INPUT, ACT, OUT, GRAD, OUT_GRAD = range(5)
-FORWARD, BACKWARD = "forward", "backward"
+
+class Phase(IntEnum):
+    """What a message carries (its place in `Key`)."""
+
+    INPUT = 0  # the caller's rows, to the first stage that reads them
+    ACT = 1  # an activation, to a later stage
+    OUT = 2  # an output, to the rank that returns it
+    GRAD = 3  # an activation's gradient, back to the stage that made it
+    OUT_GRAD = 4  # an output's gradient, from the caller, to the stage that made the output
+
+
+INPUT, ACT, OUT, GRAD, OUT_GRAD = Phase
 PHASE_NAMES = {
     INPUT: "input rows",
     ACT: "activation",
@@ -50,7 +61,14 @@ PHASE_NAMES = {
     OUT_GRAD: "output gradient",
 }
 
-Key = tuple[int, int, str, int]  # phase, microbatch, value name, leaf index
+
+def pass_name(which: str) -> str:
+    """A pass in words: GPipe's forward or backward pass, or a schedule's whole step."""
+    words: dict[str, str] = {FORWARD: "forward", BACKWARD: "backward"}
+    return words.get(which, f"{which} step")
+
+
+Key = tuple[Phase, int, str, int]  # phase, microbatch, value name, leaf index
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,7 @@ class Message:
     """Rows ``rows`` of leaf ``leaf`` of value ``name`` in microbatch ``m``, from ``src`` to
     ``dst``; ``rows`` is ``(0, 0)`` for a leaf without a batch dimension (sent whole)."""
 
-    phase: int
+    phase: Phase
     m: int
     name: str
     leaf: int
@@ -266,8 +284,8 @@ class Inbox:
             self._early[(src, message.key)] = buffer
         raise routing.RuntimeCommError(
             f"rank {self.rank} expected {PHASE_NAMES[key[0]]} of {key[2]} (microbatch {key[1]}) "
-            f"from rank {src}, which does not send it in this {self.which} pass; this is a bug "
-            "in autopart's schedule, please report it"
+            f"from rank {src}, which does not send it in this {pass_name(self.which)} pass; this "
+            "is a bug in autopart's schedule, please report it"
         )
 
     def finish(self) -> None:
@@ -279,7 +297,7 @@ class Inbox:
         if left:
             (src, key), count = left[0], len(left)
             raise routing.RuntimeCommError(
-                f"rank {self.rank} left {count} message(s) of this {self.which} pass unread, "
-                f"the first the {PHASE_NAMES[key[0]]} of {key[2]} from rank {src}; this is a "
-                "bug in autopart's schedule, please report it"
+                f"rank {self.rank} left {count} message(s) of this {pass_name(self.which)} pass "
+                f"unread, the first the {PHASE_NAMES[key[0]]} of {key[2]} from rank {src}; this "
+                "is a bug in autopart's schedule, please report it"
             )

@@ -247,8 +247,8 @@ def structural_fingerprint(
 @dataclass(frozen=True)
 class RowTerm:
     """One term ``coef · ΣN / den`` of a scalar output split into per-row parts (see
-    `autopart.scalar_outputs`).  ``N`` is the batch value ``numerator``; ``den`` is the sum of
-    the batch value ``denominator``, or ``numel(N) · mean_scale`` for a mean, or 1 for a sum,
+    `autopart.capture.scalar_outputs`).  ``N`` is the batch value ``numerator``; ``den`` is the sum
+    of the batch value ``denominator``, or ``numel(N) · mean_scale`` for a mean, or 1 for a sum,
     and is further multiplied by the non-batch input ``divisor`` when one is named."""
 
     numerator: str

@@ -2,20 +2,20 @@
 
 A call first agrees with every rank on its kind and batch sizes (one all-gather), finds its
 schedule (a new kind of call is captured once and placed on the first plan's stages,
-`runtime.signatures`), runs the forward of every microbatch, and hands back outputs joined to
-one autograd node (`runtime.bridge`).  That node's backward runs the pipeline's backward and then,
-unless the caller is inside ``no_sync``, sums each gradient over the ranks holding its
+`runtime.pipeline.signatures`), runs the forward of every microbatch, and hands back outputs joined
+to one autograd node (`runtime.pipeline.bridge`).  That node's backward runs the pipeline's backward
+and then, unless the caller is inside ``no_sync``, sums each gradient over the ranks holding its
 parameter, as DDP does; a second backward before the step first undoes the earlier sum's
 duplication (`Holders.unsum_synced`).
 
 Under 1F1B the pipeline's backward runs inside the call, from the model's own loss
-(`runtime.loss_grads`); what it computes is kept apart (`DeferredGrads`), and the caller's
+(`runtime.pipeline.loss_grads`); what it computes is kept apart (`DeferredGrads`), and the caller's
 backward only scales it by the gradient it puts on the loss before the same sums.
 
 Training calls 2 to 1 + `TRACE_CALLS` are timed, action by action and whole steps (forward
 to the end of backward's gradient sum): `Module.plan_report` sets them against the plan's
-prediction, and with ``trace=`` every rank's actions go to a Chrome trace (`autopart.trace`).
-The first call is left out: it also captures and plans.
+prediction, and with ``trace=`` every rank's actions go to a Chrome trace
+(`autopart.reports.trace`). The first call is left out: it also captures and plans.
 """
 
 from __future__ import annotations
@@ -30,22 +30,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autopart import trace
 from autopart.device import reset_peak, synchronize
 from autopart.errors import AutopartError
-from autopart.memtrack import LiveBytes, storage_bytes
-from autopart.plan.plan import Plan
-from autopart.runtime import bridge
-from autopart.runtime.gradients import Holders
-from autopart.runtime.layout import BatchLayout
-from autopart.runtime.loss_grads import DeferredGrads
+from autopart.reports import trace
+from autopart.reports.memtrack import LiveBytes, storage_bytes
+from autopart.reports.trace import Recorder
+from autopart.runtime.context import RankContext
+from autopart.runtime.data_parallel.holders import Holders
+from autopart.runtime.pipeline import bridge
+from autopart.runtime.pipeline.builder import StageBuilder, raise_on_every_rank
+from autopart.runtime.pipeline.loss_grads import DeferredGrads
+from autopart.runtime.pipeline.runner import StageRunner
+from autopart.runtime.pipeline.signatures import derive_plan, key_number
+from autopart.runtime.pipeline.step_state import StepState
 from autopart.runtime.plan_agreement import agreeing
-from autopart.runtime.routing import all_gather_floats, all_gather_ints, comm_errors
-from autopart.runtime.schedule import StageRunner
-from autopart.runtime.signatures import derive_plan, key_number
-from autopart.runtime.stages import StageBuilder, raise_on_every_rank
-from autopart.runtime.step_state import StepState
-from autopart.trace import Recorder
+from autopart.runtime.transport.layout import BatchLayout
+from autopart.runtime.transport.routing import all_gather_floats, all_gather_ints, comm_errors
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ TRACE_CALLS = 3
 class Calls:
     def __init__(
         self,
+        ctx: RankContext,
         stages: StageBuilder,
-        plan: Plan,
         holders: Holders,
         first: tuple[str, StageRunner],
         sync: Callable[[], bool],
@@ -66,13 +66,13 @@ class Calls:
         trace: str | None = None,
     ) -> None:
         self.stages = stages
-        self.plan = plan
+        self.plan = ctx.plan
         self.holders = holders
         self.schedules = dict([first])
         self.sync = sync
         self.resident = resident
         self.track_memory = track_memory
-        self.rank, self.world, self.device = stages.rank, stages.world, stages.device
+        self.rank, self.world, self.device = ctx.rank, ctx.world, ctx.device
         #: Whether the gradients hold a sum over holders that no backward has added to yet.
         self.grads_synced = False
         #: The peaks of the last tracked step (`Module.memory_report`).

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from autopart.ir import Graph, NodeKind
-from autopart.runtime.layout import BatchLayout, Rows
-from autopart.runtime.messages import FORWARD, Inbox, Key
+from autopart.runtime.transport.layout import BatchLayout, Rows
+from autopart.runtime.transport.messages import FORWARD, Inbox, Key
 
 
 @dataclass

@@ -11,7 +11,7 @@ the ranks compare theirs and refuse to differ.
 The gradient of the loss at ``g = 1`` with respect to one microbatch's outputs
 (`LossGrads.rows_grad`), as GPipe's backward would have received it from the caller:
 
-* a loss split into per-row terms ``Σ coef · ΣN / den`` (`autopart.scalar_outputs`) gives
+* a loss split into per-row terms ``Σ coef · ΣN / den`` (`autopart.capture.scalar_outputs`) gives
   each row of ``N`` owned by rank ``r`` the gradient ``coef / (den_r · W)``: rank ``r``'s own
   loss divides by its own denominator, and DDP divides by the world ``W``.  Each rank
   computes its ``den_r`` from its inputs before the pipeline runs (`LossSource.for_call`),
@@ -30,11 +30,11 @@ from typing import Any
 import torch
 
 from autopart.ir import Graph
-from autopart.loss_output import LossOutput
-from autopart.runtime import routing
-from autopart.runtime.layout import BatchLayout, Rows
-from autopart.runtime.routing import ValueShape, all_gather_floats
-from autopart.runtime.stage_module import StageIO, build_stage_module
+from autopart.ir.loss import LossOutput
+from autopart.runtime.stage.graph_cut import StageIO, build_stage_module
+from autopart.runtime.transport import routing
+from autopart.runtime.transport.layout import BatchLayout, Rows
+from autopart.runtime.transport.routing import ValueShape, all_gather_floats
 
 
 class LossGrads:

@@ -4,7 +4,7 @@ autograd node that joins them.
 The forward pass of every microbatch runs inside ``forward``; the outputs handed back are
 joined to one custom autograd node (`_Bridge`), whose backward runs the pipeline's backward for
 every microbatch (``run_backward``).  The outputs come back in the model's own structure, with
-each split scalar combined from this rank's rows of its terms (`autopart.scalar_outputs`).
+each split scalar combined from this rank's rows of its terms (`autopart.capture.scalar_outputs`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch.utils._pytree as pytree
 
 from autopart.errors import AutopartError
 from autopart.ir import Graph
-from autopart.runtime import routing
-from autopart.runtime.schedule import StageRunner
+from autopart.runtime.pipeline.runner import StageRunner
+from autopart.runtime.transport import routing
 
 #: Runs the pipeline's backward: (output order, differentiable leaf positions, their grads).
 RunBackward = Callable[[list[str], list[int], tuple[torch.Tensor, ...]], None]

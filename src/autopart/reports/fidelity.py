@@ -1,8 +1,8 @@
 """The plan's predictions against what the runtime measured: `Module.plan_report`.
 
 A plan is only as good as its cost model, so after a few training steps the runtime's own
-timers (the timed calls of `autopart.runtime.calls`, the same spans ``trace=`` draws) are set
-beside what the plan predicted, stage by stage:
+timers (the timed calls of `autopart.runtime.pipeline.calls`, the same spans ``trace=`` draws) are
+set beside what the plan predicted, stage by stage:
 
 * **forward**: one microbatch's forward on one replica (``F`` spans);
 * **backward**: one microbatch's backward, with its recomputation where the stage recomputes

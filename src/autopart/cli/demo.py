@@ -24,10 +24,10 @@ import torch.multiprocessing as mp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from autopart.cli.models import gpt2
 from autopart.errors import AutopartError
-from autopart.models import gpt2
-from autopart.report import print_plan
-from autopart.runtime.distenv import free_port, set_local_launch_env
+from autopart.reports.plan_table import print_plan
+from autopart.runtime.transport.distenv import free_port, set_local_launch_env
 
 VOCAB = 256
 
@@ -116,6 +116,7 @@ def _train(rank: int, s: dict) -> None:
             losses.append(mean_loss.item() / world)
             rates.append(s["batch_size"] / elapsed)
             if step == 0 and rank == 0:
+                assert model.plan is not None  # made by the first call
                 print_plan(model.plan, console)
             progress.update(task, advance=1, loss=losses[-1], rate=rates[-1])
     report = model.plan_report(show=False)  # a collective: every rank's timers

@@ -18,10 +18,11 @@ from autopart.config import Offload
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan
-from autopart.runtime.gradients import Holders
-from autopart.runtime.offload import ParamOffload, StepOnDevice
-from autopart.runtime.state_gather import gather, to_cpu
-from autopart.runtime.zero import ShardedStep, assign_shards
+from autopart.runtime.context import RankContext
+from autopart.runtime.data_parallel.holders import Holders
+from autopart.runtime.data_parallel.zero import ShardedStep, assign_shards
+from autopart.runtime.stage.offload import ParamOffload, StepOnDevice
+from autopart.runtime.transport.collectives import gather, to_cpu
 
 
 class LocalOptimizer:
@@ -30,21 +31,18 @@ class LocalOptimizer:
 
     def __init__(
         self,
+        ctx: RankContext,
         optimizer: torch.optim.Optimizer | None,
         original_groups: list[list[torch.Tensor]],
-        plan: Plan,
         graph: Graph,
-        rank: int,
         holders: Holders,
         trainable: dict[str, torch.Tensor],
         offload: ParamOffload | None,
-        device: torch.device,
     ) -> None:
         self.optimizer = optimizer
         self.original_groups = original_groups
-        self.rank = rank
-        self.device = device
-        self.stage = plan.stage_of_rank(rank)
+        plan, rank, self.rank, self.device = ctx.plan, ctx.rank, ctx.rank, ctx.device
+        self.stage = ctx.stage
         self.local_ids = {id(trainable[n]) for n in holders.local}
         shards = assign_shards(self.stage, graph.params) if self.stage.zero else None
         self.state_owner = _state_owners(plan, graph, trainable)
@@ -61,7 +59,7 @@ class LocalOptimizer:
         if self.stage.offload == Offload.PARAMS and offload is not None:
             # First: its post-step hook brings the parameters home before ZeRO shares them.
             stepped = [p for p in offload.parameters() if id(p) in self.stepped_ids]
-            StepOnDevice(optimizer, stepped, device)
+            StepOnDevice(optimizer, stepped, self.device)
         if shards is not None:
             step = ShardedStep(
                 shards,

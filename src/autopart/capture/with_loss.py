@@ -1,6 +1,6 @@
 """``loss_fn=``: a loss computed outside the model, folded into the captured graph.
 
-1F1B needs the loss inside the model call (`autopart.loss_output`).  A training script that
+1F1B needs the loss inside the model call (`autopart.ir.loss`).  A training script that
 computes it outside, ``loss = loss_fn(model(x), y)``, gets the same by passing ``loss_fn=``:
 the wrapped model is then called as ``model(x, target=y)`` and returns ``loss_fn(model(x), y)``.
 The loss's ops are captured with the model's, so its per-row parts are recognized like a

@@ -11,7 +11,7 @@ moves by its kind:
 
 Sends are asynchronous and collected in ``pending``; receives block.  Messages between two
 ranks are matched by the order they are posted in, as NCCL matches them; tags are 0 unless
-`autopart.runtime.messages` is asked to add them for debugging.
+`autopart.runtime.transport.messages` is asked to add them for debugging.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from autopart.errors import AutopartError
 from autopart.ir import Graph, TensorSpec
-from autopart.runtime.layout import Rows, Transfer, transfers
+from autopart.runtime.transport.layout import Rows, Transfer, transfers
 
 
 class RuntimeCommError(AutopartError):

@@ -9,7 +9,7 @@ the user's optimizer keeps working on them.
 
 Export bakes the training flag into every mode-dependent op; ``train()``/``eval()`` therefore
 switch graphs, not flags: each mode is a call signature with its own capture
-(`autopart.runtime.signatures`).
+(`autopart.runtime.pipeline.signatures`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """From a model to a plan: capture, cost, partition.
 
 `plan_model` does all three, for the CLI.  `autopart.Module` captures on its own (it keeps the
-graph to run it) and measures its links first, then calls `plan_graph` with
+graph to run it) and measures its links first, then calls `make_plan` with
 `analytic_cost_model` (`autopart.runtime.plan_agreement`); each phase is still its own module
 and can be driven separately.
 """
@@ -19,10 +19,9 @@ from rich.console import Console
 from autopart.capture import capture
 from autopart.config import AUTOCAST_DTYPES
 from autopart.cost import (
-    AnalyticCostModel,
     CostModel,
-    DeviceSpec,
     MeasuredCostModel,
+    analytic_cost_model,
     get_device_spec,
 )
 from autopart.ir import Graph
@@ -41,28 +40,6 @@ def _phase(console: Console | None, text: str) -> Iterator[None]:
         yield
 
 
-def compute_dtype(graph: Graph) -> str:
-    """The dtype most parameter bytes are in: the one matmuls run at, for the roofline."""
-    totals: dict[str, int] = {}
-    for spec in graph.params.values():
-        if "float" in spec.dtype and not spec.is_buffer:
-            totals[spec.dtype] = totals.get(spec.dtype, 0) + spec.nbytes
-    return max(totals, key=lambda dtype: totals[dtype]) if totals else "torch.float32"
-
-
-def analytic_cost_model(graph: Graph, spec: DeviceSpec, precision: str = "fp32") -> CostModel:
-    """The roofline model of ``spec``, at the dtype ``precision`` runs matmuls in."""
-    autocast = AUTOCAST_DTYPES[precision]
-    return AnalyticCostModel(spec, dtype=str(autocast) if autocast else compute_dtype(graph))
-
-
-def plan_graph(graph: Graph, cost_model: CostModel, options: PlanOptions) -> Plan:
-    """Partition a captured graph (`make_plan`, logged)."""
-    plan = make_plan(graph, cost_model, options)
-    log.info("planned %d stage(s) x %d microbatch(es)", plan.num_stages, plan.microbatches)
-    return plan
-
-
 def cost_model_for(
     graph: Graph,
     cost: str,
@@ -72,7 +49,7 @@ def cost_model_for(
 ) -> CostModel:
     spec = get_device_spec(device_type, memory_bytes=device_memory)
     if cost == "analytic":
-        return analytic_cost_model(graph, spec, precision)
+        return analytic_cost_model(graph, spec, AUTOCAST_DTYPES[precision])
     if cost == "measured":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return MeasuredCostModel(graph, device, spec=spec)
@@ -98,5 +75,5 @@ def plan_model(
             graph, cost, device_type, options.device_memory, options.precision
         )
     with _phase(progress, "searching stages x replicas…"):
-        plan = plan_graph(graph, cost_model, options)
+        plan = make_plan(graph, cost_model, options)
     return graph, plan

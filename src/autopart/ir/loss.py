@@ -5,13 +5,13 @@ microbatch by microbatch.
 long before the caller calls ``loss.backward()``.  It can, because the gradient of the step
 is linear in the gradient ``g`` the caller puts on the loss: the runtime back-propagates
 ``g = 1`` during forward and multiplies by the caller's ``g`` when backward comes
-(`autopart.runtime.loss_grads`).  For that it must know, at forward time:
+(`autopart.runtime.pipeline.loss_grads`).  For that it must know, at forward time:
 
 * which output is the loss: the model's only output when that is a floating scalar, or the
   scalar under the key ``loss`` (as Hugging Face's ``ModelOutput`` has it).  A scalar beside
   other outputs and not named so (a metric, say) is not taken for the loss;
 * the gradient of the loss with respect to each of its per-row parts.  A split loss
-  (`autopart.scalar_outputs`) ``Σ coef · ΣN / den`` divides by a per-rank denominator, such
+  (`autopart.capture.scalar_outputs`) ``Σ coef · ΣN / den`` divides by a per-rank denominator, such
   as the count of labels that are not ignored.  That denominator must be computable from the
   inputs alone (no parameter), so that every rank can compute its own before the pipeline runs.
 

@@ -24,12 +24,12 @@ log = logging.getLogger("autopart")
 def _plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from autopart.cli.factory import call_factory
+    from autopart.cli.planning import plan_model
     from autopart.config import Config
     from autopart.cost import parse_bytes
-    from autopart.factory import call_factory
     from autopart.plan.planner import PlanOptions
-    from autopart.planning import plan_model
-    from autopart.report import print_plan
+    from autopart.reports.plan_table import print_plan
 
     console = Console(stderr=True)
     model, example_args, example_kwargs = call_factory(args.model)
@@ -74,9 +74,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from autopart import trace
     from autopart.plan.plan import Plan
-    from autopart.report import print_plan
+    from autopart.reports import trace
+    from autopart.reports.plan_table import print_plan
 
     plan = Plan.load(args.plan)
     print_plan(plan)
@@ -87,7 +87,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from autopart.demo import run
+    from autopart.cli.demo import run
 
     return run(args)
 

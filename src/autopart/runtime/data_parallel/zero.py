@@ -4,7 +4,7 @@ Each trainable parameter of a stage is assigned to one of the stage's replicas (
 to the least loaded; the same on every rank because it depends only on the plan).  A replica's
 optimizer holds only its share, so optimizer-state memory per rank falls by the replica count;
 after the step, each owner broadcasts its updated parameters to the other replicas.  Each
-gradient is summed onto its owner alone (`autopart.runtime.overlap`), as under ZeRO-2.
+gradient is summed onto its owner alone (`autopart.runtime.data_parallel.overlap`), as under ZeRO-2.
 """
 
 from __future__ import annotations

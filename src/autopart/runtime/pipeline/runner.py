@@ -4,26 +4,21 @@ Each rank runs one replica of one stage, and executes its actions in order: a fo
 every send as soon as its value exists and blocks only on receives from earlier stages; a
 backward blocks only on gradients from later stages.  `autopart.schedules.simulate` shows that
 the lists cannot deadlock against each other, so no barrier is needed.  Which messages a rank
-posts, and in what order, follows from the same lists (`autopart.runtime.messages`); receives
-follow each sender's order, so nothing depends on tags, which NCCL ignores.
+posts, and in what order, follows from the same lists (`autopart.runtime.transport.messages`);
+receives follow each sender's order, so nothing depends on tags, which NCCL ignores.
 
 GPipe runs in two passes around the caller: the forward actions inside the model call, the
 backward ones inside ``loss.backward()``, with the caller's output gradients.  1F1B runs its
 whole list inside the model call, since its backwards interleave with its forwards; the
 gradient each microbatch's backward starts from comes from the model's own loss
-(`autopart.runtime.loss_grads`), and the caller's ``backward()`` only scales the result.
+(`autopart.runtime.pipeline.loss_grads`), and the caller's ``backward()`` only scales the result.
 
-The messages of a pass are `autopart.runtime.messages`'s (caller rows, activations, outputs
-and their gradients); an output without a batch dimension is no message: every rank gets the
+The messages of a pass are `autopart.runtime.transport.messages`'s (caller rows, activations,
+outputs and their gradients); an output without a batch dimension is no message: every rank gets the
 row-weighted mean of the chunks' values from one all-reduce per call.
 
 Gradients follow DistributedDataParallel: every rank's output gradient is divided by the
 world size, so the sum that each stage's replica group all-reduces is the mean over ranks.
-
-At about 450 lines this file is longer than most: the forward, the gathering of outputs and
-the backward share their message plumbing (posting, fetching, the holders of each value), and
-cutting them apart would spread one runner over three files (`runtime.messages` already
-holds what each pass sends, and `runtime.loss_grads` what 1F1B starts its backwards from).
 """
 
 from __future__ import annotations
@@ -38,12 +33,17 @@ from torch import fx
 
 from autopart.device import replayed_rng, rng_state
 from autopart.ir import Graph, NodeKind
-from autopart.loss_output import find_loss
+from autopart.ir.loss import find_loss
 from autopart.plan.plan import Plan
-from autopart.runtime import routing
-from autopart.runtime.layout import BatchLayout, Rows
-from autopart.runtime.loss_grads import LossGrads, LossSource
-from autopart.runtime.messages import (
+from autopart.reports.trace import Recorder
+from autopart.runtime.pipeline.loss_grads import LossGrads, LossSource
+from autopart.runtime.pipeline.step_state import Microbatch, StepState, track_inputs
+from autopart.runtime.pipeline.whole_outputs import add_share, combine_whole
+from autopart.runtime.stage.graph_cut import StageIO
+from autopart.runtime.stage.offload import ParamOffload
+from autopart.runtime.transport import routing
+from autopart.runtime.transport.layout import BatchLayout, Rows
+from autopart.runtime.transport.messages import (
     ACT,
     BACKWARD,
     FORWARD,
@@ -57,12 +57,7 @@ from autopart.runtime.messages import (
     Messages,
     differentiable,
 )
-from autopart.runtime.offload import ParamOffload
-from autopart.runtime.stage_module import StageIO
-from autopart.runtime.step_state import Microbatch, StepState, track_inputs
-from autopart.runtime.whole_outputs import add_share, combine_whole
 from autopart.schedules import SEND_LAG, Action
-from autopart.trace import Recorder
 
 
 class StageRunner:
@@ -109,11 +104,11 @@ class StageRunner:
         #: Buffer updates that run once per call (`stage_module.state_updates`), if any.
         self.state_update: fx.GraphModule | None = None
         #: The model's loss, when the plan's schedule back-propagates inside the call and
-        #: can use it; else why not (`autopart.loss_output`).  GPipe needs neither.
+        #: can use it; else why not (`autopart.ir.loss`).  GPipe needs neither.
         found = find_loss(graph) if plan.schedule != "gpipe" else "the plan's schedule is gpipe"
         self.loss_reason = found if isinstance(found, str) else None
         self.loss = LossSource(graph, found, device) if not isinstance(found, str) else None
-        #: Times each action while a trace is being recorded (`autopart.trace`).
+        #: Times each action while a trace is being recorded (`autopart.reports.trace`).
         self.recorder: Recorder | None = None
 
     def _timed(self, name: str):

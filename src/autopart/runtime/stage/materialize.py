@@ -30,8 +30,8 @@ from torch import nn
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan
-from autopart.runtime.stage_module import state_updates
-from autopart.runtime.tensor_sources import TensorSource, open_checkpoint
+from autopart.runtime.stage.graph_cut import state_updates
+from autopart.runtime.stage.tensor_sources import TensorSource, open_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from autopart.ir import TensorSpec
-from autopart.runtime import routing
-from autopart.runtime.layout import Rows
-from autopart.runtime.routing import ValueShape
+from autopart.runtime.transport import routing
+from autopart.runtime.transport.layout import Rows
+from autopart.runtime.transport.routing import ValueShape
 
 Key = tuple[str, int]
 

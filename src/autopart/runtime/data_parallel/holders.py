@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from autopart.plan.plan import Plan
-from autopart.runtime.overlap import OverlappedAllReduce
+from autopart.runtime.context import RankContext
+from autopart.runtime.data_parallel.overlap import OverlappedAllReduce
 
 #: The most bytes one broadcast of freshly initialized values carries.
 BROADCAST_BUCKET_BYTES = 64 * 2**20
@@ -28,15 +28,12 @@ class Holders:
 
     def __init__(
         self,
-        plan: Plan,
-        rank: int,
+        ctx: RankContext,
         trainable: dict[str, torch.Tensor],
-        device: torch.device,
         shards: dict[str, int] | None = None,
         updated: dict[str, list[int]] | None = None,
     ) -> None:
-        self.rank = rank
-        self.device = device
+        plan, self.rank, self.device = ctx.plan, ctx.rank, ctx.device
         ranks_of: dict[str, set[int]] = defaultdict(set)
         for stage in plan.stages:
             for name in stage.params:
@@ -44,8 +41,8 @@ class Holders:
         for name, ranks in (updated or {}).items():  # buffers only once-per-call ops touch
             ranks_of[name].update(ranks)
         self.ranks_of = {name: tuple(sorted(r)) for name, r in ranks_of.items()}
-        self.local = [n for n in plan.stage_of_rank(rank).params if n in trainable]
-        self.stage_ranks = plan.stage_of_rank(rank).ranks
+        self.local = [n for n in ctx.stage.params if n in trainable]
+        self.stage_ranks = ctx.stage.ranks
         self.trainable = trainable
         self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for holders in sorted(set(self.ranks_of.values())):
