@@ -10,7 +10,8 @@ import math
 from collections.abc import Iterator, Sequence
 from itertools import combinations, pairwise
 
-from autopart.plan.stage_dp import CostsOf, Solution, StageChoice, _check, step_seconds
+from autopart.plan.stage_dp import Solution, _check, step_seconds
+from autopart.plan.stage_table import CostsOf, StageChoice
 
 
 def exhaustive(

@@ -4,6 +4,8 @@ contradicts an explicit keyword is refused."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,3 +72,22 @@ def test_keywords_remember_what_was_given():
     assert config.device_memory == 2**30 and config.offload is Offload.PARAMS_OPTIMIZER
     with pytest.raises(AutopartError, match="unknown option"):
         Config.from_keywords(stagez=2)
+
+
+def test_options_are_declared_once_on_config():
+    """`Module`'s keywords are `Config`'s fields (typed for users, so spelled out there; this
+    keeps them from drifting), and every field has the one description the CLI repeats."""
+    import inspect
+
+    from autopart.config import option_docs
+    from autopart.module import Module
+
+    fields_ = {f.name for f in dataclasses.fields(Config)} - {"given"}
+    keywords = set(inspect.signature(Module.__init__).parameters) - {
+        "self",
+        "model",
+        "optimizer",
+        "config",
+    }
+    assert keywords == fields_
+    assert set(option_docs()) - {"given"} == fields_

@@ -10,13 +10,8 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from autopart.plan.stage_dp import (
-    Solution,
-    StageChoice,
-    StageCosts,
-    search,
-    step_seconds,
-)
+from autopart.plan.stage_dp import Solution, search, step_seconds
+from autopart.plan.stage_table import StageChoice, StageCosts
 from exhaustive import exhaustive
 
 

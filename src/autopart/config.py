@@ -9,6 +9,10 @@ costed with.  A plan loaded from disk must agree with the keywords given explici
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -110,10 +114,10 @@ class Config:
     """The user's choices for one wrapped model.  None means "let the planner choose"."""
 
     stages: int | None = None
-    """Pipeline stages; None: the planner picks the count."""
+    """Pipeline stages (by default the planner picks the count)."""
 
     microbatches: int | None = None
-    """Microbatches per step; None: the planner picks."""
+    """Microbatches per step (by default the planner picks)."""
 
     split_points: tuple[str, ...] | None = None
     """Module paths where stages begin (``("layers.6", ...)``), instead of automatic cuts."""
@@ -205,6 +209,21 @@ class Config:
             raise AutopartError(f"unknown option(s) {', '.join(sorted(unknown))}")
         given = frozenset(k for k, v in keywords.items() if v is not None)
         return cls(**{k: v for k, v in keywords.items() if v is not None}, given=given)
+
+
+@functools.cache
+def option_docs() -> dict[str, str]:
+    """Each `Config` field's docstring, by field name: the one description of an option, which
+    the command line's help repeats."""
+    tree = ast.parse(inspect.getsource(Config))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for field_node, doc in itertools.pairwise(body):
+        is_doc = isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+        if isinstance(field_node, ast.AnnAssign) and is_doc:
+            name = field_node.target.id  # type: ignore[union-attr]
+            docs[name] = " ".join(str(doc.value.value).split())
+    return docs
 
 
 def check_zero(value: bool | str) -> None:

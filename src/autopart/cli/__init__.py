@@ -13,10 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from autopart import __version__
-from autopart.config import PRECISIONS, SCHEDULES, Offload
+from autopart.config import SCHEDULES, Offload, Precision, option_docs
 from autopart.errors import AutopartError
 
 OFFLOAD_CHOICES = (*(m.value for m in Offload), "auto")
+#: The options shared with `autopart.Module` are described once, on `Config`'s fields.
+DOCS = option_docs()
 
 log = logging.getLogger("autopart")
 
@@ -112,7 +114,7 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument(
         "--optimizer", default="adam", choices=["adam", "adamw", "sgd", "sgd-momentum", "none"]
     )
-    plan.add_argument("--stages", type=int, help="force the number of pipeline stages")
+    plan.add_argument("--stages", type=int, help=DOCS["stages"])
     plan.add_argument(
         "--zero",
         nargs="?",
@@ -129,26 +131,16 @@ def _add_plan_parser(sub) -> None:
         "only on the stages that do not fit otherwise (the default, where --host-memory is "
         "given; without it, none)",
     )
+    plan.add_argument("--prefetch", type=int, default=1, help=DOCS["prefetch"])
     plan.add_argument(
-        "--prefetch", type=int, default=1, help="parameters an offloaded stage copies ahead"
-    )
-    plan.add_argument(
-        "--precision",
-        default="fp32",
-        choices=sorted(set(PRECISIONS.values())),
-        help="cost the stages at fp32, or under bf16/fp16 autocast (fp32 master weights)",
+        "--precision", default="fp32", choices=[p.value for p in Precision], help=DOCS["precision"]
     )
     plan.add_argument(
         "--host-memory",
         help="host memory per node for offloaded state, e.g. 512GB (default: not checked)",
     )
-    plan.add_argument("--microbatches", type=int, help="force the number of microbatches")
-    plan.add_argument(
-        "--schedule",
-        default="auto",
-        choices=SCHEDULES,
-        help="pipeline schedule (auto: the fastest that fits; 1f1b needs the model's own loss)",
-    )
+    plan.add_argument("--microbatches", type=int, help=DOCS["microbatches"])
+    plan.add_argument("--schedule", default="auto", choices=SCHEDULES, help=DOCS["schedule"])
     plan.add_argument(
         "--split-points", help="comma-separated module paths where stages start (a manual plan)"
     )
@@ -167,8 +159,8 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--seq", type=int, default=32, help="sequence length")
     demo.add_argument("--batch-size", type=int, default=16, help="global batch size")
     demo.add_argument("--steps", type=int, default=40, help="training steps")
-    demo.add_argument("--stages", type=int, help="force the number of pipeline stages")
-    demo.add_argument("--microbatches", type=int, help="force the number of microbatches")
+    demo.add_argument("--stages", type=int, help=DOCS["stages"])
+    demo.add_argument("--microbatches", type=int, help=DOCS["microbatches"])
     demo.add_argument(
         "--offload",
         default="none",
@@ -183,7 +175,7 @@ def _add_demo_parser(sub) -> None:
         default="4MB",
         help="memory each process plans for as its device (default 4MB: the model needs stages)",
     )
-    demo.add_argument("--schedule", default="auto", choices=SCHEDULES, help="pipeline schedule")
+    demo.add_argument("--schedule", default="auto", choices=SCHEDULES, help=DOCS["schedule"])
     demo.add_argument(
         "--trace",
         default="autopart-trace",
