@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import os
 import time
@@ -248,6 +249,28 @@ def dies_after_one_step(rank: int, world: int, workdir: str) -> None:
         outcome = {"error": None}
     except RuntimeCommError as err:
         outcome = {"error": str(err)}
+    outcome["seconds"] = time.monotonic() - began
+    Path(workdir, f"rank{rank}.json").write_text(json.dumps(outcome))
+    os._exit(0)
+
+
+def stalls_after_one_step(rank: int, world: int, workdir: str) -> None:
+    """Rank 1 stalls (alive, not calling) after the first step, in a process group the
+    script made with a long timeout; rank 0 must fail within autopart's ``timeout=``."""
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    model, args, _ = ZOO["mlp"]()
+    wrapped = autopart.Module(model, stages=2, timeout=4)
+    x = args[0].repeat(LOCAL, 1)
+    _square(wrapped(x)).backward()
+    if rank == 1:
+        time.sleep(20)
+        os._exit(0)
+    began = time.monotonic()
+    try:
+        _square(wrapped(x)).backward()
+        outcome = {"error": None}
+    except Exception as err:
+        outcome = {"error": f"{type(err).__name__}: {err}"}
     outcome["seconds"] = time.monotonic() - began
     Path(workdir, f"rank{rank}.json").write_text(json.dumps(outcome))
     os._exit(0)

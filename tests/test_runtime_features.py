@@ -47,6 +47,16 @@ def test_a_dead_rank_makes_the_others_fail_within_the_timeout(tmp_path):
     assert outcome["seconds"] < 15
 
 
+def test_a_stalled_rank_fails_the_others_within_the_timeout_of_a_user_made_group(tmp_path):
+    """The test harness makes the process group itself, with a 60 s timeout; autopart's
+    ``timeout=4`` must still bound every wait (issue: it waited the group's timeout)."""
+    codes = run_ranks_unjoined(2, workers.stalls_after_one_step, str(tmp_path), timeout_s=60)
+    assert codes == [0, 0], codes
+    outcome = json.loads((tmp_path / "rank0.json").read_text())
+    assert outcome["error"] is not None, "rank 0 trained on without its peer"
+    assert outcome["seconds"] < 12, outcome
+
+
 def test_mpirun_environment_is_read():
     code = (
         "import torch.distributed as dist\n"

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from autopart.runtime.stage.tensor_sources import CheckpointError
+from autopart.runtime.transport.distenv import job_group
 
 if TYPE_CHECKING:
     from autopart.module import Module
@@ -50,22 +51,7 @@ def get_state_dict(
     if optimizers is None:
         return tensors, {}
     _init_optimizer_state(model, optimizers)
-    names = _param_names(model)
-    state = {
-        names[id(param)]: dict(values)
-        for param, values in optimizers.state.items()
-        if id(param) in model.local_optimizer.stepped_ids and id(param) in names
-    }
-    groups = [
-        {
-            **{k: v for k, v in group.items() if k != "params"},
-            "params": [names[id(p)] for p in original if id(p) in names],
-        }
-        for group, original in zip(
-            optimizers.param_groups, model.local_optimizer.original_groups, strict=True
-        )
-    ]
-    return tensors, {"state": state, "param_groups": groups}
+    return tensors, model.local_optimizer.shard(_param_names(model))
 
 
 def set_state_dict(
@@ -97,13 +83,7 @@ def set_state_dict(
                 target.copy_(value)
     if optimizers is None or not optim_state_dict:
         return
-    model.local_optimizer.load_settings(optim_state_dict.get("param_groups", []))
-    saved_state = optim_state_dict.get("state", {})
-    names = _param_names(model)
-    for param in [p for g in model.local_optimizer.original_groups for p in g]:
-        name = names.get(id(param))
-        if id(param) in model.local_optimizer.stepped_ids and name in saved_state:
-            optimizers.state[param] = model.local_optimizer.placed_state(param, saved_state[name])
+    model.local_optimizer.load_shard(optim_state_dict, _param_names(model))
 
 
 def save_checkpoint(
@@ -116,10 +96,11 @@ def save_checkpoint(
     path = Path(path)
     msd, osd = get_state_dict(model, optimizer)
     box = [f"{path.name}.partial-{uuid.uuid4().hex[:8]}"]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=job_group())
     partial = path.parent / box[0]
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(partial))
-    dist.barrier()  # every rank's shards are written, and rank 0 wrote the metadata last
+    # Every rank's shards are written, and rank 0 wrote the metadata last.
+    dist.barrier(group=job_group())
     if dist.get_rank() == 0:
         if path.exists():
             retired = path.parent / f"{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -128,7 +109,7 @@ def save_checkpoint(
             shutil.rmtree(retired)
         else:
             partial.rename(path)
-    dist.barrier()
+    dist.barrier(group=job_group())
 
 
 def load_checkpoint(
@@ -172,8 +153,7 @@ def _local_tensors(model: Module) -> dict[str, torch.Tensor]:
     """This rank's entries of the unwrapped model's state dict."""
     found = {}
     for key, tensor in model.model.state_dict().items():
-        canonical = model.names.get(key, key)
-        if model.rank in model.holders.ranks_of.get(canonical, (0,)) and not tensor.is_meta:
+        if model.holders.holds(model.names.get(key, key)) and not tensor.is_meta:
             found[key] = tensor
     return found
 
@@ -191,7 +171,7 @@ def _init_optimizer_state(model: Module, optimizer: torch.optim.Optimizer) -> No
     fresh = not optimizer.state and all(p.grad is None for p in params)
     flag = torch.tensor([int(fresh)], device=model.device)
     if dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=job_group())
     if not int(flag):  # some rank has stepped: its state is there to load into
         return
     for param in params:

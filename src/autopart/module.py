@@ -47,7 +47,7 @@ from autopart.runtime.plan_agreement import agree_on_plan
 from autopart.runtime.stage.materialize import InitFn, has_meta
 from autopart.runtime.stage.offload import ParamOffload
 from autopart.runtime.transport.collectives import gather, to_cpu
-from autopart.runtime.transport.distenv import ensure_initialized
+from autopart.runtime.transport.distenv import ensure_initialized, job_group
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ class Module(nn.Module):
         every: list[Any] = [mine]
         if self.world > 1:
             every = [None] * self.world
-            dist.all_gather_object(every, mine)
+            dist.all_gather_object(every, mine, group=job_group())
         assert self.plan is not None
         report = build_report(self.plan, every)
         if show and self.rank == 0:

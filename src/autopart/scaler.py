@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from autopart.runtime.transport.distenv import job_group
+
 
 class GradScaler(torch.amp.GradScaler):
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -22,7 +24,7 @@ class GradScaler(torch.amp.GradScaler):
         local = sum(float(flag.item()) for flag in found.values())
         assert self._scale is not None  # unscale_ ran, so the scale exists
         flag = torch.tensor([local], dtype=torch.float32, device=self._scale.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=job_group())
         agreed = torch.full((), float(flag.item() > 0), device=self._scale.device)
         if found:
             for device, value in found.items():

@@ -35,6 +35,7 @@ from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan
 from autopart.plan.planner import PlanOptions, make_plan
+from autopart.runtime.transport.distenv import job_group
 from autopart.runtime.transport.routing import all_gather_ints
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def agree_on_plan(
             box[0] = err
         except Exception as err:  # every rank waits on this broadcast: never leave them hanging
             box[0] = AutopartError(f"planning failed on rank 0: {type(err).__name__}: {err}")
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=job_group())
     if isinstance(box[0], AutopartError):
         raise type(box[0])(str(box[0]))
     return Plan.from_dict(json.loads(box[0]))
@@ -143,7 +144,7 @@ def _measured_spec(device: torch.device, memory: int | None, world: int) -> Devi
         spec = get_device_spec("cpu", memory_bytes=memory)
     if world < 2:
         return spec
-    links = measure_links(sizes=(1 << 16, 1 << 20), iters=2)
+    links = measure_links(job_group(), sizes=(1 << 16, 1 << 20), iters=2)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return links.apply(spec, cross_node=local_world < world)
 
@@ -154,7 +155,9 @@ def _check_same_plan(plan: Plan) -> None:
     if world == 1:
         return
     digests: list[Any] = [None] * world
-    dist.all_gather_object(digests, hashlib.sha256(plan.to_json().encode()).hexdigest())
+    dist.all_gather_object(
+        digests, hashlib.sha256(plan.to_json().encode()).hexdigest(), group=job_group()
+    )
     if len(set(digests)) > 1:
         raise AutopartError(
             f"the ranks were given different plans ({agreeing(digests)}); make the plan once "

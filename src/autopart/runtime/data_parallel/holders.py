@@ -18,6 +18,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from autopart.runtime.context import RankContext
 from autopart.runtime.data_parallel.overlap import OverlappedAllReduce
+from autopart.runtime.transport.distenv import job_group, new_group
 
 #: The most bytes one broadcast of freshly initialized values carries.
 BROADCAST_BUCKET_BYTES = 64 * 2**20
@@ -47,7 +48,7 @@ class Holders:
         self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for holders in sorted(set(self.ranks_of.values())):
             if len(holders) > 1:
-                self.groups[holders] = dist.new_group(list(holders))
+                self.groups[holders] = new_group(list(holders))
 
         replica_only = [
             trainable[n] for n in self.local if self.ranks_of[n] == tuple(sorted(self.stage_ranks))
@@ -68,6 +69,11 @@ class Holders:
     def local_params(self) -> list[torch.Tensor]:
         """This rank's trainable parameters, each once."""
         return [self.trainable[name] for name in self.local]
+
+    def holds(self, name: str) -> bool:
+        """Whether this rank holds the tensor of canonical name ``name`` (one no stage reads
+        is rank 0's)."""
+        return self.rank in self.ranks_of.get(name, (0,))
 
     def owner(self, name: str) -> int:
         """The one rank that speaks for a parameter in norms and state dicts."""
@@ -165,5 +171,7 @@ class Holders:
         if parts:
             stacked = torch.stack(parts)
             local[0] = stacked.max() if infinite else stacked.sum()
-        dist.all_reduce(local, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM)
+        dist.all_reduce(
+            local, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=job_group()
+        )
         return (local[0] if infinite else local[0].pow(1.0 / norm_type)).float()

@@ -114,6 +114,35 @@ class LocalOptimizer:
             if id(param) in self.stepped_ids:
                 opt.state[param] = self.placed_state(param, state)
 
+    def shard(self, names: dict[int, str]) -> dict[str, Any]:
+        """This rank's share of the optimizer state dict for a sharded checkpoint: the state of
+        the parameters it steps, and every group's settings, each by parameter name."""
+        opt = self.require()
+        state = {
+            names[id(param)]: dict(values)
+            for param, values in opt.state.items()
+            if id(param) in self.stepped_ids and id(param) in names
+        }
+        groups = [
+            {
+                **{k: v for k, v in group.items() if k != "params"},
+                "params": [names[id(p)] for p in original if id(p) in names],
+            }
+            for group, original in zip(opt.param_groups, self.original_groups, strict=True)
+        ]
+        return {"state": state, "param_groups": groups}
+
+    def load_shard(self, state_dict: dict[str, Any], names: dict[int, str]) -> None:
+        """Load what `shard` wrote (any rank's, any plan's): settings, and the state of the
+        parameters this rank steps, placed where it steps them."""
+        opt = self.require()
+        self.load_settings(state_dict.get("param_groups", []))
+        saved = state_dict.get("state", {})
+        for param in [p for g in self.original_groups for p in g]:
+            name = names.get(id(param))
+            if id(param) in self.stepped_ids and name in saved:
+                opt.state[param] = self.placed_state(param, saved[name])
+
     def placed_state(self, param: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
         """Optimizer state for ``param`` where this rank's step keeps it: under
         offload="params" on the device, though the parameter itself is in host memory."""

@@ -34,6 +34,7 @@ from autopart.runtime.stage.materialize import (
     rebind_optimizer,
 )
 from autopart.runtime.stage.offload import ParamOffload
+from autopart.runtime.transport.distenv import job_group, new_group
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class StageBuilder:
     def build(self, graph: Graph, plan: Plan, training: bool) -> StageRunner:
         """This rank's stage of ``graph`` under ``plan``, ready to run."""
         if self.upward is None and self.world > 1:
-            self.upward = dist.new_group(list(range(self.world)))
+            self.upward = new_group(list(range(self.world)))
         ios = stage_ios(graph, plan)
         stage = plan.stage_of_rank(self.rank)
         module = build_stage_module(graph, ios[stage.index], self.device)
@@ -174,7 +175,9 @@ def raise_on_every_rank(failure: AutopartError | None, world: int) -> None:
     problem one stage has stops all ranks instead of leaving them to time out."""
     if world > 1:
         failures: list[Any] = [None] * world
-        dist.all_gather_object(failures, None if failure is None else str(failure))
+        dist.all_gather_object(
+            failures, None if failure is None else str(failure), group=job_group()
+        )
         first = next(((r, f) for r, f in enumerate(failures) if f is not None), None)
         if first is not None and failure is None:
             raise AutopartError(f"rank {first[0]} failed: {first[1]}")

@@ -44,6 +44,7 @@ from autopart.runtime.pipeline.runner import StageRunner
 from autopart.runtime.pipeline.signatures import derive_plan, key_number
 from autopart.runtime.pipeline.step_state import StepState
 from autopart.runtime.plan_agreement import agreeing
+from autopart.runtime.transport.distenv import job_group
 from autopart.runtime.transport.layout import BatchLayout
 from autopart.runtime.transport.routing import all_gather_floats, all_gather_ints, comm_errors
 
@@ -240,7 +241,9 @@ class Calls:
             return
         every: list = [None] * self.world
         if self.world > 1:
-            dist.gather_object(self.timed_events, every if self.rank == 0 else None, dst=0)
+            dist.gather_object(
+                self.timed_events, every if self.rank == 0 else None, dst=0, group=job_group()
+            )
         else:
             every = [self.timed_events]
         if self.rank == 0:

@@ -42,6 +42,7 @@ from autopart.runtime.pipeline.whole_outputs import add_share, combine_whole
 from autopart.runtime.stage.graph_cut import StageIO
 from autopart.runtime.stage.offload import ParamOffload
 from autopart.runtime.transport import routing
+from autopart.runtime.transport.distenv import job_group
 from autopart.runtime.transport.layout import BatchLayout, Rows
 from autopart.runtime.transport.messages import (
     ACT,
@@ -385,7 +386,7 @@ class StageRunner:
             ]
             flat = torch.cat([t.flatten() for t in totals])
             if self.world > 1:
-                dist.all_reduce(flat)
+                dist.all_reduce(flat, group=job_group())
             start = 0
             for key, total in zip(keys, totals, strict=True):
                 means[key] = flat[start : start + total.numel()].view(total.shape) / self.world

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from autopart.ir import TensorSpec
 from autopart.runtime.transport import routing
+from autopart.runtime.transport.distenv import job_group
 from autopart.runtime.transport.layout import Rows
 from autopart.runtime.transport.routing import ValueShape
 
@@ -58,7 +59,7 @@ def combine_whole(
     ]
     flat = torch.cat(parts)
     if dist.get_world_size() > 1:
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=job_group())
     combined: dict[Key, Any] = {}
     start = 0
     for key, spec, zero in zip(whole, specs, zeros, strict=True):

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from autopart.runtime.transport.distenv import job_group
+
 
 def gather(mine: dict, rank0_only: bool, device: torch.device) -> dict | None:
     """Everyone's parts merged; None on the ranks that, under ``rank0_only``, get nothing."""
@@ -26,7 +28,7 @@ def gather(mine: dict, rank0_only: bool, device: torch.device) -> dict | None:
 
 def gather_to_all(mine: dict) -> dict:
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, mine, group=job_group())
     merged: dict = {}
     for part in gathered:
         merged.update(part)
@@ -38,16 +40,18 @@ def stream_to_rank0(mine: dict, device: torch.device) -> dict | None:
     Ranks with an empty part send nothing but a count of zero, so rank 0 knows to skip."""
     rank, world = dist.get_rank(), dist.get_world_size()
     counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([len(mine)], dtype=torch.int64, device=device))
+    dist.all_gather(
+        counts, torch.tensor([len(mine)], dtype=torch.int64, device=device), group=job_group()
+    )
     if rank != 0:
         if mine:
-            dist.send_object_list([mine], dst=0)
+            dist.send_object_list([mine], dst=0, group=job_group())
         return None
     merged = dict(mine)
     for src in range(1, world):
         if int(counts[src]):
             box: list[Any] = [None]
-            dist.recv_object_list(box, src=src)
+            dist.recv_object_list(box, src=src, group=job_group())
             merged.update(box[0])
             box[0] = None
     return merged

@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import socket
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,11 +36,23 @@ def _from_mpi() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
+#: The group autopart's own collectives run on (None: the default group) and its timeout.
+_JOB: dict[str, Any] = {"group": None, "timeout": None}
+
+
 def ensure_initialized(timeout_s: float | None = None) -> None:
-    """Initialize ``torch.distributed`` from the environment unless the caller already did."""
-    if dist.is_initialized():
-        return
+    """Initialize ``torch.distributed`` from the environment unless the caller already did.
+
+    Every collective and message of autopart's waits at most ``timeout_s`` on a peer (or
+    ``AUTOPART_TIMEOUT``): on the default group when autopart makes it, else on a group of
+    its own over every rank, since the caller's group has the caller's timeout."""
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+    if dist.is_initialized():
+        if dist.get_world_size() > 1 and _JOB["timeout"] != timeout:
+            ranks = list(range(dist.get_world_size()))
+            _JOB.update(group=dist.new_group(ranks, timeout=timeout), timeout=timeout)
+        return
+    _JOB.update(group=None, timeout=timeout)
     # Gloo as well on GPUs: offloaded stages sum their gradients in host memory.
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:
@@ -51,6 +64,16 @@ def ensure_initialized(timeout_s: float | None = None) -> None:
         dist.init_process_group(
             backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )
+
+
+def job_group() -> dist.ProcessGroup | None:
+    """The group for autopart's collectives over every rank (None: the default group)."""
+    return _JOB["group"]
+
+
+def new_group(ranks: list[int]) -> dist.ProcessGroup:
+    """A process group over ``ranks`` that waits on a peer no longer than the job does."""
+    return dist.new_group(ranks, timeout=_JOB["timeout"])
 
 
 def free_port() -> int:

@@ -37,6 +37,7 @@ from autopart.ir import Graph, NodeKind, TensorSpec
 from autopart.plan.plan import Plan
 from autopart.runtime.stage.graph_cut import StageIO
 from autopart.runtime.transport import routing
+from autopart.runtime.transport.distenv import job_group
 from autopart.runtime.transport.layout import BatchLayout, Rows, transfers
 from autopart.runtime.transport.routing import ValueShape
 from autopart.schedules import BACKWARD, FORWARD, Action
@@ -138,7 +139,7 @@ class Messages:
         return found
 
     def group_of(self, message: Message) -> dist.ProcessGroup | None:
-        return self.upward if message.src < message.dst else None
+        return self.upward if message.src < message.dst else job_group()
 
     def tag_of(self, message: Message) -> int:
         if not self.tags:

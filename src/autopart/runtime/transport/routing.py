@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from autopart.errors import AutopartError
 from autopart.ir import Graph, TensorSpec
+from autopart.runtime.transport.distenv import job_group
 from autopart.runtime.transport.layout import Rows, Transfer, transfers
 
 
@@ -182,7 +183,7 @@ def _all_gather(values: list, dtype: torch.dtype, device: torch.device) -> list[
     mine = torch.tensor(values, dtype=dtype, device=device)
     every = [torch.zeros_like(mine) for _ in range(world)]
     try:
-        dist.all_gather(every, mine)
+        dist.all_gather(every, mine, group=job_group())
     except RuntimeError as err:
         raise RuntimeCommError(
             f"rank {dist.get_rank()} could not reach every rank: {first_line(err)}. "
