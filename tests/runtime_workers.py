@@ -276,6 +276,18 @@ def stalls_after_one_step(rank: int, world: int, workdir: str) -> None:
     os._exit(0)
 
 
+def plan_of_a_launch(rank: int, world: int, workdir: str, launch: int) -> None:
+    """Plan a small GPT-2 on this launch's ranks; rank 0 writes the plan."""
+    model, args, kwargs = ZOO["gpt2_tiny"]()
+    wrapped = autopart.Module(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ids = args[0].repeat(LOCAL, 1)
+    with torch.no_grad():
+        wrapped(ids, **kwargs)
+    if rank == 0:
+        assert wrapped.plan is not None
+        Path(workdir, f"plan{launch}.json").write_text(wrapped.plan.to_json())
+
+
 def measured_stage_memory(rank: int, world: int, cases: list, workdir: str) -> None:
     """Peak live bytes of this rank's stage over two training steps, next to the prediction."""
     from autopart.cli.models import gpt2

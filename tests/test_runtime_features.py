@@ -57,6 +57,21 @@ def test_a_stalled_rank_fails_the_others_within_the_timeout_of_a_user_made_group
     assert outcome["seconds"] < 12, outcome
 
 
+def test_the_same_inputs_give_the_same_plan_in_every_launch(tmp_path, monkeypatch):
+    """Plans read measured numbers (the CPU, the links); measured once per machine and kept,
+    they are the same in every launch, with other work running on the machine."""
+    monkeypatch.setenv("AUTOPART_CACHE_DIR", str(tmp_path / "cache"))
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for launch in range(3):
+            run_ranks(2, workers.plan_of_a_launch, str(tmp_path), launch)
+    finally:
+        hog.kill()
+    plans = [(tmp_path / f"plan{launch}.json").read_text() for launch in range(3)]
+    assert plans[1] == plans[0] and plans[2] == plans[0]
+    assert "measured inputs" in json.loads(plans[0])["notes"][-1]
+
+
 def test_mpirun_environment_is_read():
     code = (
         "import torch.distributed as dist\n"

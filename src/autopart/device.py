@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "canonicalize",
     "capture_device",
     "copy_stream",
+    "device_name",
     "local_device",
     "map_devices",
     "peak_bytes",
@@ -63,6 +65,13 @@ def local_device() -> torch.device:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """What a measurement was taken on: the GPU model, or the CPU architecture and threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
 def capture_device(model: torch.nn.Module) -> torch.device:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from autopart.cost.remembered import machine_key, recall, remember
 from autopart.cost.spec import DeviceSpec
 from autopart.device import synchronize
 from autopart.errors import AutopartError
@@ -106,6 +107,34 @@ def measure_links(
         allreduce_latency_s=ring_intercept / steps,
     )
     log.info("measured links: %s", result)
+    return result
+
+
+#: The measured fields of a `LinkMeasurement`, in the order they are broadcast.
+_LINK_FIELDS = ("p2p_bandwidth", "p2p_latency_s", "allreduce_bandwidth", "allreduce_latency_s")
+
+
+def remembered_links(
+    group: dist.ProcessGroup | None, local_world: int, **measuring: Any
+) -> LinkMeasurement:
+    """`measure_links` taken once per machine and job shape, then kept
+    (`autopart.cost.remembered`): every rank gets the first rank's kept numbers, or all join
+    a measurement when it has none.  Collective."""
+    world = dist.get_world_size(group)
+    members = group or dist.group.WORLD
+    assert members is not None
+    first = dist.get_global_rank(members, 0)
+    key = machine_key("links", dist.get_backend(group), world, local_world)
+    kept = recall(key) if dist.get_rank() == first else None
+    values = [float(kept is not None), *((kept or {}).get(f, 0.0) for f in _LINK_FIELDS)]
+    shared = torch.tensor(values, dtype=torch.float64, device=_comm_device(group))
+    dist.broadcast(shared, src=first, group=group)
+    if shared[0]:
+        return LinkMeasurement(world, *shared[1:].tolist())
+    result = measure_links(group, **measuring)
+    if dist.get_rank() == first:  # later launches read what is kept: use it from now on
+        kept = remember(key, {f: getattr(result, f) for f in _LINK_FIELDS})
+        result = LinkMeasurement(world, *(kept[f] for f in _LINK_FIELDS))
     return result
 
 

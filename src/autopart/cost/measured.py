@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +64,7 @@ from autopart.cost.subgraph import (
     differentiable_nodes,
     extract_subgraph,
 )
-from autopart.device import retarget
+from autopart.device import device_name, retarget
 from autopart.errors import AutopartError
 from autopart.ir import Graph, Node, NodeKind
 
@@ -136,7 +135,7 @@ class MeasuredCostModel:
         self._measured_total = 0.0
         self._fallback_total = 0.0
         # Profiles under autocast are other profiles: the dtype is part of the cache key.
-        self._device_name = _device_name(self.torch_device) + (f"+{autocast}" if autocast else "")
+        self._device_name = device_name(self.torch_device) + (f"+{autocast}" if autocast else "")
 
     def block_seconds(self, nodes: Sequence[Node], batch: int) -> tuple[float, float]:
         """Measured at powers of two, straight lines between them: the search asks for many
@@ -305,13 +304,6 @@ def _resolve(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _device_name(device: torch.device) -> str:
-    """What a profile was measured on: the GPU model, or the CPU architecture and threads."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type}-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

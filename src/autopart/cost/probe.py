@@ -2,7 +2,8 @@
 
 CPUs differ too much for a table, so ``cpu`` is measured: one short matmul for FLOP/s, one large
 copy for memory bandwidth, total RAM (capped by a cgroup limit when running in a container).  It
-takes well under a second and is cached for the life of the process.  The same measurements
+takes well under a second, and is kept on disk (`autopart.cost.remembered`) so that every
+launch plans with the same numbers.  The same measurements
 serve for a GPU that has no built-in spec.  Link bandwidths cannot be measured without peers, so
 they are conservative placeholders; `autopart.cost.bandwidth.measure_links` measures them on a
 live process group.
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from autopart.cost.remembered import machine_key, remembered
 from autopart.cost.spec import DTYPES, DeviceSpec
-from autopart.device import pinned, synchronize
+from autopart.device import device_name, pinned, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,15 @@ def cpu_spec() -> DeviceSpec:
     gloo over loopback TCP inside the machine and 10 GbE between machines.
     """
     cpu = torch.device("cpu")
-    flops = measure_matmul_flops(cpu, torch.float32)
-    bandwidth = measure_memory_bandwidth(cpu)
+
+    def measure() -> dict[str, float]:
+        return {
+            "flops": measure_matmul_flops(cpu, torch.float32),
+            "bandwidth": measure_memory_bandwidth(cpu),
+        }
+
+    measured = remembered(machine_key("cpu", device_name(cpu)), measure)
+    flops, bandwidth = measured["flops"], measured["bandwidth"]
     spec = DeviceSpec(
         name="cpu",
         memory_bytes=host_memory_bytes(),

@@ -29,8 +29,10 @@ from autopart.cost import (
     get_device_spec,
     local_device_spec,
 )
-from autopart.cost.bandwidth import measure_links
+from autopart.cost.bandwidth import remembered_links
 from autopart.cost.probe import host_memory_bytes, measure_host_link
+from autopart.cost.remembered import kept_in, machine_key, remembered
+from autopart.device import device_name
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan
@@ -96,7 +98,9 @@ def _make_plan(
         device.type == "cuda" or config.offload != "auto" or "offload" in config.given
     )
     if offloading:  # only the planning rank needs the host link's speed
-        spec = dataclasses.replace(spec, host_link_bandwidth=measure_host_link(device))
+        key = machine_key("host-link", device_name(device))
+        link = remembered(key, lambda: {"bandwidth": measure_host_link(device)})
+        spec = dataclasses.replace(spec, host_link_bandwidth=link["bandwidth"])
     options = PlanOptions.from_config(
         config,
         devices=dist.get_world_size(),
@@ -104,7 +108,22 @@ def _make_plan(
         optimizer=optimizer_kind(optimizer),
         host_memory=host_memory_bytes() if offloading else None,
     )
-    return make_plan(graph, _cost_model(graph, config, spec, device), options)
+    plan = make_plan(graph, _cost_model(graph, config, spec, device), options)
+    measured = [
+        what
+        for what, used in (
+            ("the CPU", device.type == "cpu"),
+            ("the links between ranks", dist.get_world_size() > 1),
+            ("the host link", offloading),
+        )
+        if used
+    ]
+    if measured:
+        plan.notes.append(
+            f"measured inputs ({', '.join(measured)}) were read from {kept_in()}, where the "
+            "first launch on this machine kept them: delete it to measure again"
+        )
+    return plan
 
 
 def _cost_model(graph: Graph, config: Config, spec: DeviceSpec, device: torch.device) -> CostModel:
@@ -144,8 +163,8 @@ def _measured_spec(device: torch.device, memory: int | None, world: int) -> Devi
         spec = get_device_spec("cpu", memory_bytes=memory)
     if world < 2:
         return spec
-    links = measure_links(job_group(), sizes=(1 << 16, 1 << 20), iters=2)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    links = remembered_links(job_group(), local_world, sizes=(1 << 16, 1 << 20), iters=2)
     return links.apply(spec, cross_node=local_world < world)
 
 
