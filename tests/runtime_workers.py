@@ -352,6 +352,59 @@ def bf16_matches_autocast_reference(rank: int, world: int, offload: bool = False
     assert not torch.equal(out.float(), fp32_out.float())
 
 
+class _CutAfterLinear(nn.Module):
+    """A Linear whose bf16 output a second stage reads with ops autocast leaves alone: those
+    run in bf16 in eager autocast only if the value arrives in bf16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 16)
+        self.act = nn.SiLU()
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.act(h) * 3 - h)
+
+
+def bf16_values_cross_in_their_own_dtype(rank: int, world: int, workdir: str) -> None:
+    """Under bf16 a stage reads a bf16 value as eager autocast does, exactly, and the
+    activations and their gradients take half the bytes they take in fp32."""
+    from autopart.runtime.pipeline.runner import StageRunner
+    from autopart.runtime.transport.messages import ACT, GRAD
+
+    sent: list[int] = []
+    post = StageRunner._post
+
+    def counting(self, state, message, tensor):
+        if message.phase in (ACT, GRAD) and message.dst != self.rank:
+            sent.append(tensor.numel() * tensor.element_size())
+        return post(self, state, message, tensor)
+
+    StageRunner._post = counting  # type: ignore[method-assign]
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(LOCAL * world, 16, generator=gen)
+    mine = full[rank * LOCAL : (rank + 1) * LOCAL]
+    bytes_by_precision = {}
+    for precision in ("bf16", "fp32"):
+        torch.manual_seed(0)
+        model = _CutAfterLinear()
+        reference = copy.deepcopy(model)
+        wrapped = autopart.Module(
+            model, split_points=["act"], microbatches=1, precision=precision, cost="analytic"
+        )
+        sent.clear()
+        out = wrapped(mine)
+        out.float().pow(2).sum().backward()
+        bytes_by_precision[precision] = sum(sent)
+        if precision == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                expected = reference(full)[rank * LOCAL : (rank + 1) * LOCAL]
+            assert torch.equal(out.float(), expected.float()), (out, expected)
+    if rank == 0:
+        Path(workdir, "bytes.json").write_text(json.dumps(bytes_by_precision))
+
+
 def _optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(
         v.numel() * v.element_size()

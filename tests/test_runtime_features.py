@@ -97,6 +97,12 @@ def test_bf16_autocast_matches_reference():
     run_ranks(2, workers.bf16_matches_autocast_reference)
 
 
+def test_bf16_values_cross_stages_in_the_dtype_their_op_produced(tmp_path):
+    run_ranks(2, workers.bf16_values_cross_in_their_own_dtype, str(tmp_path))
+    sent = json.loads((tmp_path / "bytes.json").read_text())
+    assert sent["fp32"] > 0 and sent["bf16"] * 2 == sent["fp32"], sent
+
+
 def test_zero_under_bf16_autocast_matches_reference():
     run_ranks(2, workers.zero_bf16_matches_autocast_reference)
 

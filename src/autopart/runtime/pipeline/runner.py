@@ -58,6 +58,7 @@ from autopart.runtime.transport.messages import (
     Messages,
     differentiable,
 )
+from autopart.runtime.transport.wire import wire_shapes
 from autopart.schedules import SEND_LAG, Action
 
 
@@ -93,6 +94,8 @@ class StageRunner:
         read = {name for io in ios for name in io.inputs}
         crossing = sorted({*producer, *read, *self.outputs}, key=graph.index)
         self.shapes = {name: routing.value_shape(graph, name) for name in crossing}
+        if autocast is not None:  # values travel in the dtype their op produced
+            self.shapes = wire_shapes(self.shapes, graph, device, autocast, self.outputs)
         self.messages = Messages(graph, plan, ios, self.shapes, upward)
         #: The output leaves without a batch dimension, in one order on every rank.
         self.whole = [
