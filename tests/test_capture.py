@@ -406,12 +406,34 @@ def test_capture_error_names_op_module_and_what_to_do(capsys):
     assert "`if x.sum() > 0:`" in message
     assert "module 'gate' (_Gate)" in message
     assert "torch.export:" in message and "torch.fx:" in message
-    assert "leaf_modules=['gate']" in message
+    assert "autopart.Module(..., leaf_modules=['gate'])" in message
     assert "torch.fx.wrap" in message
-    assert "strict=True" in message
     assert "Traceback" not in message
     assert info.value.__cause__ is not None
     assert "def forward" not in capsys.readouterr().err  # torch's partial graph is held back
+
+
+class _BranchAtTheTop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+def test_no_advice_to_make_the_whole_model_a_leaf():
+    """A branch in the top-level forward: a leaf there would be the whole model, nothing to
+    partition, so the advice does not offer it."""
+    with pytest.raises(CaptureError) as info:
+        capture(_BranchAtTheTop(), (torch.randn(1, 8),))
+    message = str(info.value)
+    assert "the top-level forward (_BranchAtTheTop)" in message
+    assert "leaf_modules" not in message
+    assert "strict=" not in message  # not an option users have
 
 
 def test_leaf_module_advice_works():
@@ -421,6 +443,31 @@ def test_leaf_module_advice_works():
     assert graph.node("gate").module_path == "gate"
     x = torch.randn(3, 8)
     _assert_same(graph.fx_module(x), model(x))
+
+
+def _wrapped_with_a_leaf(rank: int, world: int) -> None:
+    import copy
+
+    import autopart
+
+    torch.manual_seed(0)
+    model = _DataDependent()
+    reference = copy.deepcopy(model)
+    wrapped = autopart.Module(model, leaf_modules=["gate"])
+    x = torch.randn(4, 8)
+    out = wrapped(x)
+    out.pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    assert torch.equal(out, reference(x))
+    for name, param in reference.named_parameters():
+        assert torch.equal(dict(model.named_parameters())[name].grad, param.grad), name
+
+
+@pytest.mark.multirank
+def test_the_leaf_module_advice_can_be_followed_with_the_wrapper():
+    from multirank import run_ranks
+
+    run_ranks(1, _wrapped_with_a_leaf)
 
 
 def test_bad_calls_are_capture_errors():

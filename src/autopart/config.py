@@ -151,6 +151,10 @@ class Config:
     model and device, `autopart.cost.measured`), "analytic" (the roofline model), or "auto":
     measured on CUDA, analytic elsewhere and for a model built on meta (nothing to run)."""
 
+    leaf_modules: tuple[str, ...] | None = None
+    """Module paths (``("encoder.layer.3.gate",)``) captured whole, as one opaque op that runs
+    on one stage: for a submodule whose Python control flow cannot be traced."""
+
     timeout: float | None = None
     """Seconds a rank waits on a dead peer before failing; None: ``AUTOPART_TIMEOUT`` or 300."""
 
@@ -179,6 +183,8 @@ class Config:
         set_ = object.__setattr__  # frozen: normalize once, here
         if self.split_points is not None:
             set_(self, "split_points", tuple(self.split_points) or None)
+        if self.leaf_modules is not None:
+            set_(self, "leaf_modules", tuple(self.leaf_modules) or None)
         if self.device_memory is not None:
             set_(self, "device_memory", parse_bytes(self.device_memory))
         if self.precision not in PRECISIONS:

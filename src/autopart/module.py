@@ -85,6 +85,7 @@ class Module(nn.Module):
         cost: str | None = None,
         track_memory: bool | None = None,
         trace: str | Path | None = None,
+        leaf_modules: list[str] | None = None,
         timeout: float | None = None,
         checkpoint: str | Path | None = None,
         init_fn: InitFn | None = None,

@@ -47,19 +47,26 @@ def _capture_error(
     model: torch.nn.Module, failures: list[tuple[str, BaseException]], strict: bool
 ) -> CaptureError:
     where = next(filter(None, (_locate(exc, model) for _, exc in failures)), None)
+    leaf = ""
     if where is None:
         subject = f"cannot capture {type(model).__name__}"
-        leaf = "mark the failing submodule as a leaf (capture(..., leaf_modules=[...]))"
+        leaf = (
+            "; or mark the failing submodule as a leaf, which runs whole on one stage "
+            "(autopart.Module(..., leaf_modules=['path.of.it']))"
+        )
     else:
         path, cls, line = where
         module = f"module '{path}' ({cls})" if path else f"the top-level forward ({cls})"
         subject = f"cannot capture {type(model).__name__}: `{line}` in {module} is not traceable"
-        name = repr(path) if path else cls
-        leaf = f"mark it as a leaf so fx calls it opaquely (capture(..., leaf_modules=[{name}]))"
+        if path:  # the whole model as a leaf would leave nothing to partition
+            leaf = (
+                "; or mark it as a leaf, which runs whole on one stage "
+                f"(autopart.Module(..., leaf_modules=[{path!r}]))"
+            )
     reasons = "\n".join(f"  {tracer}: {_first_line(exc)}" for tracer, exc in failures)
     advice = (
         "What to do: replace data-dependent Python control flow with tensor ops "
-        f"(torch.where, torch.cond); or {leaf}; or wrap a free function fx cannot trace with "
-        f"torch.fx.wrap; or retry with strict={not strict}."
+        f"(torch.where, torch.cond){leaf}; or wrap a free function fx cannot trace with "
+        "torch.fx.wrap."
     )
     return CaptureError(f"{subject}.\n{reasons}\n{advice}")
