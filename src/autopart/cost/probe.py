@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from autopart.cost.remembered import machine_key, remembered
 from autopart.cost.spec import DTYPES, DeviceSpec
@@ -48,7 +49,9 @@ def cpu_spec() -> DeviceSpec:
             "bandwidth": measure_memory_bandwidth(cpu),
         }
 
-    measured = remembered(machine_key("cpu", device_name(cpu)), measure)
+    # Ranks measure at once: the numbers are this many processes' share of the machine.
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    measured = remembered(machine_key("cpu", device_name(cpu), f"{ranks}ranks"), measure)
     flops, bandwidth = measured["flops"], measured["bandwidth"]
     spec = DeviceSpec(
         name="cpu",

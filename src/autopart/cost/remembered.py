@@ -6,12 +6,14 @@ different numbers each time, and a cut that sits near a tie then moves from laun
 which makes a run unrepeatable.  So each measurement is kept on disk under a key that names what
 was measured (the machine, the device, the job's shape) and read back by later launches: the
 same model, options and world give the same plan.  The plan's notes say which measured inputs it
-used and when they were taken.  Delete the directory (``AUTOPART_CACHE_DIR``/machine, by default
-``~/.cache/autopart/profiles/machine``) to measure again, after a hardware change say.
+used and when they were taken.  Set ``AUTOPART_REMEASURE=1`` for one launch, or delete the
+directory (``AUTOPART_CACHE_DIR``/machine, by default ``~/.cache/autopart/profiles/machine``),
+to measure again, after a hardware change say.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +22,8 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +41,35 @@ def _directory() -> Path:
 
 
 def machine_key(*parts: object) -> str:
-    """A key naming this host and what was measured on it."""
-    words = [socket.gethostname(), platform.machine(), *map(str, parts)]
-    return "-".join(w.replace("/", "_").replace(" ", "_") for w in words)
+    """A key naming this host, its processor, the software and settings that change what a
+    measurement reads (torch's version, the visible GPUs, NCCL's settings), and ``parts``:
+    what was measured and the job's shape.  Long keys are hashed."""
+    settings = sorted(
+        f"{k}={v}"
+        for k, v in os.environ.items()
+        if k.startswith("NCCL_") or k == "CUDA_VISIBLE_DEVICES"
+    )
+    words = [socket.gethostname(), platform.machine(), _processor(), torch_version(), *settings]
+    words += [str(p) for p in parts]
+    text = "-".join(w.replace("/", "_").replace(" ", "_") for w in words if w)
+    if len(text) <= 150:
+        return text
+    return f"{text[:100]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def torch_version() -> str:
+    return str(torch.__version__)
+
+
+def _processor() -> str:
+    """The CPU's model name, where Linux says it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def recall(key: str) -> dict[str, float] | None:
@@ -63,7 +93,8 @@ def remember(key: str, values: dict[str, float]) -> dict[str, float]:
         partial.write_text(json.dumps(record, indent=1))
         os.link(partial, directory / f"{key}.json")  # fails if another process kept its own
     except FileExistsError:
-        pass
+        if recall(key) is None or os.environ.get("AUTOPART_REMEASURE"):
+            partial.replace(directory / f"{key}.json")  # unreadable, or asked to measure anew
     except OSError as err:  # an unwritable cache costs a measurement next time, nothing more
         log.info("could not keep the measurement %s: %s", key, err)
     finally:
@@ -73,5 +104,5 @@ def remember(key: str, values: dict[str, float]) -> dict[str, float]:
 
 def remembered(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
     """The numbers kept under ``key``, measuring and keeping them the first time."""
-    values = recall(key)
+    values = None if os.environ.get("AUTOPART_REMEASURE") else recall(key)
     return values if values is not None else remember(key, measure())

@@ -58,7 +58,7 @@ from autopart.runtime.transport.messages import (
     Messages,
     differentiable,
 )
-from autopart.runtime.transport.wire import wire_shapes
+from autopart.runtime.transport.wire import captured_dtype, cast_for_wire, wire_shapes
 from autopart.schedules import SEND_LAG, Action
 
 
@@ -95,7 +95,7 @@ class StageRunner:
         crossing = sorted({*producer, *read, *self.outputs}, key=graph.index)
         self.shapes = {name: routing.value_shape(graph, name) for name in crossing}
         if autocast is not None:  # values travel in the dtype their op produced
-            self.shapes = wire_shapes(self.shapes, graph, device, autocast, self.outputs)
+            self.shapes = wire_shapes(self.shapes, graph, device, autocast)
         self.messages = Messages(graph, plan, ios, self.shapes, upward)
         #: The output leaves without a batch dimension, in one order on every rank.
         self.whole = [
@@ -268,10 +268,9 @@ class StageRunner:
             spec = self.shapes[message.name].leaves[message.leaf]
             where = (message.name, message.leaf)
             if where not in tensors:
-                # Under autocast a value may be narrower than captured; it travels as captured.
-                leaf = values[message.name][message.leaf]
-                dtype = routing.torch_dtype(spec.dtype)
-                tensors[where] = routing.to_tensor(leaf, spec).detach().to(dtype)
+                # A value travels in the dtype its op produced (`transport.wire`).
+                leaf = routing.to_tensor(values[message.name][message.leaf], spec).detach()
+                tensors[where] = cast_for_wire(leaf, spec, message.name)
             piece = routing.take_rows(tensors[where], spec, rows, message.rows)
             self._post(state, message, piece)
 
@@ -301,7 +300,9 @@ class StageRunner:
                             self._fetch(state, (OUT, m, name, li), mv.src)
                             for mv in routing.moves_for(spec, holders, {self.rank: owned})
                         ]
-                    leaves.append(routing.join(pieces, spec))
+                    # Handed back in the dtype the model was captured with.
+                    joined = routing.join(pieces, spec)
+                    leaves.append(joined.to(captured_dtype(self.graph, name, li)))
                 else:
                     leaves.append(None)  # from the all-reduce below
             result[name] = leaves
@@ -398,6 +399,8 @@ class StageRunner:
             if message.phase == OUT_GRAD:
                 spec = self.shapes[message.name].leaves[message.leaf]
                 grad = grads[message.name][message.leaf] / self.world
+                # In the output's dtype on the wire, as eager's cast back to it would make it.
+                grad = grad.to(routing.torch_dtype(spec.dtype))
                 piece = routing.take_rows(grad, spec, own, message.rows).contiguous()
                 self._post(state, message, piece)
         return means

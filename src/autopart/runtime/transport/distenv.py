@@ -37,7 +37,7 @@ def _from_mpi() -> None:
 
 
 #: The group autopart's own collectives run on (None: the default group) and its timeout.
-_JOB: dict[str, Any] = {"group": None, "timeout": None}
+_JOB: dict[str, Any] = {"group": None, "timeout": None, "made_for": None}
 
 
 def ensure_initialized(timeout_s: float | None = None) -> None:
@@ -48,11 +48,13 @@ def ensure_initialized(timeout_s: float | None = None) -> None:
     its own over every rank, since the caller's group has the caller's timeout."""
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
     if dist.is_initialized():
-        if dist.get_world_size() > 1 and _JOB["timeout"] != timeout:
+        made_for = (id(dist.group.WORLD), timeout)  # a new default group needs its own
+        if dist.get_world_size() > 1 and _JOB.get("made_for") != made_for:
             ranks = list(range(dist.get_world_size()))
-            _JOB.update(group=dist.new_group(ranks, timeout=timeout), timeout=timeout)
+            group = dist.new_group(ranks, timeout=timeout)
+            _JOB.update(group=group, timeout=timeout, made_for=made_for)
         return
-    _JOB.update(group=None, timeout=timeout)
+    _JOB.update(group=None, timeout=timeout, made_for=None)
     # Gloo as well on GPUs: offloaded stages sum their gradients in host memory.
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:

@@ -15,22 +15,26 @@ values stay exact, only wider.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from autopart.device import retarget
-from autopart.ir import Graph, NodeKind
+from autopart.errors import AutopartError
+from autopart.ir import Graph, NodeKind, TensorSpec
 from autopart.runtime.transport import routing
+from autopart.runtime.transport.distenv import job_group
 from autopart.runtime.transport.routing import ValueShape
 
 log = logging.getLogger(__name__)
 
-__all__ = ["produced_dtypes", "wire_shapes"]
+__all__ = ["captured_dtype", "cast_for_wire", "produced_dtypes", "wire_shapes"]
 
 #: Rows the probe feeds: more than one, so that no batch dimension is squeezed away.
 _ROWS = 2
@@ -50,24 +54,48 @@ def produced_dtypes(
     found: dict[str, tuple[torch.dtype | None, ...]] = {}
     try:
         inputs = [_fake_input(graph, node, device, mode) for node in _placeholders(module)]
-        with mode, torch.autocast(device.type, dtype=autocast):
-            _Probe(module, device, mode, found).run(*inputs)
+        # Every tensor the graph reads, leaf modules' included, is a fake twin on the device
+        # (this rank may hold other stages' on the host or on meta); no autocast cast cache,
+        # so no fake weight copy outlives the run.
+        probe = _Probe(module, found, device, mode)
+        state = {
+            f"module.{name}": _twin(tensor, device, mode)
+            for name, tensor in (
+                *module.named_parameters(remove_duplicate=False),
+                *module.named_buffers(remove_duplicate=False),
+            )
+        }
+        with mode, torch.autocast(device.type, dtype=autocast, cache_enabled=False):
+            torch.func.functional_call(probe, state, tuple(inputs), strict=False)
     except Exception as err:  # any op the fake run cannot do: the captured dtypes stand
         log.info("under autocast, values cross stages in their captured dtypes (%s)", err)
         return {}
     return found
 
 
-class _Probe(fx.Interpreter):
-    """Runs a graph on fake twins of its tensors, recording every node's output dtypes."""
+class _Probe(torch.nn.Module):
+    """Runs a graph module node by node, recording every node's output dtypes."""
 
-    def __init__(self, module, device, mode, found) -> None:
+    def __init__(self, module: fx.GraphModule, found: dict, device, mode) -> None:
+        super().__init__()
+        self.module = module
+        self.found, self.device, self.mode = found, device, mode
+
+    def forward(self, *inputs: Any) -> Any:
+        return _Recorder(self.module, self.found, self.device, self.mode).run(*inputs)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, found: dict, device, mode) -> None:
         super().__init__(module)
-        self.device, self.mode, self.found = device, mode, found
+        self.found, self.device, self.mode = found, device, mode
 
     def fetch_attr(self, target: str) -> Any:
+        """Constants the capture kept as plain attributes are twinned too."""
         value = super().fetch_attr(target)
-        return _twin(value, self.device, self.mode) if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            return _twin(value, self.device, self.mode)
+        return value
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -111,26 +139,56 @@ def _fake_input(graph: Graph, node: fx.Node, device: torch.device, mode: FakeTen
 
 
 def wire_shapes(
-    shapes: dict[str, ValueShape],
-    graph: Graph,
-    device: torch.device,
-    autocast: torch.dtype,
-    delivered: list[str],
+    shapes: dict[str, ValueShape], graph: Graph, device: torch.device, autocast: torch.dtype
 ) -> dict[str, ValueShape]:
-    """``shapes`` with each floating leaf that crosses stages in the dtype its op produces
-    under ``autocast`` (`transport.wire`); what the caller gets back keeps the captured one."""
+    """``shapes`` with each floating batch leaf in the dtype its op produces under
+    ``autocast``.  Every rank must agree on them, or a buffer would not fit its message: any
+    rank's probe failing, or ranks disagreeing, leaves the captured dtypes on every rank (a
+    collective).  The caller widens what it hands back (`captured_dtype`)."""
     produced = produced_dtypes(graph, device, autocast)
     result = {}
     for name, shape in shapes.items():
         dtypes = produced.get(name)
-        if name in delivered or dtypes is None or len(dtypes) != len(shape.leaves):
+        if dtypes is None or len(dtypes) != len(shape.leaves):
             result[name] = shape
             continue
         leaves = tuple(
             dataclasses.replace(spec, dtype=str(dtype))
-            if dtype is not None and dtype.is_floating_point and "float" in spec.dtype
+            if dtype is not None and dtype.is_floating_point and _narrowable(spec)
             else spec
             for spec, dtype in zip(shape.leaves, dtypes, strict=True)
         )
         result[name] = dataclasses.replace(shape, leaves=leaves)
-    return result
+    table = repr(sorted((n, tuple(s.dtype for s in v.leaves)) for n, v in result.items()))
+    digest = hashlib.sha256(table.encode()).hexdigest() if produced else ""
+    if dist.get_world_size() > 1:
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, digest, group=job_group())
+        if len(set(every)) > 1 or "" in every:
+            log.info("the ranks found different dtypes under autocast; values keep theirs")
+            return shapes
+    return result if digest else shapes
+
+
+def captured_dtype(graph: Graph, name: str, leaf: int) -> torch.dtype:
+    """The dtype the model gave value ``name``'s leaf at capture: what the caller gets."""
+    return routing.torch_dtype(routing.value_shape(graph, name).leaves[leaf].dtype)
+
+
+def cast_for_wire(tensor: torch.Tensor, spec: TensorSpec, name: str) -> torch.Tensor:
+    """``tensor`` in its message's dtype: widened if need be, never narrowed (a value wider
+    than the probe found means the probe was wrong, and narrowing it would lose bits)."""
+    dtype = routing.torch_dtype(spec.dtype)
+    floating = tensor.is_floating_point() and dtype.is_floating_point
+    if floating and torch.finfo(tensor.dtype).bits > torch.finfo(dtype).bits:
+        raise AutopartError(
+            f"{name} is {tensor.dtype} here, wider than the {dtype} its readers expect "
+            "under autocast; this is a bug in autopart, please report it (precision='fp32' "
+            "avoids it)"
+        )
+    return tensor.to(dtype)
+
+
+def _narrowable(spec: TensorSpec) -> bool:
+    """Batch leaves only: a value without a batch dimension is all-reduced in its own dtype."""
+    return "float" in spec.dtype and spec.is_batch and spec.affine is None
