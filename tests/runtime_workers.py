@@ -405,6 +405,29 @@ def bf16_values_cross_in_their_own_dtype(rank: int, world: int, workdir: str) ->
         Path(workdir, "bytes.json").write_text(json.dumps(bytes_by_precision))
 
 
+def unused_output_costs_no_memory(rank: int, world: int, workdir: str) -> None:
+    """A language model's loss trained on, its logits returned but not: backward's peak live
+    bytes against plain PyTorch's, where the logits get no gradient at all."""
+    from autopart.cli.models import gpt2
+    from autopart.reports.memtrack import LiveBytes
+
+    model, _ = gpt2(n_layer=1, n_embd=32, n_head=2, seq=32, vocab=4096, dropout=0.0)
+    plain = copy.deepcopy(model)
+    ids = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(1))
+    wrapped = autopart.Module(model, track_memory=True, cost="analytic")
+    for _ in range(2):  # the second call is the measured one
+        wrapped(ids, labels=ids).loss.backward()
+    peak = max(wrapped.memory_report()[k] for k in ("forward_peak", "backward_peak"))
+    plain(ids, labels=ids).loss.backward()  # gradients exist, as in the wrapped second step
+    with LiveBytes(
+        [*plain.parameters(), *plain.buffers(), *(p.grad for p in plain.parameters())]
+    ) as t:
+        plain(ids, labels=ids).loss.backward()
+    logits = 8 * 32 * 4096 * 4
+    result = {"autopart": peak, "plain": t.peak, "logits": logits}
+    Path(workdir, "peaks.json").write_text(json.dumps(result))
+
+
 def _optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(
         v.numel() * v.element_size()

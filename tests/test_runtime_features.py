@@ -103,6 +103,16 @@ def test_bf16_values_cross_stages_in_the_dtype_their_op_produced(tmp_path):
     assert sent["fp32"] > 0 and sent["bf16"] * 2 == sent["fp32"], sent
 
 
+def test_an_output_not_trained_on_gets_no_gradient_buffer(tmp_path):
+    """The logits a loss came from are returned but not trained on: plain PyTorch gives them
+    no gradient, and the wrapped model must not allocate one (4 MiB of zeros here).  One
+    more copy of the logits is still there: the output handed back is a copy of the stage's
+    (before this fix the peak was over plain's plus two copies)."""
+    run_ranks(1, workers.unused_output_costs_no_memory, str(tmp_path))
+    peaks = json.loads((tmp_path / "peaks.json").read_text())
+    assert peaks["autopart"] <= 1.05 * peaks["plain"] + peaks["logits"], peaks
+
+
 def test_zero_under_bf16_autocast_matches_reference():
     run_ranks(2, workers.zero_bf16_matches_autocast_reference)
 

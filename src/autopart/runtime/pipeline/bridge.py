@@ -179,6 +179,9 @@ class _Bridge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run_backward, order, differentiable, anchor, *tensors):
         ctx.run_backward, ctx.order, ctx.differentiable = run_backward, order, differentiable
+        # An output the caller does not train on gets no gradient, not one of zeros as large
+        # as the output (the logits of a language model: gigabytes).
+        ctx.set_materialize_grads(False)
         return tuple(t.detach().clone() for t in tensors)
 
     @staticmethod

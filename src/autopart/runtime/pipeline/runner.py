@@ -386,6 +386,10 @@ class StageRunner:
         if keys:  # every rank's gradient of the whole outputs, averaged in one all-reduce
             totals = [
                 torch.as_tensor(grads[name][li], dtype=torch.float64, device=self.device)
+                if grads[name][li] is not None
+                else torch.zeros(
+                    self.shapes[name].leaves[li].shape, dtype=torch.float64, device=self.device
+                )
                 for name, li in keys
             ]
             flat = torch.cat([t.flatten() for t in totals])
@@ -398,9 +402,13 @@ class StageRunner:
         for message in self._sends(state.layout, BACKWARD):
             if message.phase == OUT_GRAD:
                 spec = self.shapes[message.name].leaves[message.leaf]
-                grad = grads[message.name][message.leaf] / self.world
+                grad = grads[message.name][message.leaf]
+                if grad is None:  # the caller did not train on this output
+                    zeros = state.absent_grad(spec, message.rows, self.device)
+                    self._post(state, message, zeros)
+                    continue
                 # In the output's dtype on the wire, as eager's cast back to it would make it.
-                grad = grad.to(routing.torch_dtype(spec.dtype))
+                grad = (grad / self.world).to(routing.torch_dtype(spec.dtype))
                 piece = routing.take_rows(grad, spec, own, message.rows).contiguous()
                 self._post(state, message, piece)
         return means
@@ -421,6 +429,7 @@ class StageRunner:
             for move in routing.moves_for(spec, holders, needers)
             if move.src == self.rank
         ]
+        pieces = [(r, p) for r, p in pieces if not state.is_absent(p)]
         own = loss.rows_grad(name, li, leaf, m, rows) if loss is not None else None
         if own is None and not pieces and (name, li) not in means:
             return None

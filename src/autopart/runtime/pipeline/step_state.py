@@ -7,14 +7,16 @@ flight, its inbox, and the shares of outputs without a batch dimension.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from autopart.ir import Graph, NodeKind
+from autopart.ir import Graph, NodeKind, TensorSpec
 from autopart.runtime.transport.layout import BatchLayout, Rows
 from autopart.runtime.transport.messages import FORWARD, Inbox, Key
+from autopart.runtime.transport.routing import torch_dtype
 
 
 @dataclass
@@ -41,9 +43,29 @@ class StepState:
     #: The sends of each of the latest actions, oldest first (`SEND_LAG`).
     sent: list[list] = field(default_factory=list)
     mailbox: dict[Key, torch.Tensor] = field(default_factory=dict)  # sent to this rank itself
+    #: Output gradients the caller did not give (an output it did not train on), posted to
+    #: this rank itself as broadcast zeros: by id, with a weak reference to tell them apart.
+    absent: dict[int, Any] = field(default_factory=dict)
     inbox: Inbox | None = None
     #: This rank's share of each whole (non-batch) output leaf, summed for the all-reduce.
     shares: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def absent_grad(self, spec: TensorSpec, rows: Rows, device: torch.device) -> torch.Tensor:
+        """Zeros standing for an output gradient the caller did not give, shaped like
+        ``rows`` of the output: a broadcast view, so that a message to this rank itself
+        allocates nothing, and remembered so that the stage skips it (one posted to another
+        rank arrives as real zeros)."""
+        shape = list(spec.shape)
+        assert spec.batch_dim is not None  # only batch outputs have output-gradient messages
+        shape[spec.batch_dim] *= rows[1] - rows[0]
+        dtype = torch_dtype(spec.dtype)
+        zeros = torch.zeros((), dtype=dtype, device=device).expand(shape)
+        self.absent[id(zeros)] = weakref.ref(zeros)
+        return zeros
+
+    def is_absent(self, tensor: torch.Tensor) -> bool:
+        ref = self.absent.get(id(tensor))
+        return ref is not None and ref() is tensor
 
 
 def track_inputs(graph: Graph, names, inputs) -> None:
