@@ -8,6 +8,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -237,39 +238,37 @@ class _Scaled(nn.Module):
 
 def dies_after_one_step(rank: int, world: int, workdir: str) -> None:
     """Rank 1 dies after the first step; the others must fail fast with a clear error."""
-    model, args, _ = ZOO["mlp"]()
-    wrapped = autopart.Module(model, stages=2, timeout=10)
-    x = args[0].repeat(LOCAL, 1)
-    _square(wrapped(x)).backward()
-    if rank == 1:
-        os._exit(17)
-    began = time.monotonic()
-    try:
-        _square(wrapped(x)).backward()
-        outcome = {"error": None}
-    except RuntimeCommError as err:
-        outcome = {"error": str(err)}
-    outcome["seconds"] = time.monotonic() - began
-    Path(workdir, f"rank{rank}.json").write_text(json.dumps(outcome))
-    os._exit(0)
+    _second_step_without_rank1(rank, workdir, 10, lambda: os._exit(17), RuntimeCommError)
 
 
 def stalls_after_one_step(rank: int, world: int, workdir: str) -> None:
     """Rank 1 stalls (alive, not calling) after the first step, in a process group the
     script made with a long timeout; rank 0 must fail within autopart's ``timeout=``."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+
+    def stall() -> None:
+        time.sleep(20)
+        os._exit(0)
+
+    _second_step_without_rank1(rank, workdir, 4, stall, Exception)
+
+
+def _second_step_without_rank1(
+    rank: int, workdir: str, timeout: float, leave, caught: type[BaseException]
+) -> None:
+    """Two stages, one step on both ranks; then rank 1 ``leave``s, and rank 0 writes how its
+    second step ended (the error it raised, and after how many seconds)."""
     model, args, _ = ZOO["mlp"]()
-    wrapped = autopart.Module(model, stages=2, timeout=4)
+    wrapped = autopart.Module(model, stages=2, timeout=timeout)
     x = args[0].repeat(LOCAL, 1)
     _square(wrapped(x)).backward()
     if rank == 1:
-        time.sleep(20)
-        os._exit(0)
+        leave()
     began = time.monotonic()
     try:
         _square(wrapped(x)).backward()
-        outcome = {"error": None}
-    except Exception as err:
+        outcome: dict[str, Any] = {"error": None}
+    except caught as err:
         outcome = {"error": f"{type(err).__name__}: {err}"}
     outcome["seconds"] = time.monotonic() - began
     Path(workdir, f"rank{rank}.json").write_text(json.dumps(outcome))

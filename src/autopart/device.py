@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import os
 import platform
 from collections.abc import Callable
@@ -105,7 +106,7 @@ def map_devices(gm: torch.fx.GraphModule, point: Callable[[Any], Any]) -> None:
     another (a stage module with the captured one) changes only its own."""
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = _attr(gm, node.target)
+            value = operator.attrgetter(node.target)(gm)
             if isinstance(value, torch.fx.GraphModule):
                 nested = copy.deepcopy(value)
                 map_devices(nested, point)
@@ -139,13 +140,6 @@ def _pointer(types: set[str], device: torch.device) -> Callable[[Any], Any]:
         return value
 
     return point
-
-
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _set_attr(module: torch.nn.Module, target: str, value: Any) -> None:

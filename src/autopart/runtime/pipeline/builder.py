@@ -65,16 +65,16 @@ class StageBuilder:
     def capture(self, args: tuple, kwargs: dict[str, Any]) -> Graph:
         devices = {t.device for t in (*self.model.parameters(), *self.model.buffers())}
         leaves = self.config.leaf_modules or ()
-        if has_meta(self.model):  # wholly or partly on meta: capture it all there
-            with device_view(self.model, torch.device("meta")) as originals:
-                graph = capture(self.model, *on_meta((args, kwargs)), leaf_modules=leaves)
-            rebind([graph.fx_module], originals)
-        elif len(devices) > 1:  # a later call signature: this rank's stage is placed already
-            with device_view(self.model, CANONICAL) as originals:
-                graph = capture(self.model, args, kwargs, leaf_modules=leaves)
-            rebind([graph.fx_module], originals)
-        else:
+        # Export needs one device: all on meta for a model wholly or partly there, the CPU
+        # for a later call signature (this rank's stage is on its device already).
+        view = torch.device("meta") if has_meta(self.model) else CANONICAL
+        if view.type != "meta" and len(devices) == 1:
             graph = capture(self.model, args, kwargs, leaf_modules=leaves)
+        else:
+            call = on_meta((args, kwargs)) if view.type == "meta" else (args, kwargs)
+            with device_view(self.model, view) as originals:
+                graph = capture(self.model, *call, leaf_modules=leaves)
+            rebind([graph.fx_module], originals)
         if graph.static_batch is not None:
             raise AutopartError(
                 "the model fixes its batch size (it could only be captured at one batch size), "
