@@ -9,6 +9,7 @@ from torch import nn
 import autopart.capture.common as capture_common
 import autopart.capture.meta_runner as capture_meta_runner
 from autopart.capture import capture
+from autopart.capture.branches import BranchTaken
 from autopart.errors import CaptureError
 from autopart.ir import Graph, NodeKind, TensorSpec
 from zoo import ZOO, gpt2_tiny, mlp, tied
@@ -400,8 +401,11 @@ class _DataDependent(nn.Module):
 
 
 def test_capture_error_names_op_module_and_what_to_do(capsys):
+    """On meta there are no values for a branch to follow (see the test below)."""
+    with torch.device("meta"):
+        model = _DataDependent()
     with pytest.raises(CaptureError) as info:
-        capture(_DataDependent(), (torch.randn(1, 8),))
+        capture(model, (torch.randn(1, 8),))
     message = str(info.value)
     assert "`if x.sum() > 0:`" in message
     assert "module 'gate' (_Gate)" in message
@@ -411,6 +415,35 @@ def test_capture_error_names_op_module_and_what_to_do(capsys):
     assert "Traceback" not in message
     assert info.value.__cause__ is not None
     assert "def forward" not in capsys.readouterr().err  # torch's partial graph is held back
+
+
+class _MasksWhenAsked(nn.Module):
+    """``if mask.any():``: a branch on an input's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if mask.any():
+            h = h.masked_fill(mask[:, None], 0.0)
+        return h
+
+
+def test_a_branch_on_values_is_captured_along_the_example_path_and_checked(caplog, capsys):
+    model = _MasksWhenAsked()
+    x = torch.randn(4, 8)
+    mask = torch.tensor([True, False, False, True])
+    graph = capture(model, (x, mask))
+    assert "branches on tensor values" in caplog.text and "if mask.any():" in caplog.text
+    assert "def forward" not in capsys.readouterr().err  # draft export's report is held back
+    assert any(n.op.endswith("check_branch") for n in graph.nodes)
+    assert graph.node(graph.inputs[0]).outputs[0].batch_dim == 0
+    other = torch.tensor([False, True, True])
+    _assert_same(graph.fx_module(x[:3], other), model(x[:3], other))
+    with pytest.raises(BranchTaken, match=r"if mask.any\(\):.*torch.where"):
+        graph.fx_module(x, torch.zeros(4, dtype=torch.bool))
 
 
 class _BranchAtTheTop(nn.Module):
@@ -427,9 +460,11 @@ class _BranchAtTheTop(nn.Module):
 
 def test_no_advice_to_make_the_whole_model_a_leaf():
     """A branch in the top-level forward: a leaf there would be the whole model, nothing to
-    partition, so the advice does not offer it."""
+    partition, so the advice does not offer it.  (On meta: no values to follow the branch.)"""
+    with torch.device("meta"):
+        model = _BranchAtTheTop()
     with pytest.raises(CaptureError) as info:
-        capture(_BranchAtTheTop(), (torch.randn(1, 8),))
+        capture(model, (torch.randn(1, 8),))
     message = str(info.value)
     assert "the top-level forward (_BranchAtTheTop)" in message
     assert "leaf_modules" not in message

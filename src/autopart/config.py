@@ -155,6 +155,12 @@ class Config:
     """Module paths (``("encoder.layer.3.gate",)``) captured whole, as one opaque op that runs
     on one stage: for a submodule whose Python control flow cannot be traced."""
 
+    batch_dims: dict[str, int | None] | None = None
+    """Which dimension of each argument carries the batch (``{"src": 1, "hidden": 1}``; None
+    for an argument without one), by argument name or source (``"args[0]"``).  By default
+    capture finds it by running the model on halves of the first batch
+    (`autopart.capture.batch_dims`)."""
+
     timeout: float | None = None
     """Seconds a rank waits on a dead peer before failing; None: ``AUTOPART_TIMEOUT`` or 300."""
 

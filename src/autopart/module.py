@@ -86,6 +86,7 @@ class Module(nn.Module):
         track_memory: bool | None = None,
         trace: str | Path | None = None,
         leaf_modules: list[str] | None = None,
+        batch_dims: dict[str, int | None] | None = None,
         timeout: float | None = None,
         checkpoint: str | Path | None = None,
         init_fn: InitFn | None = None,
@@ -128,7 +129,11 @@ class Module(nn.Module):
     def _setup(self, key: str, args: tuple, kwargs: dict[str, Any]) -> None:
         self.graph = self._stages.capture(args, kwargs)
         self.plan = agree_on_plan(
-            self.graph, self.config, self.optimizer, bridge.local_batch(args, kwargs), self.device
+            self.graph,
+            self.config,
+            self.optimizer,
+            bridge.local_batch(self._stages.input_dims, args, kwargs),
+            self.device,
         )
         self.plan.validate_for(self.graph, self.world)
         ctx = RankContext(self.rank, self.world, self.device, self.plan)

@@ -4,6 +4,8 @@
 the module each came from, and can keep the batch dimension symbolic, so one graph serves every
 microbatch size the runtime feeds.  `torch.fx.symbolic_trace` is the fallback for models export
 rejects, since it tolerates some Python that export does not (and lets users mark leaf modules).
+A model that branches on tensor values, which neither can trace, is captured along the path its
+example takes, with that path checked on every later batch (`autopart.capture.branches`).
 
 Shapes and costs come from executing the graph twice on the ``meta`` device: at the capture batch
 ``a`` (measuring FLOPs, bytes and the tensors autograd saves) and at ``a + 1`` (shapes only).
@@ -24,6 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
+from autopart.capture.batch_dims import BatchDims
+from autopart.capture.branches import is_data_dependent
 from autopart.capture.build import _build_graph
 from autopart.capture.common import METHODS, LeafSpec, log
 from autopart.capture.errors import _capture_error, _first_line
@@ -34,7 +38,7 @@ from autopart.device import canonicalize, capture_device, to_device
 from autopart.errors import CaptureError
 from autopart.ir import Graph
 
-__all__ = ["METHODS", "LeafSpec", "capture"]
+__all__ = ["METHODS", "BatchDims", "LeafSpec", "capture"]
 
 
 def capture(
@@ -45,14 +49,18 @@ def capture(
     method: str = "auto",
     strict: bool = False,
     leaf_modules: Sequence[LeafSpec] = (),
+    batch_dims: BatchDims | None = None,
 ) -> Graph:
     """Capture ``model`` called as ``model(*args, **kwargs)`` into a `Graph`.
 
-    The batch size is dim 0 of the first tensor argument; every tensor input whose dim 0 equals
-    it carries the batch.  ``method`` is ``"export"``, ``"fx"`` or ``"auto"`` (export, then fx
-    when export fails); ``strict`` is passed to `torch.export.export`.  ``leaf_modules`` (types
-    or qualified names) are kept as single opaque calls by the fx tracer.  Raises `CaptureError`
-    naming the failing op and module when the model cannot be captured.
+    Which dimension of each input carries the batch is found by running the model on halves
+    of the example (`autopart.capture.batch_dims`), or given by ``batch_dims`` (argument name
+    or source -> dimension, None for no batch).  ``method`` is ``"export"``, ``"fx"`` or
+    ``"auto"`` (export, then fx when export fails, then a draft export that keeps branches on
+    tensor values as checked asserts); ``strict`` is passed to `torch.export.export`.
+    ``leaf_modules`` (types or qualified names) are kept as single opaque calls by the fx
+    tracer.  Raises `CaptureError` naming the failing op and module when the model cannot be
+    captured.
 
     The returned ``Graph.fx_module`` is called like the model and accepts any batch size; its
     ops name the CPU as their device (`autopart.device.retarget` points them elsewhere).  If
@@ -63,7 +71,8 @@ def capture(
     if method not in METHODS:
         raise CaptureError(f"unknown capture method {method!r}; use one of {', '.join(METHODS)}")
     traced_on = capture_device(model)
-    inputs = _Inputs.of(*to_device((args, dict(kwargs or {})), traced_on))
+    call = to_device((args, dict(kwargs or {})), traced_on)
+    inputs = _Inputs.of(model, *call, batch_dims, run=traced_on.type != "meta")
     failures: list[tuple[str, BaseException]] = []
     trace = None
     if method in ("auto", "export"):
@@ -81,6 +90,11 @@ def capture(
                 log.warning(
                     "torch.export failed (%s); captured with torch.fx", _first_line(failures[0][1])
                 )
+    if trace is None and _branches_on_values(failures, strict, traced_on):
+        try:
+            trace = _trace_export(model, inputs, strict=False, draft=True)
+        except Exception as exc:
+            failures.append(("torch.export.draft_export", exc))
     if trace is None:
         raise _capture_error(model, failures, strict) from failures[0][1]
     for gm in (trace.gm, trace.gm_next):
@@ -89,3 +103,17 @@ def capture(
             _keep_batch_in_squeeze(gm)
             rewrite_scalar_outputs(gm, trace.sources)
     return _build_graph(model, trace, inputs)
+
+
+def _branches_on_values(
+    failures: list[tuple[str, BaseException]], strict: bool, traced_on: torch.device
+) -> bool:
+    """Export failed on a branch that reads tensor values, and there are values to follow
+    (`autopart.capture.branches`): not on meta, nor under strict export."""
+    exported = [exc for tracer, exc in failures if tracer == "torch.export"]
+    return (
+        bool(exported)
+        and not strict
+        and traced_on.type != "meta"
+        and is_data_dependent(exported[0])
+    )

@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from autopart.capture.common import _SCALAR_DTYPES, _storage_id
 from autopart.capture.inputs import _is_tensor
 from autopart.capture.meta_runner import _Executed
+from autopart.capture.row_layout import with_outer
 from autopart.ir import (
     NodeKind,
     NodeStats,
@@ -90,7 +91,7 @@ class _Analysis:
             if _is_tensor(leaf):
                 self.tensor_batch[id(leaf)] = spec.is_batch
                 self.storage_batch.setdefault(_storage_id(leaf), spec.is_batch)
-        self.specs[node.name] = tuple(specs)
+        self.specs[node.name] = tuple(with_outer(node, specs, leaves, self.specs))
         if executed is not None:
             self.stats[node.name] = self._stats(node, inputs, leaves, executed)
 

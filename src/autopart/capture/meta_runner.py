@@ -20,6 +20,7 @@ import torch.fx.config
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from autopart.capture.branches import check_branch
 from autopart.capture.common import _PLAIN, _module_path, _op_name, _storage_id, log
 from autopart.capture.errors import _first_line
 from autopart.capture.inputs import _is_tensor
@@ -248,6 +249,8 @@ class _MetaRunner:
         env: dict[torch.fx.Node, Any] = {}
         values = iter(feed)
         with contextlib.ExitStack() as stack:
+            # A size read from data (``nonzero``) is costed at its largest: every element.
+            stack.enter_context(_all_nonzero())
             if self._counter is None:
                 stack.enter_context(torch.no_grad())
             else:
@@ -343,6 +346,8 @@ class _MetaRunner:
         state: dict[str, torch.Tensor] | None,
     ) -> Any:
         if node.op == "call_function":
+            if node.target is check_branch:
+                return None  # a branch is decided by values, which meta tensors do not have
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             if node.target in ("cpu", "cuda"):
@@ -350,6 +355,13 @@ class _MetaRunner:
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         module = self.gm.get_submodule(node.target)
         return torch.func.functional_call(module, state, args, kwargs, strict=False)
+
+
+def _all_nonzero() -> contextlib.AbstractContextManager[None]:
+    config = torch.fx.experimental._config
+    if not hasattr(config, "meta_nonzero_assume_all_nonzero"):
+        return contextlib.nullcontext()
+    return config.patch(meta_nonzero_assume_all_nonzero=True)
 
 
 def _zeros_on_cpu(value: Any) -> Any:

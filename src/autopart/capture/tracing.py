@@ -21,6 +21,12 @@ import torch.fx.config
 import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from autopart.capture.branches import (
+    check_example_path,
+    draft_export,
+    keep_as_branch,
+    mark_branches,
+)
 from autopart.capture.common import _COMPARISONS, _PLAIN, LeafSpec, log
 from autopart.capture.inputs import _Inputs, _is_tensor
 
@@ -38,16 +44,19 @@ class _Trace:
     gm_next: torch.fx.GraphModule | None = None
 
 
-def _trace_export(model: torch.nn.Module, inputs: _Inputs, *, strict: bool) -> _Trace:
+def _trace_export(
+    model: torch.nn.Module, inputs: _Inputs, *, strict: bool, draft: bool = False
+) -> _Trace:
+    """Export with the batch symbolic; ``draft`` for a model that branches on tensor values
+    (`autopart.capture.branches`)."""
     batch = max(inputs.batch, 2)  # export specializes sizes 0 and 1
-    gm = _export(model, inputs, batch, dynamic=True, strict=strict)
+    gm = _export(model, inputs, batch, dynamic=True, strict=strict, draft=draft)
     placeholders = gm.graph.find_nodes(op="placeholder")
-    flat = pytree.tree_leaves((inputs.args, inputs.kwargs))
     sources = {n.name: source for n, source in zip(placeholders, inputs.sources(), strict=True)}
     specialized = [
         node.name
-        for node, value in zip(placeholders, flat, strict=True)
-        if inputs.is_batch(value) and is_concrete_int(node.meta["val"].shape[0])
+        for node, (_, dim) in zip(placeholders, inputs.leaf_dims(), strict=True)
+        if dim is not None and is_concrete_int(node.meta["val"].shape[dim])
     ]
 
     def feed(args: tuple, kwargs: dict[str, Any]) -> list[Any]:
@@ -61,26 +70,29 @@ def _trace_export(model: torch.nn.Module, inputs: _Inputs, *, strict: bool) -> _
             ", ".join(specialized),
             batch,
         )
-        trace.gm = _export(model, inputs, batch, dynamic=False, strict=strict)
-        trace.gm_next = _export(model, inputs, batch + 1, dynamic=False, strict=strict)
+        trace.gm = _export(model, inputs, batch, dynamic=False, strict=strict, draft=draft)
+        trace.gm_next = _export(model, inputs, batch + 1, dynamic=False, strict=strict, draft=draft)
         trace.static_batch = batch
     return trace
 
 
 def _export(
-    model: torch.nn.Module, inputs: _Inputs, batch: int, *, dynamic: bool, strict: bool
+    model: torch.nn.Module,
+    inputs: _Inputs,
+    batch: int,
+    *,
+    dynamic: bool,
+    strict: bool,
+    draft: bool,
 ) -> torch.fx.GraphModule:
     args, kwargs = inputs.resized(batch)
     shapes = None
     with _named_keywords(model, kwargs):
         if dynamic:
-            auto = torch.export.Dim.AUTO
-            marks = pytree.tree_map(
-                lambda v: {0: auto} if inputs.is_batch(v) else None, (inputs.args, inputs.kwargs)
-            )
+            marks = inputs.marks(torch.export.Dim.AUTO)
             bound = inspect.signature(model.forward).bind(*marks[0], **marks[1])
             shapes = dict(bound.arguments)
-        program, outputs = _export_program(model, args, kwargs, shapes, strict)
+        program, outputs, report = _export_program(model, args, kwargs, shapes, strict, draft)
     # Stripping before unlifting saves recompiling the (possibly huge) generated code twice.
     _strip_checks(program.graph_module, recompile=False)
     if "check_guards" in inspect.signature(program.module).parameters:
@@ -88,6 +100,15 @@ def _export(
     else:
         gm = program.module()
         _strip_checks(gm, recompile=False)
+    if report is not None:
+        branches = mark_branches(gm, report)
+        check_example_path(gm, args, kwargs, branches)
+        log.warning(
+            "%s branches on tensor values (%s); captured the path the example batch takes, "
+            "and a batch that takes another stops with an error",
+            type(model).__name__,
+            "; ".join(branches) or "see the debug log",
+        )
     outputs.restore_structure(gm)
     return gm
 
@@ -120,12 +141,26 @@ def _named_keywords(model: torch.nn.Module, kwargs: dict[str, Any]) -> Iterator[
 
 
 def _export_program(
-    model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], shapes: Any, strict: bool
-) -> tuple[torch.export.ExportedProgram, _OutputLeaves]:
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict[str, Any],
+    shapes: Any,
+    strict: bool,
+    draft: bool,
+) -> tuple[torch.export.ExportedProgram, _OutputLeaves, Any]:
+    """The exported program, its outputs' structure, and with ``draft`` the report of
+    `torch.export.draft_export` (`autopart.capture.branches`), else None."""
     outputs = _OutputLeaves()
-    with _quiet_export(), outputs.flattening(model):
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=strict)
-    return program, outputs
+    with outputs.flattening(model), _quiet_export():
+        if not draft:
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=strict)
+            return program, outputs, None
+        # Draft export prints its whole report and graph: kept for the debug log.
+        held = io.StringIO()
+        with contextlib.redirect_stderr(held):
+            program = draft_export(model, args, kwargs, shapes)
+        log.debug("torch.export.draft_export output:\n%s", held.getvalue())
+        return program, outputs, program._report
 
 
 class _OutputLeaves:
@@ -287,7 +322,11 @@ def _strip_checks(gm: torch.fx.GraphModule, *, recompile: bool = True) -> None:
     for child in gm.children():
         if isinstance(child, torch.fx.GraphModule):
             _strip_checks(child, recompile=True)
-    checks = [node for node in gm.graph.nodes if _is_check(node) and not node.users]
+    checks = [
+        node
+        for node in gm.graph.nodes
+        if _is_check(node) and not node.users and not keep_as_branch(node)
+    ]
     feeding = {arg for node in checks for arg in node.all_input_nodes}
     for node in reversed(checks):
         gm.graph.erase_node(node)

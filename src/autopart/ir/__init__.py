@@ -51,12 +51,17 @@ class TensorSpec:
     A scalar that is shape arithmetic on the batch (dtype ``symint``) records ``affine``:
     ``(per_sample, fixed)`` with value ``per_sample * rows + fixed``, so the runtime can
     rebuild it for whatever rows a stage replica holds instead of shipping another replica's.
+
+    ``outer`` says how the batch dimension is laid out: as ``(outer, rows, rest)`` flattened.
+    It is 1 where each row's entries are together; a sequence-first ``(seq, batch, vocab)``
+    viewed as ``(seq * batch, vocab)`` has ``outer == seq``: its rows are interleaved.
     """
 
     shape: tuple[int, ...]
     dtype: str
     batch_dim: int | None = None
     affine: tuple[float, float] | None = None
+    outer: int = 1
 
     @property
     def is_batch(self) -> bool:

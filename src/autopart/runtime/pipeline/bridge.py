@@ -24,13 +24,25 @@ from autopart.runtime.transport import routing
 RunBackward = Callable[[list[str], list[int], tuple[torch.Tensor, ...]], None]
 
 
-def local_batch(args: tuple, kwargs: dict[str, Any]) -> int:
-    first = next(
-        (t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None
+def local_batch(dims: dict[str, int | None], args: tuple, kwargs: dict[str, Any]) -> int:
+    """This rank's rows: the size of the first argument that carries the batch, in the
+    dimension capture found for it (``dims``, by source)."""
+    for source, value in _by_source(args, kwargs).items():
+        dim = dims.get(source)
+        if dim is not None and isinstance(value, torch.Tensor) and value.dim() > dim:
+            return int(value.shape[dim])
+    raise AutopartError(
+        "this call has none of the arguments that carry the batch when the model was "
+        f"captured ({', '.join(s for s, d in dims.items() if d is not None)}); call the model "
+        "with the same arguments on every step"
     )
-    if first is None or first.dim() == 0:
-        raise AutopartError("call the model with at least one tensor whose dim 0 is the batch")
-    return int(first.shape[0])
+
+
+def _by_source(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value  # type: ignore[attr-defined]
+        for path, value in pytree.tree_flatten_with_path((args, kwargs))[0]
+    }
 
 
 def route_inputs(
@@ -38,10 +50,7 @@ def route_inputs(
 ) -> dict[str, Any]:
     """This call's inputs by graph input name, tensors on the device; an argument that
     differs in kind from the captured call is an error naming it."""
-    given = {
-        ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value  # type: ignore[attr-defined]
-        for path, value in pytree.tree_flatten_with_path((args, kwargs))[0]
-    }
+    given = _by_source(args, kwargs)
     local = {}
     for name, source in graph.input_sources.items():
         if source not in given and any(key.startswith(source) for key in given):

@@ -61,20 +61,27 @@ class StageBuilder:
         self.upward: dist.ProcessGroup | None = None
         #: Tensors of the stage modules built so far: the ones this rank keeps on its device.
         self.held: set[int] = set()
+        #: Each input's batch dimension, by source (``args[0]``), as the first capture found
+        #: it: later captures see the model through an empty view and cannot run it.
+        self.input_dims: dict[str, int | None] = {}
 
     def capture(self, args: tuple, kwargs: dict[str, Any]) -> Graph:
         devices = {t.device for t in (*self.model.parameters(), *self.model.buffers())}
         leaves = self.config.leaf_modules or ()
+        dims = {**self.input_dims, **(self.config.batch_dims or {})} or None
         # Export needs one device: all on meta for a model wholly or partly there, the CPU
         # for a later call signature (this rank's stage is on its device already).
         view = torch.device("meta") if has_meta(self.model) else CANONICAL
         if view.type != "meta" and len(devices) == 1:
-            graph = capture(self.model, args, kwargs, leaf_modules=leaves)
+            graph = capture(self.model, args, kwargs, leaf_modules=leaves, batch_dims=dims)
         else:
             call = on_meta((args, kwargs)) if view.type == "meta" else (args, kwargs)
             with device_view(self.model, view) as originals:
-                graph = capture(self.model, *call, leaf_modules=leaves)
+                graph = capture(self.model, *call, leaf_modules=leaves, batch_dims=dims)
             rebind([graph.fx_module], originals)
+        for name, source in graph.input_sources.items():
+            spec = graph.node(name).outputs
+            self.input_dims.setdefault(source, spec[0].batch_dim if spec else None)
         if graph.static_batch is not None:
             raise AutopartError(
                 "the model fixes its batch size (it could only be captured at one batch size), "

@@ -91,7 +91,7 @@ class Calls:
         self._step_began: float | None = None
 
     def run(self, key: str, args: tuple, kwargs: dict[str, Any], training: bool) -> Any:
-        sizes = [bridge.local_batch(args, kwargs)]
+        sizes = [bridge.local_batch(self.stages.input_dims, args, kwargs)]
         grad = torch.is_grad_enabled()
         if self.world > 1:  # one collective agrees on the batch layout and the call
             every = all_gather_ints([sizes[0], key_number(key), int(grad)], self.device)

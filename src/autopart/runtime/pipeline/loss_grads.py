@@ -70,7 +70,7 @@ class LossGrads:
         for owner, owned in self.layout.owners(m).items():
             lo, hi = max(owned[0], rows[0]), min(owned[1], rows[1])
             if lo < hi:
-                routing.take_rows(grad, spec, rows, (lo, hi)).fill_(factors[owner])
+                routing.row_view(grad, spec, rows, (lo, hi)).fill_(factors[owner])
         return grad
 
 

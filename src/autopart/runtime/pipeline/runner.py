@@ -437,7 +437,7 @@ class StageRunner:
             return pieces[0][1].to(leaf.dtype)  # one reader of every row: nothing to sum
         total = own if own is not None else torch.zeros_like(leaf)
         for piece_rows, piece in pieces:
-            routing.take_rows(total, spec, rows, piece_rows).add_(piece)
+            routing.row_view(total, spec, rows, piece_rows).add_(routing.blocks(piece, spec))
         if (name, li) in means:
             share = _count(rows) / layout.global_batch
             total += (means[(name, li)] * share).to(total.dtype)

@@ -79,9 +79,26 @@ def take_rows(value, spec: TensorSpec, held: Rows, rows: Rows):
     """Rows ``rows`` (global numbering) of a leaf that holds global rows ``held``."""
     if spec.batch_dim is None:
         return value
-    per = spec.shape[spec.batch_dim]
+    if spec.outer == 1:
+        return row_view(value, spec, held, rows)
+    return row_view(value, spec, held, rows).flatten(spec.batch_dim, spec.batch_dim + 1)
+
+
+def row_view(value: torch.Tensor, spec: TensorSpec, held: Rows, rows: Rows) -> torch.Tensor:
+    """A view of rows ``rows`` of a batch leaf that holds rows ``held``, for writing into.
+    Interleaved rows (`TensorSpec.outer`) come as ``(outer, rows...)`` blocks: see `blocks`."""
+    assert spec.batch_dim is not None
+    per = spec.shape[spec.batch_dim] // spec.outer
     start, stop = (rows[0] - held[0]) * per, (rows[1] - held[0]) * per
-    return value.narrow(spec.batch_dim, start, stop - start)
+    return blocks(value, spec).narrow(spec.batch_dim + (spec.outer > 1), start, stop - start)
+
+
+def blocks(value: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """A batch leaf with its interleaved rows split out of their outer blocks: dimension
+    ``batch_dim`` becomes ``(outer, rows...)`` (unchanged where ``outer`` is 1)."""
+    if spec.outer == 1 or spec.batch_dim is None:
+        return value
+    return value.unflatten(spec.batch_dim, (spec.outer, -1))
 
 
 def empty_like_spec(spec: TensorSpec, rows: int, device: torch.device) -> torch.Tensor:
@@ -194,11 +211,13 @@ def _all_gather(values: list, dtype: torch.dtype, device: torch.device) -> list[
 
 def join(pieces: list[torch.Tensor], spec: TensorSpec) -> torch.Tensor:
     """One leaf from the row pieces it was received in."""
-    if len(pieces) == 1:
+    if len(pieces) == 1 or spec.batch_dim is None:
         return pieces[0]
-    if spec.batch_dim is None:
-        return pieces[0]
-    return torch.cat(pieces, dim=spec.batch_dim)
+    dim = spec.batch_dim
+    if spec.outer == 1:
+        return torch.cat(pieces, dim=dim)
+    joined = torch.cat([blocks(piece, spec) for piece in pieces], dim=dim + 1)
+    return joined.flatten(dim, dim + 1)
 
 
 def from_tensor(value: torch.Tensor, spec: TensorSpec):
