@@ -13,7 +13,7 @@ VOCAB = 64
 LABELS = 3
 
 
-def deberta_classifier():
+def deberta_classifier(dropout: float = 0.0):
     """`DebertaV2ForSequenceClassification` at its default configuration: no ``problem_type``,
     so integer labels go through ``if label_index.size(0) > 0:``."""
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
@@ -26,8 +26,8 @@ def deberta_classifier():
         intermediate_size=64,
         max_position_embeddings=SEQ,
         num_labels=LABELS,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return DebertaV2ForSequenceClassification(config)
 
@@ -48,10 +48,10 @@ class SequenceFirstGRU(nn.Module):
     """A word-level language model as PyTorch's example writes it: ``(seq, batch)`` token ids
     and a ``(layers, batch, hidden)`` state in, ``(seq, batch, vocab)`` scores out."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, 16)
-        self.rnn = nn.GRU(16, 16, num_layers=2)
+        self.rnn = nn.GRU(16, 16, num_layers=2, dropout=dropout)
         self.head = nn.Linear(16, VOCAB)
 
     def forward(self, src, hidden, targets=None):
@@ -100,11 +100,11 @@ class TutorialTransformer(nn.Module):
     causal mask made in ``forward`` from the sequence length (which nn.TransformerEncoder then
     compares with its own, on values)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, 16)
         self.pos = PositionalEncoding(16)
-        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=dropout)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(16, VOCAB)
 
@@ -126,10 +126,10 @@ class SequenceFirstLSTM(nn.Module):
     """An ``nn.LSTM`` encoder (``batch_first=False``) with a per-sequence classifier: the
     final state, ``(layers, batch, hidden)``, carries the batch in dimension 1."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.proj = nn.Linear(6, 16)
-        self.lstm = nn.LSTM(16, 16, num_layers=2)
+        self.lstm = nn.LSTM(16, 16, num_layers=2, dropout=dropout)
         self.head = nn.Linear(16, LABELS)
 
     def forward(self, x, labels=None):
@@ -154,3 +154,10 @@ ANY_ZOO.update(
         "lstm_seq_first": (SequenceFirstLSTM, _seq_first_features),
     }
 )
+
+#: The same models with dropout on, for the evaluation checks.
+ANY_DROPOUT_ZOO = {
+    name: (lambda build=build: build(0.1), make_batch)
+    for name, (build, make_batch) in ANY_ZOO.items()
+    if name != "rnn_example"
+}

@@ -135,7 +135,7 @@ def eval_without_labels(
     reference = copy.deepcopy(model).eval()
     reference.load_state_dict(wrapped.state_dict())  # every stage's trained weights
     wrapped.eval()
-    unlabeled = {k: v for k, v in kwargs.items() if k != "labels"}
+    unlabeled = {k: v for k, v in kwargs.items() if k not in ("labels", "targets")}
     with torch.no_grad():
         first = wrapped(*args, **unlabeled)
         second = wrapped(*args, **unlabeled)
@@ -149,3 +149,9 @@ def eval_without_labels(
     loss.backward()
     assert torch.isfinite(loss)
     dist.barrier()
+
+
+def eval_each(rank: int, world: int, names: list[str], stages: int) -> None:
+    """`eval_without_labels` for each named model in turn, in one launch."""
+    for name in names:
+        eval_without_labels(rank, world, name, stages)

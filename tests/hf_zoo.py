@@ -254,6 +254,7 @@ def t5(dropout: float = 0.0):
 
 HF_ZOO["t5"] = (t5, _padded)
 
-from any_zoo import ANY_ZOO  # noqa: E402  (registered after the entries above)
+from any_zoo import ANY_DROPOUT_ZOO, ANY_ZOO  # noqa: E402  (registered after the entries above)
 
 HF_ZOO.update(ANY_ZOO)
+DROPOUT_ZOO.update(ANY_DROPOUT_ZOO)

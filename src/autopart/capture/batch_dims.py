@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from autopart.device import capture_device, replayed_rng, rng_state
 from autopart.errors import CaptureError
 
-__all__ = ["BatchDims", "find_batch_dims"]
+__all__ = ["BatchDims", "find_batch_dims", "for_call"]
 
 log = logging.getLogger("autopart.capture")
 
@@ -101,6 +101,15 @@ def find_batch_dims(
         tuple(leaves[first].shape),
     )
     return chosen[0]
+
+
+def for_call(
+    dims: BatchDims, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> dict[str, int | None]:
+    """The entries of ``dims`` that name an input of this call: dimensions known from an
+    earlier call (which may have had labels this one lacks) apply where they can."""
+    keys = {key for pair in _leaf_keys(model, args, kwargs) for key in pair}
+    return {key: dim for key, dim in dims.items() if key in keys}
 
 
 def _has_values(leaves: list[Any]) -> bool:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopart.capture import capture
+from autopart.capture.batch_dims import for_call
 from autopart.config import AUTOCAST_DTYPES, Config, Offload
 from autopart.device import CANONICAL
 from autopart.errors import AutopartError
@@ -68,16 +69,18 @@ class StageBuilder:
     def capture(self, args: tuple, kwargs: dict[str, Any]) -> Graph:
         devices = {t.device for t in (*self.model.parameters(), *self.model.buffers())}
         leaves = self.config.leaf_modules or ()
-        dims = {**self.input_dims, **(self.config.batch_dims or {})} or None
+        dims = {**self.input_dims, **(self.config.batch_dims or {})}
+        if self.input_dims:  # a later call: its inputs may be fewer than the first call's
+            dims = for_call(dims, self.model, args, kwargs)
         # Export needs one device: all on meta for a model wholly or partly there, the CPU
         # for a later call signature (this rank's stage is on its device already).
         view = torch.device("meta") if has_meta(self.model) else CANONICAL
         if view.type != "meta" and len(devices) == 1:
-            graph = capture(self.model, args, kwargs, leaf_modules=leaves, batch_dims=dims)
+            graph = capture(self.model, args, kwargs, leaf_modules=leaves, batch_dims=dims or None)
         else:
             call = on_meta((args, kwargs)) if view.type == "meta" else (args, kwargs)
             with device_view(self.model, view) as originals:
-                graph = capture(self.model, *call, leaf_modules=leaves, batch_dims=dims)
+                graph = capture(self.model, *call, leaf_modules=leaves, batch_dims=dims or None)
             rebind([graph.fx_module], originals)
         for name, source in graph.input_sources.items():
             spec = graph.node(name).outputs
