@@ -103,6 +103,13 @@ def test_bf16_values_cross_stages_in_the_dtype_their_op_produced(tmp_path):
     assert sent["fp32"] > 0 and sent["bf16"] * 2 == sent["fp32"], sent
 
 
+@pytest.mark.slow
+def test_albert_under_bf16_at_every_cut_equals_eager_autocast():
+    import bf16_workers
+
+    run_ranks(2, bf16_workers.albert_bf16_at_every_cut, timeout_s=600)
+
+
 def test_an_output_not_trained_on_gets_no_gradient_buffer(tmp_path):
     """The logits a loss came from are returned but not trained on: plain PyTorch gives them
     no gradient, and the wrapped model must not allocate one (4 MiB of zeros here).  One

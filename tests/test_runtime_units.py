@@ -120,3 +120,35 @@ def test_every_pairs_messages_are_posted_in_microbatch_order(two_stages):
     assert {(m.src, m.dst, m.m, m.rows) for m in acts} == {
         (m.dst, m.src, m.m, m.rows) for m in grads
     }
+
+
+def test_interleaved_rows_are_taken_and_joined_by_row():
+    """A ``(seq * batch, vocab)`` value of a sequence-first model: row b is every
+    ``batch``-th entry.  Taking rows must pick those, not a contiguous slice."""
+    from autopart.ir import TensorSpec
+    from autopart.runtime.transport.routing import join, row_view, take_rows
+
+    seq, batch, vocab = 3, 4, 2
+    by_row = torch.arange(seq * batch * vocab, dtype=torch.float32).view(seq, batch, vocab)
+    flat = by_row.reshape(seq * batch, vocab)
+    spec = TensorSpec((seq, vocab), "torch.float32", batch_dim=0, outer=seq)
+    got = take_rows(flat, spec, (0, batch), (1, 3))
+    assert torch.equal(got, by_row[:, 1:3].reshape(-1, vocab))
+    pieces = [take_rows(flat, spec, (0, batch), r) for r in ((0, 1), (1, 3), (3, 4))]
+    assert torch.equal(join(pieces, spec), flat)
+    target = torch.zeros_like(flat)
+    row_view(target, spec, (0, batch), (2, 4)).fill_(1.0)
+    assert torch.equal(target.view(seq, batch, vocab)[:, 2:].sum(), torch.tensor(12.0))
+    assert float(target.sum()) == 12.0
+
+
+def test_the_autocast_probe_runs_a_model_with_tied_weights():
+    """ALBERT ties its decoder bias to another name: the probe must still run, or every
+    value crosses stages widened to fp32."""
+    from autopart.runtime.transport.wire import produced_dtypes
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    model[2].bias = model[0].bias
+    graph = capture(model, (torch.randn(2, 4),))
+    found = produced_dtypes(graph, torch.device("cpu"), torch.bfloat16)
+    assert found and torch.bfloat16 in found[graph.outputs[0]], found

@@ -60,10 +60,8 @@ def produced_dtypes(
         probe = _Probe(module, found, device, mode)
         state = {
             f"module.{name}": _twin(tensor, device, mode)
-            for name, tensor in (
-                *module.named_parameters(remove_duplicate=False),
-                *module.named_buffers(remove_duplicate=False),
-            )
+            # Each tensor once: functional_call ties a shared one's other names to it.
+            for name, tensor in (*module.named_parameters(), *module.named_buffers())
         }
         with mode, torch.autocast(device.type, dtype=autocast, cache_enabled=False):
             torch.func.functional_call(probe, state, tuple(inputs), strict=False)
