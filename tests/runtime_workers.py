@@ -275,13 +275,51 @@ def _second_step_without_rank1(
     os._exit(0)
 
 
+class _MasksWhenAsked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        h = self.fc(x)
+        if mask.any():
+            h = h.masked_fill(mask[:, None], 0.0)
+        return self.out(h)
+
+
+def branch_taken_on_one_rank(rank: int, world: int, workdir: str, stages: int) -> None:
+    """A step where a batch takes the other side of a branch on values: the rank that runs
+    the branch gets the error naming the line; the other fails within ``timeout=`` instead
+    of waiting for it.  At 2 stages the branch sees both ranks' rows (one stage replica), so
+    both batches take the other side; rank 0 then runs it."""
+    torch.manual_seed(0)
+    wrapped = autopart.Module(_MasksWhenAsked(), stages=stages, timeout=4)
+    x = torch.randn(LOCAL, 8)
+    some = torch.tensor([True, False, False, True])
+    _square(wrapped(x, some)).backward()
+    began = time.monotonic()
+    try:
+        mask = torch.zeros(LOCAL, dtype=torch.bool) if rank == 1 or stages == 2 else some
+        _square(wrapped(x, mask)).backward()
+        outcome: dict[str, Any] = {"error": None}
+    except Exception as err:
+        outcome = {"error": f"{type(err).__name__}: {err}"}
+    outcome["seconds"] = time.monotonic() - began
+    Path(workdir, f"rank{rank}.json").write_text(json.dumps(outcome))
+    os._exit(0)
+
+
 def plan_of_a_launch(rank: int, world: int, workdir: str, launch: int) -> None:
-    """Plan a small GPT-2 on this launch's ranks; rank 0 writes the plan."""
-    model, args, kwargs = ZOO["gpt2_tiny"]()
-    wrapped = autopart.Module(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    ids = args[0].repeat(LOCAL, 1)
+    """Plan ALBERT at 2 stages under bf16 (where link timings once moved the cut) on this
+    launch's ranks; rank 0 writes the plan."""
+    from bf16_workers import _masked, albert
+
+    torch.manual_seed(0)
+    model = albert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = autopart.Module(model, opt, stages=2, precision="bf16")
     with torch.no_grad():
-        wrapped(ids, **kwargs)
+        wrapped(**_masked(LOCAL, seed=rank))
     if rank == 0:
         assert wrapped.plan is not None
         Path(workdir, f"plan{launch}.json").write_text(wrapped.plan.to_json())

@@ -57,18 +57,35 @@ def test_a_stalled_rank_fails_the_others_within_the_timeout_of_a_user_made_group
     assert outcome["seconds"] < 12, outcome
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_a_batch_taking_the_other_side_of_a_branch_stops_every_rank(tmp_path, stages):
+    codes = run_ranks_unjoined(2, workers.branch_taken_on_one_rank, str(tmp_path), stages)
+    assert codes == [0, 0], codes
+    runs_it = 1 if stages == 1 else 0
+    mine, other = (
+        json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (runs_it, 1 - runs_it)
+    )
+    assert mine["error"] and "BranchTaken" in mine["error"], mine
+    assert "if mask.any():" in mine["error"], mine
+    assert other["error"] is not None and other["seconds"] < 12, other
+
+
+LAUNCHES = 10
+
+
+@pytest.mark.slow
 def test_the_same_inputs_give_the_same_plan_in_every_launch(tmp_path, monkeypatch):
     """Plans read measured numbers (the CPU, the links); measured once per machine and kept,
     they are the same in every launch, with other work running on the machine."""
     monkeypatch.setenv("AUTOPART_CACHE_DIR", str(tmp_path / "cache"))
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        for launch in range(3):
+        for launch in range(LAUNCHES):
             run_ranks(2, workers.plan_of_a_launch, str(tmp_path), launch)
     finally:
         hog.kill()
-    plans = [(tmp_path / f"plan{launch}.json").read_text() for launch in range(3)]
-    assert plans[1] == plans[0] and plans[2] == plans[0]
+    plans = [(tmp_path / f"plan{launch}.json").read_text() for launch in range(LAUNCHES)]
+    assert all(plan == plans[0] for plan in plans), [json.loads(p)["stages"] for p in plans]
     assert "measured inputs" in json.loads(plans[0])["notes"][-1]
 
 
