@@ -21,6 +21,7 @@ from autopart.plan.plan import Plan
 from autopart.runtime.context import RankContext
 from autopart.runtime.data_parallel.holders import Holders
 from autopart.runtime.data_parallel.zero import ShardedStep, assign_shards
+from autopart.runtime.stage.host_step import fuse_host_step
 from autopart.runtime.stage.offload import ParamOffload, StepOnDevice
 from autopart.runtime.transport.collectives import gather, to_cpu
 
@@ -49,6 +50,9 @@ class LocalOptimizer:
         self.stepped_ids = self.local_ids
         if shards is not None and optimizer is not None:
             self.stepped_ids = {id(trainable[n]) for n in holders.local if shards.get(n) == rank}
+        #: Groups whose step autopart switched to the fused host kernel (their state dicts
+        #: still say what the user chose).
+        self.fused_groups: list[int] = []
         if optimizer is None:
             return
         for group in optimizer.param_groups:
@@ -56,6 +60,8 @@ class LocalOptimizer:
         for param in list(optimizer.state):
             if id(param) not in self.stepped_ids:
                 del optimizer.state[param]
+        if self.stage.offload == Offload.PARAMS_OPTIMIZER:
+            self.fused_groups = fuse_host_step(optimizer)
         if self.stage.offload == Offload.PARAMS and offload is not None:
             # First: its post-step hook brings the parameters home before ZeRO shares them.
             stepped = [p for p in offload.parameters() if id(p) in self.stepped_ids]
@@ -87,8 +93,8 @@ class LocalOptimizer:
         if merged is None:
             return {}
         groups, start = [], 0
-        for group, original in zip(opt.param_groups, self.original_groups, strict=True):
-            settings = {k: v for k, v in group.items() if k != "params"}
+        for i, original in enumerate(self.original_groups):
+            settings = self._settings(i)
             groups.append({**settings, "params": list(range(start, start + len(original)))})
             start += len(original)
         return {"state": dict(sorted(merged.items())), "param_groups": groups}
@@ -101,8 +107,18 @@ class LocalOptimizer:
                 f"optimizer state has {len(groups)} parameter groups, the optimizer has "
                 f"{len(self.original_groups)}; it was saved for another optimizer"
             )
-        for saved, group in zip(groups, opt.param_groups, strict=True):
+        for i, (saved, group) in enumerate(zip(groups, opt.param_groups, strict=True)):
             group.update({k: v for k, v in saved.items() if k != "params"})
+            if i in self.fused_groups:
+                group["fused"] = True
+
+    def _settings(self, index: int) -> dict[str, Any]:
+        """Group ``index``'s settings as the user's optimizer has them."""
+        group = self.require().param_groups[index]
+        settings = {k: v for k, v in group.items() if k != "params"}
+        if index in self.fused_groups:
+            settings["fused"] = None
+        return settings
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         opt = self.require()
@@ -124,11 +140,8 @@ class LocalOptimizer:
             if id(param) in self.stepped_ids and id(param) in names
         }
         groups = [
-            {
-                **{k: v for k, v in group.items() if k != "params"},
-                "params": [names[id(p)] for p in original if id(p) in names],
-            }
-            for group, original in zip(opt.param_groups, self.original_groups, strict=True)
+            {**self._settings(i), "params": [names[id(p)] for p in original if id(p) in names]}
+            for i, original in enumerate(self.original_groups)
         ]
         return {"state": state, "param_groups": groups}
 
