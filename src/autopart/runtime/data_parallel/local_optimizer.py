@@ -62,6 +62,8 @@ class LocalOptimizer:
                 del optimizer.state[param]
         if self.stage.offload == Offload.PARAMS_OPTIMIZER:
             self.fused_groups = fuse_host_step(optimizer)
+        if offload is not None:  # the host casts of its parameters are remade after a step
+            optimizer.register_step_post_hook(lambda *_: offload.stepped())
         if self.stage.offload == Offload.PARAMS and offload is not None:
             # First: its post-step hook brings the parameters home before ZeRO shares them.
             stepped = [p for p in offload.parameters() if id(p) in self.stepped_ids]

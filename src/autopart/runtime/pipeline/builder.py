@@ -34,7 +34,7 @@ from autopart.runtime.stage.materialize import (
     rebind,
     rebind_optimizer,
 )
-from autopart.runtime.stage.offload import ParamOffload
+from autopart.runtime.stage.offload import HostCasts, ParamOffload
 from autopart.runtime.transport.distenv import job_group, new_group
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class StageBuilder:
         #: Each input's batch dimension, by source (``args[0]``), as the first capture found
         #: it: later captures see the model through an empty view and cannot run it.
         self.input_dims: dict[str, int | None] = {}
+        #: Host casts of offloaded parameters, shared by every call signature's stage.
+        self.casts = HostCasts()
 
     def capture(self, args: tuple, kwargs: dict[str, Any]) -> Graph:
         devices = {t.device for t in (*self.model.parameters(), *self.model.buffers())}
@@ -125,6 +127,7 @@ class StageBuilder:
         ios = stage_ios(graph, plan)
         stage = plan.stage_of_rank(self.rank)
         module = build_stage_module(graph, ios[stage.index], self.device)
+        autocast = AUTOCAST_DTYPES[plan.precision]
         offload = None
         if stage.offload != Offload.NONE:
             if self.world > 1 and "gloo" not in dist.get_backend():
@@ -135,7 +138,7 @@ class StageBuilder:
                     "autopart initialize it)"
                 )
             # Parameters already in host memory (an earlier call signature's) stay there.
-            offload = ParamOffload(module, self.device, stage.prefetch)
+            offload = ParamOffload(module, self.device, stage.prefetch, autocast, self.casts)
             _move_buffers(module, self.device)
         else:
             module.to(self.device)
@@ -143,7 +146,6 @@ class StageBuilder:
         self.held |= {id(t) for t in (*module.parameters(), *module.buffers())}
         _release_others(self.model, self.held)
         module.train(training)
-        autocast = AUTOCAST_DTYPES[plan.precision]
         return StageRunner(
             graph, plan, ios, module, self.rank, self.device, autocast, offload, self.upward
         )

@@ -103,8 +103,11 @@ def build_stage_module(graph: Graph, io: StageIO, device: torch.device) -> fx.Gr
     members = set(io.nodes)
     new = fx.Graph()
     env: dict[str, fx.Node] = {}
+    produced = {node.name: node for node in source.graph.nodes}
     for name in io.inputs:
         env[name] = new.placeholder(name)
+        if "val" in produced[name].meta:  # the example value, for probes of the stage's ops
+            env[name].meta["val"] = produced[name].meta["val"]
     for node in source.graph.nodes:
         if node.name in members:
             for dep in node.all_input_nodes:

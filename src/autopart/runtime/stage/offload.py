@@ -12,6 +12,11 @@ Copies are prefetched ``depth`` fetches ahead, in the order the fetch ops run in
 in the reverse of the order weights were saved in backward.  On CUDA the host side is pinned
 and copies run on a side stream, so they overlap compute; elsewhere they are plain copies.
 
+Under autocast, an op that reads a weight only through autocast's cast (a matmul's) is given
+a copy of the weight's cast, made once per optimizer step in host memory: half the bytes over
+the link, the same values (`read_dtypes`).  Copies are known by their slot: the parameter's
+name, with ``@bfloat16`` (say) for its cast.
+
 Buffers (batch-norm statistics) stay on the device: ops update them in place.
 """
 
@@ -26,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from autopart.device import copy_stream, pinned
+from autopart.runtime.stage.read_dtypes import read_as_cast
 
 #: Autograd nodes of ops whose output is a view of their input: a saved tensor reached from a
 #: parameter copy through these (and one dtype cast) can be rebuilt from a fresh copy.
@@ -64,10 +70,46 @@ class _Live:
     dtype: torch.dtype
 
 
+class HostCasts:
+    """Low-precision casts of host parameters, one per slot, shared by every call signature's
+    stage on this rank; remade after an optimizer step (counted here, as the fused steps do
+    not bump version counters) or an in-place change the parameter's version counter shows."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self._made: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+
+    def stepped(self) -> None:
+        self.steps += 1
+
+    def of(
+        self, slot: str, param: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        stamp = (self.steps, param._version)
+        made = self._made.get(slot)
+        if made is not None and made[0] == stamp:
+            return made[1]
+        if made is not None:
+            cast = made[1]
+        else:  # page-locked for a GPU, as the parameters are
+            cast = torch.empty(param.shape, dtype=dtype, pin_memory=device.type == "cuda")
+        with torch.no_grad():
+            cast.copy_(param)
+        self._made[slot] = (stamp, cast)
+        return cast
+
+
 class ParamOffload:
     """Host-resident parameters of one stage module and their short-lived device copies."""
 
-    def __init__(self, module: fx.GraphModule, device: torch.device, depth: int = 1) -> None:
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        device: torch.device,
+        depth: int = 1,
+        autocast: torch.dtype | None = None,
+        casts: HostCasts | None = None,
+    ) -> None:
         if depth < 0:
             raise ValueError(f"prefetch depth must be at least 0, got {depth}")
         self.device = device
@@ -79,11 +121,12 @@ class ParamOffload:
                 if value.device.type != "cpu" or (device.type == "cuda" and not value.is_pinned()):
                     value.data = pinned(value, device)
                 self.host[node.target] = value
-        self.forward_order = _insert_fetches(module, self)
+        self.casts = casts if casts is not None else HostCasts()
+        self.forward_order = _insert_fetches(module, self, autocast)
         self._stream = copy_stream(device)
-        self._live: dict[int, str] = {}  # storage id of a live copy -> its parameter
+        self._live: dict[int, str] = {}  # storage id of a live copy -> its slot
         self._sizes: dict[int, int] = {}
-        self._copies: dict[str, _Live] = {}  # parameter -> its live copy
+        self._copies: dict[str, _Live] = {}  # slot -> its live copy
         self._inflight: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._order: list[str] = []
         self._cursor = 0
@@ -95,6 +138,18 @@ class ParamOffload:
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.host.values())
+
+    def stepped(self) -> None:
+        """The optimizer changed the parameters: their host casts are out of date."""
+        self.casts.stepped()
+
+    def source(self, slot: str) -> torch.Tensor:
+        """What a copy of ``slot`` is made from: the host parameter, or its cast."""
+        name, _, dtype = slot.partition("@")
+        param = self.host[name]
+        if not dtype:
+            return param.detach()
+        return self.casts.of(slot, param, getattr(torch, dtype), self.device)
 
     # -- the two phases ----------------------------------------------------------------------
 
@@ -166,7 +221,7 @@ class ParamOffload:
                 self._inflight[key] = self._copy(key)
 
     def _copy(self, key: str) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        host = self.host[key].detach()
+        host = self.source(key)
         event = None
         if self._stream is not None:
             # No wait on the compute stream: the copy must run ahead of the ops queued there.
@@ -196,7 +251,10 @@ class ParamOffload:
             del self._copies[key]
 
     def to_host(self, grad: torch.Tensor, key: str) -> torch.Tensor:
-        return grad.to(self.host[key].device)
+        """A copy's gradient for its host parameter: a cast's crosses the link in the cast's
+        dtype (half the bytes) and is widened in host memory, as autocast widens it."""
+        param = self.host[key.partition("@")[0]]
+        return grad.to(param.device).to(param.dtype)
 
     # -- saved tensors -----------------------------------------------------------------------
 
@@ -220,7 +278,7 @@ class ParamOffload:
             if node is None:
                 return None
             if isinstance(node, _Fetch._backward_cls):
-                whole = self.host[node.key].numel() * tensor.element_size()
+                whole = self.source(node.key).numel() * tensor.element_size()
                 full = tensor.untyped_storage().nbytes() == whole
                 return node.key if casts == 1 and full else None
             name = type(node).__name__
@@ -262,28 +320,41 @@ class _FetchOp:
     def __init__(self, offload: ParamOffload, key: str) -> None:
         self.offload = offload
         self.key = key
-        self.__name__ = "autopart_fetch_" + key.replace(".", "_")
+        self.__name__ = "autopart_fetch_" + key.replace(".", "_").replace("@", "_as_")
         self.__module__ = __name__
 
     def __call__(self, host: torch.Tensor) -> torch.Tensor:
         return _Fetch.apply(host, self.offload, self.key)
 
 
-def _insert_fetches(module: fx.GraphModule, offload: ParamOffload) -> list[str]:
-    """Give every op that reads an offloaded parameter its own fetch, placed just before it;
-    return the parameters in the order the fetches run."""
+def _insert_fetches(
+    module: fx.GraphModule, offload: ParamOffload, autocast: torch.dtype | None
+) -> list[str]:
+    """Give every op that reads an offloaded parameter its own fetch, placed just before it
+    (of the parameter's cast where the op reads only that); return the slots in the order
+    the fetches run."""
     order = []
     for node in list(module.graph.nodes):
         if node.op in ("get_attr", "placeholder", "output"):
             continue
-        for dep in dict.fromkeys(node.all_input_nodes):
-            if dep.op == "get_attr" and dep.target in offload.host:
-                with module.graph.inserting_before(node):
-                    fetch = module.graph.call_function(_FetchOp(offload, dep.target), (dep,))
-                node.replace_input_with(dep, fetch)
-                order.append(dep.target)
+        reads = [d for d in dict.fromkeys(node.all_input_nodes) if _offloaded(d, offload)]
+        slots = [
+            f"{dep.target}@{str(autocast).removeprefix('torch.')}"
+            if autocast is not None and read_as_cast(module, node, dep, offload.device, autocast)
+            else str(dep.target)
+            for dep in reads
+        ]
+        for dep, slot in zip(reads, slots, strict=True):
+            with module.graph.inserting_before(node):
+                fetch = module.graph.call_function(_FetchOp(offload, slot), (dep,))
+            node.replace_input_with(dep, fetch)
+            order.append(slot)
     module.recompile()
     return order
+
+
+def _offloaded(node: fx.Node, offload: ParamOffload) -> bool:
+    return node.op == "get_attr" and node.target in offload.host
 
 
 def _attr(module: nn.Module, target: str):
