@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from autopart.capture import capture
 from autopart.cost import AnalyticCostModel, get_device_spec
@@ -13,6 +14,7 @@ from autopart.errors import AutopartError
 from autopart.ir import Graph, NodeKind
 from autopart.plan.plan import Plan, PlanError
 from autopart.plan.planner import InfeasiblePlanError, PlanOptions, make_plan
+from autopart.reports.plan_table import format_seconds, plan_table
 from zoo import ZOO
 
 ALL = sorted(ZOO)
@@ -387,3 +389,23 @@ def test_auto_schedule_picks_1f1b_where_gpipe_must_recompute():
             options=PlanOptions(devices=2, global_batch=16, schedule="1f1b"),
             device_type="h100",
         )
+
+
+@pytest.mark.parametrize("optimizer,traffic", [("adam", 7.0), ("sgd", 3.0)])
+def test_an_optimizer_step_in_host_memory_is_charged_at_its_bandwidth(optimizer, traffic):
+    """Offloaded with its optimizer state, a stage's step ends with the optimizer's pass over
+    that state in host memory (Adam: 28 bytes per parameter); on the device it is not
+    charged (``offload="params"`` steps there)."""
+    graph = _wide_then_narrow()
+    options = dict(devices=1, global_batch=8, microbatches=2, optimizer=optimizer)
+    on_host = make_plan(graph, _cost(), PlanOptions(**options, offload="params+optimizer"))
+    on_device = make_plan(graph, _cost(), PlanOptions(**options, offload="params"))
+    trainable = sum(p.nbytes for p in graph.params.values())
+    expected = traffic * trainable / _cost().device.host_memory_bandwidth
+    stage = on_host.stages[0]
+    assert stage.host_step_seconds == pytest.approx(expected)
+    assert on_device.stages[0].host_step_seconds == 0.0
+    assert on_host.step_seconds == pytest.approx(on_device.step_seconds + expected)
+    console = Console(record=True, width=200)
+    console.print(plan_table(on_host))
+    assert f"params+optimizer (step {format_seconds(expected)})" in console.export_text()

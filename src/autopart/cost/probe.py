@@ -62,6 +62,7 @@ def cpu_spec() -> DeviceSpec:
         inter_node_bandwidth=1.25e9,
         devices_per_node=os.cpu_count() or 1,
         host_link_bandwidth=bandwidth,
+        host_memory_bandwidth=bandwidth,
         kernel_latency_s=_CPU_OP_LATENCY_S,
         link_latency_s=_GLOO_LATENCY_S,
     )

@@ -37,6 +37,9 @@ class DeviceSpec:
         host_link_bandwidth: host memory to device bandwidth (PCIe), B/s, used for offload.
         kernel_latency_s: fixed cost of launching one op.
         link_latency_s: fixed cost of one message on a link.
+        host_memory_bandwidth: host memory bandwidth one device's share of the host gets, B/s
+            (one large copy's, read plus write): the speed of an optimizer step over
+            offloaded parameters.
     """
 
     name: str
@@ -49,6 +52,7 @@ class DeviceSpec:
     host_link_bandwidth: float
     kernel_latency_s: float
     link_latency_s: float
+    host_memory_bandwidth: float = 50e9
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype``; an error names the dtypes this spec knows."""

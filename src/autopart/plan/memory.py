@@ -38,6 +38,15 @@ ALLREDUCE_BUCKET_BYTES = 25 * 2**20
 
 OPTIMIZER_FACTORS = {"adam": 2.0, "adamw": 2.0, "sgd-momentum": 1.0, "sgd": 0.0, "none": 0.0}
 
+#: Host memory traffic of one optimizer step, per byte of fp32 parameter: Adam reads the
+#: parameter, its gradient and two moments and writes three (28 bytes per parameter); SGD with
+#: momentum reads three and writes two; plain SGD reads two and writes one.
+HOST_STEP_TRAFFIC = {"adam": 7.0, "adamw": 7.0, "sgd-momentum": 5.0, "sgd": 3.0, "none": 0.0}
+
+#: Under autocast, the host casts of offloaded weights are remade after each step: read
+#: fp32, write half (at most every weight).
+HOST_CAST_TRAFFIC = 1.5
+
 
 @dataclass(frozen=True)
 class StageFootprint:

@@ -53,6 +53,8 @@ class StagePlan:
     #: Parameters an offloaded stage copies ahead of use, as costed (0 where nothing is
     #: offloaded; 1, the default depth, in plans saved before this field).
     prefetch: int = 1
+    #: Predicted optimizer step over state kept in host memory (0 where it is on the device).
+    host_step_seconds: float = 0.0
 
     @property
     def replicas(self) -> int:

@@ -24,7 +24,12 @@ from autopart.ir.loss import find_loss
 from autopart.plan.atomic import Component, atomic_components
 from autopart.plan.blocks import Block, coarsen
 from autopart.plan.infeasible import infeasible_message
-from autopart.plan.memory import OPTIMIZER_FACTORS, MemoryModel
+from autopart.plan.memory import (
+    HOST_CAST_TRAFFIC,
+    HOST_STEP_TRAFFIC,
+    OPTIMIZER_FACTORS,
+    MemoryModel,
+)
 from autopart.plan.options import PlanOptions
 from autopart.plan.plan import Plan, StagePlan
 from autopart.plan.stage_costs import StageCoster
@@ -95,6 +100,8 @@ def prepare(
         offload=options.offload,
         zero=options.zero,
         autocast=str(dtype) if (dtype := AUTOCAST_DTYPES[options.precision]) else None,
+        host_step_traffic=HOST_STEP_TRAFFIC[options.optimizer]
+        + (HOST_CAST_TRAFFIC if dtype else 0),
     )
     return components, blocks, coster
 
@@ -191,6 +198,11 @@ def plan_from_partition(
         # The search charged every stage the most microbatches any stage holds; record what
         # this one holds under the schedule.
         held = in_flight(sol.schedule, len(sol.stages), sol.microbatches)[index]
+        host_step = (
+            part.coster.host_step_seconds(footprint)
+            if mode.offload == Offload.PARAMS_OPTIMIZER
+            else 0.0
+        )
         memory = part.coster.memory.peak_bytes(
             footprint,
             np.array([rows]),
@@ -213,7 +225,8 @@ def plan_from_partition(
                 backward_seconds=bwd,
                 recompute=mode.recompute,
                 microbatch_rows=rows,
-                allreduce_seconds=float(choice.allreduce_seconds),
+                allreduce_seconds=float(choice.allreduce_seconds) - host_step,
+                host_step_seconds=host_step,
                 offload=mode.offload,
                 zero=mode.zero,
                 prefetch=options.prefetch if mode.offload != Offload.NONE else 0,

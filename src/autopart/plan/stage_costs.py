@@ -55,8 +55,11 @@ class StageCoster:
         offload: str = "none",
         zero: bool | str = False,
         autocast: str | None = None,
+        host_step_traffic: float = 0.0,
     ) -> None:
         self.graph = graph
+        #: Host memory bytes an optimizer step over offloaded state moves per parameter byte.
+        self.host_step_traffic = host_step_traffic
         #: Saved bytes per node as the stage runs them: under autocast, narrower, with the
         #: weights' low-precision copies (`autopart.plan.autocast`).
         self._saved = (
@@ -95,6 +98,10 @@ class StageCoster:
         # Not cached: the search asks for each stage once, and keeping every answer (one array
         # per replica count) would hold memory the search no longer reads.
         return self._stage_costs(start, end, microbatches, in_flight)
+
+    def host_step_seconds(self, fp: StageFootprint) -> float:
+        """An optimizer step over a stage's state in host memory, at its bandwidth."""
+        return self.host_step_traffic * fp.trainable_bytes / self.spec.host_memory_bandwidth
 
     def with_replicas(self, replicas: np.ndarray) -> StageCoster:
         """The same stages costed over other replica counts (to ask what more devices need):
@@ -181,7 +188,7 @@ class StageCoster:
         compute = {False: fwd + bwd, True: 2 * fwd + bwd}
         weights = fp.param_bytes - fp.buffer_bytes
         link = self.spec.host_link_bandwidth
-        slots, peaks = [], []
+        slots, peaks, tails = [], [], []
         for mode in self.modes:
             peak = self.memory.peak_bytes(
                 fp,
@@ -194,18 +201,26 @@ class StageCoster:
                 in_flight=in_flight,
             )
             slot = compute[mode.recompute]
+            tail = 0.0
             if mode.offload != Offload.NONE:
                 copies = (3 if mode.recompute else 2) * weights / link
                 slot = np.maximum(slot, copies) + fp.trainable_bytes / link
+            if mode.offload == Offload.PARAMS_OPTIMIZER:  # the step runs in host memory
+                tail = self.host_step_seconds(fp)
             fits = usable & (peak <= self.capacity)
             slots.append(np.where(fits, slot + comm, np.inf))
+            tails.append(tail)
             peaks.append(peak)
-        best = np.argmin(np.stack(slots), axis=0)  # the first of equals: the order of preference
+        # A mode is chosen by its time per step over the microbatches: slot plus its share of
+        # the step's tail (the first of equals wins: the order of preference).
+        per_step = np.stack(slots) + np.array(tails)[:, None] / microbatches
+        best = np.argmin(per_step, axis=0)
         pick = np.arange(len(rows))
+        allreduce = allreduce_seconds_array(fp.trainable_bytes, self.replicas, self.spec)
         return StageCosts(
             replicas=self.replicas,
             slot_seconds=np.stack(slots)[best, pick],
-            allreduce_seconds=allreduce_seconds_array(fp.trainable_bytes, self.replicas, self.spec),
+            allreduce_seconds=allreduce + np.array(tails)[best],
             memory_bytes=np.stack(peaks)[best, pick].astype(np.int64),
             mode=best.astype(np.int64),
         )

@@ -65,7 +65,7 @@ def plan_table(plan: Plan) -> Table:
             format_seconds(s.allreduce_seconds),
             format_bytes(s.memory_bytes),
             "yes" if s.recompute else "no",
-            "no" if s.offload == "none" else s.offload,
+            _offload(s),
             format_bytes(s.host_bytes) if s.host_bytes else "-",
             "yes" if s.zero else "no",
         )
@@ -77,6 +77,15 @@ def plan_table(plan: Plan) -> Table:
     if plan.schedule_note:
         table.caption += f"\nschedule: {plan.schedule_note}"
     return table
+
+
+def _offload(stage) -> str:
+    """What a stage keeps in host memory, and its host optimizer step's time."""
+    if stage.offload == "none":
+        return "no"
+    if stage.host_step_seconds:
+        return f"{stage.offload} (step {format_seconds(stage.host_step_seconds)})"
+    return str(stage.offload)
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:

@@ -30,7 +30,7 @@ from autopart.cost import (
     local_device_spec,
 )
 from autopart.cost.bandwidth import remembered_links
-from autopart.cost.probe import host_memory_bytes, measure_host_link
+from autopart.cost.probe import host_memory_bytes, measure_host_link, measure_memory_bandwidth
 from autopart.cost.remembered import kept_in, machine_key, remembered
 from autopart.device import device_name
 from autopart.errors import AutopartError
@@ -98,9 +98,19 @@ def _make_plan(
         device.type == "cuda" or config.offload != "auto" or "offload" in config.given
     )
     if offloading:  # only the planning rank needs the host link's speed
-        key = machine_key("host-link", device_name(device))
-        link = remembered(key, lambda: {"bandwidth": measure_host_link(device)})
-        spec = dataclasses.replace(spec, host_link_bandwidth=link["bandwidth"])
+        key = machine_key("host", device_name(device))
+        link = remembered(
+            key,
+            lambda: {
+                "bandwidth": measure_host_link(device),
+                "host_memory": measure_memory_bandwidth(torch.device("cpu")),
+            },
+        )
+        spec = dataclasses.replace(
+            spec,
+            host_link_bandwidth=link["bandwidth"],
+            host_memory_bandwidth=link["host_memory"],
+        )
     options = PlanOptions.from_config(
         config,
         devices=dist.get_world_size(),
