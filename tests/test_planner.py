@@ -409,3 +409,20 @@ def test_an_optimizer_step_in_host_memory_is_charged_at_its_bandwidth(optimizer,
     console = Console(record=True, width=200)
     console.print(plan_table(on_host))
     assert f"params+optimizer (step {format_seconds(expected)})" in console.export_text()
+
+
+def test_offloaded_matmul_weights_cross_the_link_at_the_autocast_width():
+    """Under bf16 an offloaded Linear's weight and bias go to the device as bf16 casts and
+    their gradients come back as bf16 (the runtime's fetches); a LayerNorm's stay fp32."""
+    from autopart.plan.planner import prepare
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    graph = capture(model, (torch.randn(2, 64),))
+    linear = sum(p.numel() * 4 for p in model[0].parameters())
+    norm = sum(p.numel() * 4 for p in model[1].parameters())
+    for precision, expected in (("fp32", linear + norm), ("bf16", linear / 2 + norm)):
+        options = PlanOptions(devices=1, global_batch=8, precision=precision, offload="params")
+        _, blocks, coster = prepare(graph, _cost(), options)
+        footprint = coster.footprint(0, len(blocks))
+        assert footprint.link_bytes == expected, precision
+        assert footprint.link_grad_bytes == expected, precision

@@ -17,7 +17,9 @@ two things the memory model must charge:
   fixed saved bytes.
 
 The fp32 master weights, their gradients and the optimizer state are the parameters' own and
-are charged as they are without autocast.
+are charged as they are without autocast.  An offloaded weight that only matmul-like ops read
+crosses the host link as its low-precision cast, and its gradient comes back at that width
+(`autopart.runtime.stage.read_dtypes`); `cast_weights` names them.
 """
 
 from __future__ import annotations
@@ -120,3 +122,17 @@ def autocast_saved(graph: Graph, dtype: str) -> dict[str, tuple[float, float]]:
             stats.saved_fixed * scale + copies,
         )
     return result
+
+
+def cast_weights(graph: Graph) -> frozenset[str]:
+    """The floating parameters that only matmul-like ops (`LOW`) read: under autocast they
+    are read only as their low-precision casts."""
+    readers: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        for p in node.params:
+            readers.setdefault(p, []).append(_aten_name(node.op))
+    return frozenset(
+        p
+        for p, ops in readers.items()
+        if "float" in graph.params[p].dtype and all(op in LOW for op in ops)
+    )

@@ -68,6 +68,10 @@ class StageFootprint:
     #: The model's outputs this stage produces, handed to their owners after the pass.
     output_per_sample: float = 0.0
     output_fixed: float = 0.0
+    #: Bytes an offloaded stage moves over the host link per pass over its weights, and for
+    #: their gradients (under autocast, matmul weights at the low width).
+    link_bytes: float = 0.0
+    link_grad_bytes: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ import numpy as np
 
 from autopart.config import Offload
 from autopart.cost import CostModel, DeviceSpec, allreduce_seconds_array, p2p_seconds_array
-from autopart.ir import Graph
-from autopart.plan.autocast import autocast_saved
+from autopart.ir import Graph, dtype_bytes
+from autopart.plan.autocast import autocast_saved, cast_weights
 from autopart.plan.memory import MemoryModel, StageFootprint
 from autopart.plan.stage_table import StageCosts
 from autopart.plan.traffic import RangeTraffic
@@ -67,6 +67,14 @@ class StageCoster:
             if autocast
             else {n.name: (n.stats.saved_per_sample, n.stats.saved_fixed) for n in graph.nodes}
         )
+        #: Each weight's bytes over the host link when offloaded: its cast's where autocast
+        #: casts every read of it.
+        narrow = dtype_bytes(autocast) if autocast else 0
+        cast = cast_weights(graph) if autocast else frozenset()
+        self._link = {
+            name: spec.nbytes * (narrow / dtype_bytes(spec.dtype) if name in cast else 1.0)
+            for name, spec in graph.params.items()
+        }
         self.block_names = [list(names) for names in block_nodes]
         self.block_nodes = [[graph.node(n) for n in names] for names in block_nodes]
         self.traffic = traffic
@@ -166,6 +174,10 @@ class StageCoster:
             largest_param_bytes=float(max((p.nbytes for p in params), default=0)),
             output_per_sample=float(sum(s.nbytes(1) for s in outputs if s.is_batch)),
             output_fixed=float(sum(s.nbytes() for s in outputs if not s.is_batch)),
+            link_bytes=sum(self._link[p.name] for p in params if not p.is_buffer),
+            link_grad_bytes=sum(
+                self._link[p.name] for p in params if p.requires_grad and not p.is_buffer
+            ),
         )
 
     def _stage_costs(
@@ -186,7 +198,6 @@ class StageCoster:
             + p2p_seconds_array(send, self.spec, self.cross_node_p2p)
         )
         compute = {False: fwd + bwd, True: 2 * fwd + bwd}
-        weights = fp.param_bytes - fp.buffer_bytes
         link = self.spec.host_link_bandwidth
         slots, peaks, tails = [], [], []
         for mode in self.modes:
@@ -203,8 +214,8 @@ class StageCoster:
             slot = compute[mode.recompute]
             tail = 0.0
             if mode.offload != Offload.NONE:
-                copies = (3 if mode.recompute else 2) * weights / link
-                slot = np.maximum(slot, copies) + fp.trainable_bytes / link
+                copies = (3 if mode.recompute else 2) * fp.link_bytes / link
+                slot = np.maximum(slot, copies) + fp.link_grad_bytes / link
             if mode.offload == Offload.PARAMS_OPTIMIZER:  # the step runs in host memory
                 tail = self.host_step_seconds(fp)
             fits = usable & (peak <= self.capacity)
