@@ -38,6 +38,11 @@ Sections (``--only`` takes their names):
     measured; (5) recomputation replays the device RNG under dropout; (6) BatchNorm buffers
     live on the device and the user's ``state_dict()`` sees them; (7) a model moved to the GPU
     before wrapping, with a plan that offloads, leaves the device after the first call.
+``floors``
+    HF GPT-2 709M under bf16 autocast on a GPU capped at 6 GB, model and batch on the CPU,
+    default options: the offloaded step against the link, compute and host-optimizer floors
+    (pass within 1.5x of the largest), and the plan's predicted step (pass within 20 %);
+    see `gpu_offload_speed`.
 
 ``--cpu-dry-run`` runs what a CPU can (models and batches on ``cpu`` / ``meta``, plain
 PyTorch on the CPU as reference, the offload steps small and uncapped), and SKIPs the rows
@@ -88,11 +93,12 @@ from gpu_cases import (
     update_error,
 )
 from gpu_models import linear_stack
+from gpu_offload_speed import OffloadSpeed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 #: Seconds a section may run before its remaining cases are skipped: about 6 minutes in all.
-BUDGETS = {"matrix": 160, "exact": 30, "measured": 50, "peak": 25, "offload": 100}
+BUDGETS = {"matrix": 160, "exact": 30, "measured": 50, "peak": 25, "offload": 100, "floors": 120}
 #: The most one case may run: a hung case fails rather than eat the rest of the run.
 CASE_LIMIT_S = 100
 DETAIL = 100  # characters of detail a table row shows
@@ -364,6 +370,9 @@ def sections(ctx: Context, args: argparse.Namespace) -> dict[str, list[Case]]:
         "measured": measured_cases(ctx, small),
         "peak": peak_cases(ctx),
         "offload": offload.cases(),
+        "floors": OffloadSpeed(
+            ctx, args.gpt_layers, args.gpt_width, args.gpt_seq, args.gpt_cap_gb
+        ).cases(),
     }
 
 
@@ -375,6 +384,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=64, help="offload: batch rows")
     parser.add_argument("--steps", type=int, default=3, help="offload: training steps")
     parser.add_argument("--cap-gb", type=float, help="GPU memory cap (default: 2/3 of need)")
+    parser.add_argument("--gpt-layers", type=int, default=12, help="floors: GPT-2 layers")
+    parser.add_argument("--gpt-width", type=int, default=2048, help="floors: GPT-2 width")
+    parser.add_argument("--gpt-seq", type=int, default=512, help="floors: sequence length")
+    parser.add_argument("--gpt-cap-gb", type=float, default=6.0, help="floors: GPU memory cap")
     parser.add_argument("--cpu-dry-run", action="store_true", help="check the script on a CPU")
     args = parser.parse_args()
     args.only = args.only.split(",") if args.only else list(BUDGETS)
@@ -383,6 +396,7 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}")
     if args.cpu_dry_run:
         args.layers, args.width, args.rows = 4, 128, 8
+        args.gpt_layers, args.gpt_width, args.gpt_seq = 2, 64, 32
     return args
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("matrix", "exact", "measured", "peak", "offload")
+SECTIONS = ("matrix", "exact", "measured", "peak", "offload", "floors")
 #: The rows a CPU cannot measure or run: CUDA memory, the cap, and a Mixtral traced on meta
 #: (its router takes the branch for any device but the CPU: an int32 histc).
 CUDA_ONLY = {
@@ -22,6 +22,8 @@ CUDA_ONLY = {
     "offload 1 plain under the cap",
     "offload 4 peak pred/meas",
     "offload 7 moved to GPU first",
+    "floors 1 GPT-2 offload step",
+    "floors 2 predicted step",
 }
 ROW = re.compile(r"^(?P<name>\S.*?)\s{2,}(?P<result>PASS|FAIL|SKIP)\s")
 
@@ -52,7 +54,7 @@ def test_the_dry_run_runs_every_section_and_passes():
         assert f"== {section} (" in result.stdout, result.stdout[-3000:]
     rows = table(result.stdout)
     assert {name.split()[0] for name in rows} == set(SECTIONS)
-    assert len(rows) == 12 + 3 + 2 + 1 + 9, rows  # 6 families x cpu/meta, then 3, 2, 1, 9
+    assert len(rows) == 12 + 3 + 2 + 1 + 9 + 2, rows  # 6 families x cpu/meta, then 3, 2, 1, 9, 2
     assert {name for name, r in rows.items() if r == "SKIP"} == CUDA_ONLY, rows
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL ")]
     assert not failed, "\n".join(failed)

@@ -158,7 +158,7 @@ class Config:
     batch_dims: dict[str, int | None] | None = None
     """Which dimension of each argument carries the batch (``{"src": 1, "hidden": 1}``; None
     for an argument without one), by argument name or source (``"args[0]"``).  By default
-    capture finds it by running the model on halves of the first batch
+    capture finds it by running the model on two rows of the first batch and on each alone
     (`autopart.capture.batch_dims`)."""
 
     timeout: float | None = None

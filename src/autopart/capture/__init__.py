@@ -53,14 +53,14 @@ def capture(
 ) -> Graph:
     """Capture ``model`` called as ``model(*args, **kwargs)`` into a `Graph`.
 
-    Which dimension of each input carries the batch is found by running the model on halves
-    of the example (`autopart.capture.batch_dims`), or given by ``batch_dims`` (argument name
-    or source -> dimension, None for no batch).  ``method`` is ``"export"``, ``"fx"`` or
-    ``"auto"`` (export, then fx when export fails, then a draft export that keeps branches on
-    tensor values as checked asserts); ``strict`` is passed to `torch.export.export`.
-    ``leaf_modules`` (types or qualified names) are kept as single opaque calls by the fx
-    tracer.  Raises `CaptureError` naming the failing op and module when the model cannot be
-    captured.
+    Which dimension of each input carries the batch is found by running the model on two
+    rows of the example and on each alone (`autopart.capture.batch_dims`), or given by
+    ``batch_dims`` (argument name or source -> dimension, None for no batch).  ``method`` is
+    ``"export"``, ``"fx"`` or ``"auto"`` (export, then fx when export fails, then a draft
+    export that keeps branches on tensor values as checked asserts); ``strict`` is passed to
+    `torch.export.export`.  ``leaf_modules`` (types or qualified names) are kept as single
+    opaque calls by the fx tracer.  Raises `CaptureError` naming the failing op and module
+    when the model cannot be captured.
 
     The returned ``Graph.fx_module`` is called like the model and accepts any batch size; its
     ops name the CPU as their device (`autopart.device.retarget` points them elsewhere).  If

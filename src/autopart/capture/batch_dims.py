@@ -9,11 +9,12 @@ train something else without a word.  So the dimension is found, not assumed:
   size B, every other tensor carries the batch in the same dimension if its size there is B,
   else in its only dimension of size B, else not at all;
 * a candidate is tried by running the model (evaluation mode, no gradients, the random state
-  kept) on the whole example and on its two halves along those dimensions: every submodule
-  output that carries rows must be the halves' outputs put together.  A sequence cut fails
-  this (a recurrence, a causal mask or positions restart), a batch cut passes;
+  kept) on the example's first two rows along those dimensions and on each of them alone:
+  every submodule output that carries rows must be the single rows' outputs put together.
+  A sequence cut fails this (a recurrence, a causal mask or positions restart), a batch cut
+  passes;
 * the first candidate no output contradicts wins; where every one is contradicted (a model
-  that reads its own batch size) or cannot run on halves, dimension 0 is taken, with a
+  that reads its own batch size) or cannot run on one row, dimension 0 is taken, with a
   warning.  A tensor with several dimensions of the batch's size, none in the first tensor's
   place, is an error: which one is meant cannot be told.
 
@@ -45,7 +46,7 @@ log = logging.getLogger("autopart.capture")
 #: Argument name or source -> the dimension carrying the batch, or None for none.
 BatchDims = Mapping[str, int | None]
 
-#: How far a row's fingerprint may move between a whole run and its halves (a different batch
+#: How far a row's fingerprint may move between two rows run together and alone (a different batch
 #: size may pick other kernels); a wrong cut moves it by the order of the value itself.
 _TOLERANCE = 2e-2
 
@@ -91,11 +92,11 @@ def find_batch_dims(
             for i, leaf in enumerate(leaves)
         )
         chosen.append((batch, dims))
-        if len(candidates) == 1 or _rows_are_independent(model, args, kwargs, dims, batch):
+        if len(candidates) == 1 or _rows_are_independent(model, args, kwargs, dims):
             return batch, dims
     log.warning(
         "could not confirm which dimension of %s (shape %s) carries the batch: the model "
-        "computes other values for the rows when the batch is cut in halves along any of them; "
+        "computes other values for the rows when the batch is cut along any of them; "
         "taking dimension 0 (say otherwise with batch_dims=)",
         keys[first][0],
         tuple(leaves[first].shape),
@@ -193,11 +194,11 @@ def _rows_are_independent(
     args: tuple,
     kwargs: dict[str, Any],
     dims: tuple[int | None, ...],
-    batch: int,
 ) -> bool:
-    """No submodule output that carries rows differs between the whole batch and its halves
-    (False too when the model cannot run on the halves)."""
-    half = batch // 2
+    """No submodule output that carries rows differs between the first two rows and each
+    of them alone (False too when the model cannot run on one row).  Two rows tell a batch
+    from a sequence as well as the whole example does, at a fraction of its cost: a large
+    model on the CPU runs two rows twice, not its whole batch three times."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
 
     def part(start: int, length: int) -> tuple[tuple, dict[str, Any]]:
@@ -208,13 +209,12 @@ def _rows_are_independent(
         return pytree.tree_unflatten(cut, spec)
 
     try:
-        calls = ((args, kwargs), part(0, half), part(half, batch - half))
-        runs = [_outputs(model, *call) for call in calls]
-    except Exception as exc:  # the halves are a batch the model was not written for
-        log.debug("the model cannot run on halves of the batch: %s", exc)
+        runs = [_outputs(model, *part(start, length)) for start, length in ((0, 2), (0, 1), (1, 1))]
+    except Exception as exc:  # one row is a batch the model was not written for
+        log.debug("the model cannot run on single rows of the batch: %s", exc)
         return False
     return not any(
-        _contradicts(whole, first, second, (batch, half, batch - half))
+        _contradicts(whole, first, second, (2, 1, 1))
         for whole, first, second in zip(*runs, strict=False)
     )
 
@@ -247,7 +247,7 @@ def _contradicts(
     second: list[torch.Tensor],
     rows: tuple[int, int, int],
 ) -> bool:
-    """Does some output put together from the halves differ from the whole's, along each
+    """Does some output put together from the single rows differ from the pair's, along each
     dimension whose sizes are the rows of the three runs?"""
     for a, b, c in zip(whole, first, second, strict=False):
         if a.dim() != b.dim() or a.dim() != c.dim() or not a.is_floating_point():
