@@ -69,11 +69,19 @@ class _TwoInputs(nn.Module):
         return self.fc(x) + pairs.transpose(0, 1).sum(1)
 
 
-def test_an_input_whose_batch_dimension_cannot_be_told_is_named():
+def test_an_input_with_two_dimensions_of_the_batch_size_is_told_by_running_the_model():
     x = torch.randn(4, 5)
     pairs = torch.randn(6, 4, 4)  # the batch of 4 rows: dimension 1 or 2?
+    assert find_batch_dims(_TwoInputs(), (x,), {"pairs": pairs}) == (4, (0, 1))
+
+
+def test_an_input_whose_batch_dimension_cannot_be_told_is_named():
+    """Built on meta, the model cannot be run to tell the dimensions apart."""
+    with torch.device("meta"):
+        model = _TwoInputs()
+    x, pairs = torch.randn(4, 5), torch.randn(6, 4, 4)
     with pytest.raises(CaptureError, match=r"kwargs\['pairs'\].*dimensions \[1, 2\].*batch_dims"):
-        capture(_TwoInputs(), (x,), {"pairs": pairs})
+        capture(model, (x,), {"pairs": pairs})
 
 
 def test_the_batch_dimension_can_be_given_by_argument_name():
@@ -98,12 +106,156 @@ def test_a_model_that_reads_its_batch_size_falls_back_to_dimension_0_with_a_warn
 
 
 def test_the_batch_dimension_of_a_sequence_first_model_is_not_its_sequence():
-    """Teeth: on (seq, batch) the sequence is dimension 0 and the check must reject it."""
+    """Teeth: on (seq, batch) the sequence is dimension 0 and the check must reject it,
+    also where the batch is one row, or the first rows of the sequence are alike (left
+    padding)."""
     model = SequenceFirstLSTM()
-    x = torch.randn(8, 8, 6)  # seq == batch: only running the halves tells them apart
+    x = torch.randn(8, 8, 6)  # seq == batch: only running the model on rows tells them apart
     assert find_batch_dims(model, (x,), {}) == (8, (1,))
     gru = SequenceFirstGRU()
     assert find_batch_dims(gru, (torch.randint(0, 64, (5, 4)), torch.randn(2, 4, 16)), {})[1] == (
         1,
         1,
     )
+
+    assert find_batch_dims(gru, (torch.randint(0, 64, (8, 1)), torch.randn(2, 1, 16)), {}) == (
+        1,
+        (1, 1),
+    )
+    assert find_batch_dims(model, (torch.randn(8, 1, 6),), {}) == (1, (1,))
+    padded = torch.randint(1, 64, (10, 4))
+    padded[:3] = 0  # every sequence starts with the same padding
+    assert find_batch_dims(_BagOfTokens(), (padded,), {}) == (4, (1,))
+
+
+class _BagOfTokens(nn.Module):
+    """A sequence-first encoder without positions: identical first timesteps are computed
+    alike whether cut as rows or not, so the check must compare rows that differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(64, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, src):
+        return self.head(self.encoder(self.embed(src)).mean(0))
+
+
+class _BatchFirstGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(16, 16, num_layers=2, batch_first=True)
+
+    def forward(self, x, hidden):
+        return self.rnn(x, hidden)
+
+
+def test_a_state_whose_layers_match_the_batch_size_is_cut_along_the_batch():
+    """``(layers=2, batch=2, hidden)``: dimension 0 has the batch's size too; running the
+    model tells them apart."""
+    x, hidden = torch.randn(2, 5, 16), torch.randn(2, 2, 16)
+    assert find_batch_dims(_BatchFirstGRU(), (x, hidden), {}) == (2, (0, 1))
+
+
+def test_a_square_mask_of_the_batch_size_has_no_batch():
+    """A ``(T, T)`` attention mask where T is also the batch size, sequence-first input."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    src, mask = torch.randn(6, 6, 8), nn.Transformer.generate_square_subsequent_mask(6)
+    assert find_batch_dims(layer, (src,), {"src_mask": mask}) == (6, (1, None))
+    assert find_batch_dims(layer, (src,), {"src_mask": mask}, {"src": 1}) == (6, (1, None))
+
+
+def test_an_input_said_to_have_no_batch_is_not_the_anchor():
+    class Shared(nn.Module):
+        def forward(self, bias, x):
+            return bias @ x
+
+    bias, x = torch.randn(5, 5), torch.randn(4, 5, 6)
+    assert find_batch_dims(Shared(), (bias, x), {}, {"bias": None}) == (4, (None, 0))
+
+
+def test_nested_outputs_of_the_fast_path_do_not_stop_the_check():
+    """A batch-first encoder with a padding mask returns nested tensors in eval mode."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2).eval()
+    x, pad = torch.randn(4, 6, 8), torch.zeros(4, 6, dtype=torch.bool)
+    pad[:, 4:] = True
+    assert find_batch_dims(encoder, (x,), {"src_key_padding_mask": pad}) == (4, (0, 0))
+
+
+def test_batch_dims_given_by_name_also_reach_a_later_call_signature():
+    """The builder passes the first call's dimensions by source beside the user's names."""
+    from autopart.capture.batch_dims import for_call
+
+    gru = SequenceFirstGRU()
+    src, hidden = torch.randint(0, 64, (8, 4)), torch.randn(2, 4, 16)
+    first = {"args[0]": 1, "args[1]": 1, "kwargs['targets']": 1, "src": 1, "hidden": 1}
+    dims = for_call(first, gru, (src, hidden), {})
+    graph = capture(gru, (src, hidden), {}, batch_dims=dims, run_model=False)
+    assert [graph.node(n).outputs[0].batch_dim for n in graph.inputs] == [1, 1]
+    by_name = for_call({"src": 1, "hidden": 1}, gru, (), {"src": src, "hidden": hidden})
+    graph = capture(gru, (), {"src": src, "hidden": hidden}, batch_dims=by_name, run_model=False)
+    assert [graph.node(n).outputs[0].batch_dim for n in graph.inputs] == [1, 1]
+
+
+class _FlatDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 64)
+
+    def forward(self, out):
+        return self.lin(out).view(-1, 64)
+
+
+class _FlattenedScores(nn.Module):
+    """Sequence-first scores flattened to ``(seq * batch, vocab)`` inside a leaf module, or
+    by ``nn.Flatten``: ops the reshape rules do not name."""
+
+    def __init__(self, inside: bool) -> None:
+        super().__init__()
+        self.embed, self.rnn, self.dec = nn.Embedding(64, 16), nn.GRU(16, 16), _FlatDecoder()
+        self.flat, self.inside = nn.Flatten(0, 1), inside
+
+    def forward(self, src):
+        out, _ = self.rnn(self.embed(src))
+        return self.dec(out) if self.inside else self.flat(self.dec.lin(out))
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_rows_interleaved_by_an_opaque_flatten_are_followed(inside):
+    src = torch.randint(0, 64, (8, 4))
+    leaves = ["dec"] if inside else []
+    graph = capture(_FlattenedScores(inside), (src,), method="fx", leaf_modules=leaves)
+    out = next(graph.node(leaf.value).outputs[0] for leaf in graph.output_leaves if leaf.value)
+    assert (out.batch_dim, out.outer) == (0, 8)
+
+
+def _train_by_keyword_then_call_by_position(rank: int, world: int) -> None:
+    """The first call names its arguments, a later one passes them by position: the later
+    capture knows the batch dimensions by argument name (it runs on a view of the model and
+    cannot find them), and the local batch is read after it."""
+    import copy
+
+    import autopart
+
+    torch.manual_seed(0)
+    model = SequenceFirstGRU()
+    plain = copy.deepcopy(model).eval()
+    wrapped = autopart.Module(model, stages=2, microbatches=2)
+    (src, hidden), kwargs = ANY_ZOO["gru_seq_first"][1](3 + rank, seed=rank)
+    wrapped(src=src, hidden=hidden, targets=kwargs["targets"])[0].backward()
+    wrapped.eval()
+    plain.load_state_dict(wrapped.state_dict())
+    with torch.no_grad():
+        logits, state = wrapped(src, hidden)
+        want_logits, want_state = plain(src, hidden)
+    torch.testing.assert_close(logits, want_logits)
+    torch.testing.assert_close(state, want_state)
+
+
+@pytest.mark.multirank
+def test_a_later_call_may_pass_the_batch_by_position():
+    run_ranks(2, _train_by_keyword_then_call_by_position)

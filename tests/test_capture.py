@@ -537,3 +537,25 @@ def test_175b_gpt_captures_on_meta():
     assert len(blocks) == 96
     flops = sum(n.stats.flops_per_sample for n in graph.nodes)
     assert flops > 2 * 174e9 * 2048  # 2 * params * tokens, plus attention
+
+
+class _NormThenBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.fc(x))
+        if (y >= 0).any():
+            return ((h - 1) ** 2).mean()
+        return h.sum() * 0
+
+
+def test_capturing_a_branching_model_leaves_its_buffers_as_they_were():
+    """Capture runs the captured path once on the example; a batch norm in training mode
+    must not count that run (DDP's first step would see other statistics)."""
+    model = _NormThenBranch().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    capture(model, (torch.randn(6, 4), torch.ones(6)))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -59,6 +59,8 @@ def test_a_loaded_plan_must_agree_with_explicit_keywords(tmp_path):
         (dict(prefetch=-1), "prefetch must be 0 or more"),
         (dict(schedule="zigzag"), "unknown schedule"),
         (dict(stages=0), "stages must be at least 1"),
+        (dict(batch_dims={"src": "1"}), "batch_dims must map argument names"),
+        (dict(batch_dims=[1]), "batch_dims must map argument names"),
     ],
 )
 def test_bad_choices_are_refused_once_with_a_clear_error(choice, said):

@@ -14,7 +14,7 @@ import functools
 import inspect
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -109,6 +109,19 @@ SCHEDULES = tuple(s.value for s in Schedule)
 COSTS = tuple(c.value for c in CostSource)
 
 
+def check_batch_dims(value: Any) -> dict[str, int | None]:
+    """``batch_dims=`` as a fresh dict of argument name (or source) -> dimension or None."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and (v is None or (isinstance(v, int) and not isinstance(v, bool)))
+        for k, v in value.items()
+    ):
+        raise AutopartError(
+            f"batch_dims must map argument names to a dimension or None, like "
+            f"{{'src': 1, 'hidden': 1}}; got {value!r}"
+        )
+    return dict(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """The user's choices for one wrapped model.  None means "let the planner choose"."""
@@ -191,6 +204,8 @@ class Config:
             set_(self, "split_points", tuple(self.split_points) or None)
         if self.leaf_modules is not None:
             set_(self, "leaf_modules", tuple(self.leaf_modules) or None)
+        if self.batch_dims is not None:
+            set_(self, "batch_dims", check_batch_dims(self.batch_dims))
         if self.device_memory is not None:
             set_(self, "device_memory", parse_bytes(self.device_memory))
         if self.precision not in PRECISIONS:

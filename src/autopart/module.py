@@ -128,6 +128,7 @@ class Module(nn.Module):
 
     def _setup(self, key: str, args: tuple, kwargs: dict[str, Any]) -> None:
         self.graph = self._stages.capture(args, kwargs)
+        self._stages.agree_on_dims(self.graph)
         self.plan = agree_on_plan(
             self.graph,
             self.config,

@@ -50,12 +50,15 @@ def capture(
     strict: bool = False,
     leaf_modules: Sequence[LeafSpec] = (),
     batch_dims: BatchDims | None = None,
+    run_model: bool = True,
 ) -> Graph:
     """Capture ``model`` called as ``model(*args, **kwargs)`` into a `Graph`.
 
     Which dimension of each input carries the batch is found by running the model on two
     rows of the example and on each alone (`autopart.capture.batch_dims`), or given by
-    ``batch_dims`` (argument name or source -> dimension, None for no batch).  ``method`` is
+    ``batch_dims`` (argument name or source -> dimension, None for no batch); ``run_model=False``
+    says the model's values are not its own (a view of uninitialized copies), so they are not
+    run to find the dimensions.  ``method`` is
     ``"export"``, ``"fx"`` or ``"auto"`` (export, then fx when export fails, then a draft
     export that keeps branches on tensor values as checked asserts); ``strict`` is passed to
     `torch.export.export`.  ``leaf_modules`` (types or qualified names) are kept as single
@@ -72,7 +75,7 @@ def capture(
         raise CaptureError(f"unknown capture method {method!r}; use one of {', '.join(METHODS)}")
     traced_on = capture_device(model)
     call = to_device((args, dict(kwargs or {})), traced_on)
-    inputs = _Inputs.of(model, *call, batch_dims, run=traced_on.type != "meta")
+    inputs = _Inputs.of(model, *call, batch_dims, run=run_model and traced_on.type != "meta")
     failures: list[tuple[str, BaseException]] = []
     trace = None
     if method in ("auto", "export"):

@@ -122,9 +122,11 @@ def mark_branches(gm: torch.fx.GraphModule, report: Any) -> list[str]:
     where = "; ".join(branches) or "a branch on tensor values"
     message = (
         f"this batch takes another path than the one autopart captured at `{where}`: the "
-        "captured graph only holds the path the example batch took. What to do: make the "
-        "branch take the same path for every batch (for a Hugging Face model, set the config "
-        "option that decides it, e.g. problem_type), or write it with torch.where / torch.cond"
+        "captured graph only holds the path the example batch took. The condition is checked "
+        "on the rows a stage runs at once (a microbatch), which may take another path than "
+        "your whole local batch would. What to do: make the branch take the same path for "
+        "every batch (for a Hugging Face model, set the config option that decides it, e.g. "
+        "problem_type), write it with torch.where / torch.cond, or pass microbatches=1"
     )
     changed = False
     for node in list(gm.graph.nodes):
@@ -144,6 +146,9 @@ def check_example_path(
     (Draft export does not always evaluate a branch on parameters' values as eager does.)"""
     device = next((t.device for t in pytree.tree_leaves((args, kwargs)) if _is_tensor(t)), None)
     device = device or torch.device("cpu")
+    # Buffers the run updates in place (batch-norm statistics) are put back: capture must
+    # leave the model as it found it.
+    buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
     try:
         with torch.no_grad(), replayed_rng(rng_state(device), device):
             gm(*args, **kwargs)
@@ -152,6 +157,10 @@ def check_example_path(
             f"the captured path through `{'; '.join(branches) or 'a branch on tensor values'}` "
             "is not the one the example batch takes, so the branch cannot be captured"
         ) from exc
+    finally:
+        with torch.no_grad():
+            for name, value in gm.named_buffers():
+                value.copy_(buffers[name])
 
 
 def _is_tensor(value: Any) -> bool:

@@ -6,7 +6,8 @@ the first row after row, the second with the rows interleaved.  Cutting the seco
 microbatches by contiguous blocks would hand rows to the wrong places, so the order is
 followed from the inputs: only a reshape changes it (a ``view`` keeps the flat order, so the
 entries before the batch stay before it), every other op keeps the order of its inputs'
-batch dimension.
+batch dimension, unless it gives the batch dimension more entries per row than its inputs
+have (an opaque flatten: followed as a reshape).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def with_outer(
     if not fed or not any(s.is_batch for s in specs):
         return specs
     outer = max(s.outer for s in fed)
-    if _is_reshape(node):
-        source = node.all_input_nodes[0]
+    if _is_reshape(node) or _merges_rows(specs, fed):
+        source = next(
+            a for a in node.all_input_nodes if any(s.is_batch for s in inputs.get(a.name, ()))
+        )
         before = _outer_entries(source, inputs.get(source.name, ()))
         if before is not None and len(value) == 1 and isinstance(value[0], torch.Tensor):
             dim = specs[0].batch_dim
@@ -66,6 +69,16 @@ def with_outer(
                 )
             outer = before // ahead
     return [s if not s.is_batch else _replace_outer(s, outer) for s in specs]
+
+
+def _merges_rows(specs: list[TensorSpec], fed: list[TensorSpec]) -> bool:
+    """Does an op outside the known reshapes (a leaf module's ``nn.Flatten``, a ``ravel``)
+    give its output's batch dimension more entries per row than any input's has?  Then it
+    merged dimensions into the batch, and is followed as a reshape."""
+    out = [s.shape[s.batch_dim] for s in specs if s.batch_dim is not None]
+    return max(out, default=1) > max(
+        (s.shape[s.batch_dim] for s in fed if s.batch_dim is not None), default=1
+    )
 
 
 def _is_reshape(node: torch.fx.Node) -> bool:

@@ -24,13 +24,18 @@ from autopart.runtime.transport import routing
 RunBackward = Callable[[list[str], list[int], tuple[torch.Tensor, ...]], None]
 
 
-def local_batch(dims: dict[str, int | None], args: tuple, kwargs: dict[str, Any]) -> int:
+def local_batch(
+    dims: dict[str, int | None], args: tuple, kwargs: dict[str, Any], known: bool = True
+) -> int:
     """This rank's rows: the size of the first argument that carries the batch, in the
-    dimension capture found for it (``dims``, by source)."""
+    dimension capture found for it (``dims``, by source); -1 when no argument is known
+    unless ``known`` (a new call signature passes its batch elsewhere: capture finds it)."""
     for source, value in _by_source(args, kwargs).items():
         dim = dims.get(source)
         if dim is not None and isinstance(value, torch.Tensor) and value.dim() > dim:
             return int(value.shape[dim])
+    if not known:
+        return -1
     raise AutopartError(
         "this call has none of the arguments that carry the batch when the model was "
         f"captured ({', '.join(s for s, d in dims.items() if d is not None)}); call the model "

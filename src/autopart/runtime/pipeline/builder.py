@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopart.capture import capture
-from autopart.capture.batch_dims import for_call
+from autopart.capture.batch_dims import argument_names, for_call
 from autopart.config import AUTOCAST_DTYPES, Config, Offload
 from autopart.device import CANONICAL
 from autopart.errors import AutopartError
@@ -79,20 +79,46 @@ class StageBuilder:
         view = torch.device("meta") if has_meta(self.model) else CANONICAL
         if view.type != "meta" and len(devices) == 1:
             graph = capture(self.model, args, kwargs, leaf_modules=leaves, batch_dims=dims or None)
-        else:
+        else:  # the view's values are copies, some uninitialized: not run to find dimensions
             call = on_meta((args, kwargs)) if view.type == "meta" else (args, kwargs)
             with device_view(self.model, view) as originals:
-                graph = capture(self.model, *call, leaf_modules=leaves, batch_dims=dims or None)
+                graph = capture(
+                    self.model, *call, leaf_modules=leaves, batch_dims=dims or None, run_model=False
+                )
             rebind([graph.fx_module], originals)
+        names = dict(argument_names(self.model, args, kwargs))
         for name, source in graph.input_sources.items():
             spec = graph.node(name).outputs
-            self.input_dims.setdefault(source, spec[0].batch_dim if spec else None)
+            dim = spec[0].batch_dim if spec else None
+            self.input_dims.setdefault(source, dim)
+            self.input_dims.setdefault(names.get(source, source), dim)
         if graph.static_batch is not None:
             raise AutopartError(
                 "the model fixes its batch size (it could only be captured at one batch size), "
-                "so it cannot be cut into microbatches; remove the hard-coded batch size"
+                "so it cannot be cut into microbatches; remove the hard-coded batch size, or, if "
+                "the batch is not dimension 0 of every input (a sequence-first model built on "
+                "meta), say where it is: batch_dims={'src': 1}"
             )
         return graph
+
+    def agree_on_dims(self, graph: Graph) -> None:
+        """Every rank found the same batch dimensions (each ran the check on its own rows);
+        otherwise the ranks would cut different tensors, so every rank stops, naming both."""
+        if self.world == 1:
+            return
+        mine = sorted(
+            (source, graph.node(name).outputs[0].batch_dim if graph.node(name).outputs else None)
+            for name, source in graph.input_sources.items()
+        )
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, mine, group=job_group())
+        if any(found != every[0] for found in every):
+            differ = next(r for r, found in enumerate(every) if found != every[0])
+            raise AutopartError(
+                f"the ranks found different batch dimensions for the model's inputs (rank 0: "
+                f"{every[0]}; rank {differ}: {every[differ]}), each from its own batch; say "
+                "which with batch_dims={'name': dim}"
+            )
 
     def materialize(self, graph: Graph, plan: Plan, first: bool) -> tuple[str, ...]:
         """Real tensors for this rank's part of a meta-built model; returns the names whose

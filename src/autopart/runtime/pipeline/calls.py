@@ -91,7 +91,7 @@ class Calls:
         self._step_began: float | None = None
 
     def run(self, key: str, args: tuple, kwargs: dict[str, Any], training: bool) -> Any:
-        sizes = [bridge.local_batch(self.stages.input_dims, args, kwargs)]
+        sizes = [bridge.local_batch(self.stages.input_dims, args, kwargs, known=False)]
         grad = torch.is_grad_enabled()
         if self.world > 1:  # one collective agrees on the batch layout and the call
             every = all_gather_ints([sizes[0], key_number(key), int(grad)], self.device)
@@ -109,6 +109,10 @@ class Calls:
                     f"({agreeing(keys)}); every rank must make the same kind of call"
                 )
         schedule = self.schedules.get(key) or self._add_signature(key, args, kwargs, training)
+        if -1 in sizes:  # the batch came in arguments the capture of this call has found
+            sizes = [bridge.local_batch(self.stages.input_dims, args, kwargs)]
+            if self.world > 1:
+                sizes = [row[0] for row in all_gather_ints(sizes, self.device)]
         local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
         layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
         # A call without gradients is not timed, and leaves the timing of a training call
@@ -261,6 +265,7 @@ class Calls:
         except AutopartError as err:  # ranks may capture differently placed models
             failure = err
         raise_on_every_rank(failure, self.world)
+        self.stages.agree_on_dims(graph)
         plan = derive_plan(self.plan, graph)
         plan.validate_for(graph, self.world, idle_stages=True)
         self.stages.materialize(graph, plan, first=False)  # the constants of its own capture
