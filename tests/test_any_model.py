@@ -27,6 +27,19 @@ def test_sequence_first_and_branching_models_train_like_ddp():
 
 @pytest.mark.multirank
 @pytest.mark.slow
+def test_a_rank_with_one_row_finds_the_batch_where_the_others_do():
+    """Rank 0's local batch is one row: it cannot run the check on two rows, so it takes the
+    dimension of one row left when the sequence is contradicted; every rank must agree."""
+    cases = [
+        OracleCase("gru_seq_first", 1, 1, base_rows=1),
+        OracleCase("gru_seq_first", 2, 2, base_rows=1),
+        OracleCase("lstm_seq_first", 2, 2, base_rows=1),
+    ]
+    run_ranks(2, run_oracles, cases, timeout_s=300)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
 @pytest.mark.parametrize("stages", [1, 2])
 def test_sequence_first_and_branching_models_evaluate_like_the_plain_model(stages):
     run_ranks(2, eval_each, sorted(ANY_DROPOUT_ZOO), stages, timeout_s=600)
