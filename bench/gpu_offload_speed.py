@@ -43,7 +43,7 @@ class OffloadSpeed:
         self.ctx, self.layers, self.width, self.seq = ctx, layers, width, seq
         self.cap = int(cap_gb * 2**30)
         gen = torch.Generator().manual_seed(2)
-        self.batches = [torch.randint(0, VOCAB, (4, seq), generator=gen) for _ in range(4)]
+        self.batches = [torch.randint(0, VOCAB, (4, seq), generator=gen) for _ in range(3)]
         self.result: dict[str, Any] | None = None
 
     def cases(self) -> list[Case]:
