@@ -272,3 +272,56 @@ def _train_by_keyword_then_call_by_position(rank: int, world: int) -> None:
 @pytest.mark.multirank
 def test_a_later_call_may_pass_the_batch_by_position():
     run_ranks(2, _train_by_keyword_then_call_by_position)
+
+
+class _PoolsAwayTheSequence(nn.Module):
+    """A branch that mixes rows (``if pad.any()`` over the whole batch) and a sequence pooled
+    away: neither dimension passes the row check, and dimension 1 must not win because its
+    cut leaves the outputs' shape (with two classes, as many as the rows tried) unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc, self.out = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, ids):
+        h = torch.relu(self.fc(self.embed(ids)))
+        pad = ids == 0
+        if pad.any():
+            h = h.masked_fill(pad.unsqueeze(-1), 0.0).sum(1) / (~pad).sum(1, keepdim=True)
+        else:
+            h = h.mean(1) * 2.0
+        return self.out(h)
+
+
+def test_a_cut_whose_outputs_lose_the_rows_is_not_the_batch():
+    from autopart.capture.row_check import rows_are_independent
+
+    ids = torch.randint(1, 16, (4, 5), generator=torch.Generator().manual_seed(0))
+    ids[0, 3:] = 0
+    model = _PoolsAwayTheSequence()
+    ok, why = rows_are_independent(model, (ids,), {}, (1,))
+    assert not ok and "do not keep these rows" in why
+    assert find_batch_dims(model, (ids,), {}) == (4, (0,))
+
+
+class _SelectsTheLastEos(nn.Module):
+    """BART's classification head: the hidden states at the end-of-sequence tokens, picked
+    with a boolean mask (a size read from data, which export bounds by the batch's range)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(16, 8), nn.Linear(8, 2)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        eos = ids.eq(2)
+        picked = h[eos, :].view(h.size(0), -1, h.size(-1))[:, -1, :]
+        return self.head(picked)
+
+
+def test_a_size_read_from_data_does_not_stop_a_microbatch_of_one_row():
+    ids = torch.randint(3, 16, (3, 6))
+    ids[:, -1] = 2
+    model = _SelectsTheLastEos()
+    graph = capture(model, (ids,))
+    torch.testing.assert_close(graph.fx_module(ids[:1]), model(ids[:1]))

@@ -55,6 +55,16 @@ def rows_are_independent(
         alone = [_prints(model, *rows(r), rows=1) for r in (0, second)]
     except Exception as exc:  # one row is a batch the model was not written for
         return False, f"the model cannot run on one row ({type(exc).__name__}: {exc})"
+    # The model's own outputs come last (its hook runs after its submodules'): when none of
+    # them changes shape between two rows and one, they lost the rows (a sequence pooled
+    # away), so these were not the batch's.
+    if pair and alone[0]:
+        shapes = [(a, b) for (a, _), (b, _) in zip(pair[-1], alone[0][-1], strict=False) if len(a)]
+        if shapes and all(a == b for a, b in shapes):
+            return (
+                False,
+                f"the model's outputs (shape {tuple(shapes[0][0])}) do not keep these rows",
+            )
     for together, first, last in zip(pair, *alone, strict=False):
         for (shape, both), (shape1, one), (shape2, two) in zip(together, first, last, strict=False):
             for d, prints in both.items():

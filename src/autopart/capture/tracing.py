@@ -94,12 +94,12 @@ def _export(
             shapes = dict(bound.arguments)
         program, outputs, report = _export_program(model, args, kwargs, shapes, strict, draft)
     # Stripping before unlifting saves recompiling the (possibly huge) generated code twice.
-    _strip_checks(program.graph_module, recompile=False)
+    _strip_checks(program.graph_module, recompile=False, branches=draft)
     if "check_guards" in inspect.signature(program.module).parameters:
         gm = program.module(check_guards=False)
     else:
         gm = program.module()
-        _strip_checks(gm, recompile=False)
+        _strip_checks(gm, recompile=False, branches=draft)
     if report is not None:
         branches = mark_branches(gm, report)
         check_example_path(gm, args, kwargs, branches)
@@ -314,18 +314,23 @@ def _placeholders(gm: torch.fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.find_nodes(op="placeholder")]
 
 
-def _strip_checks(gm: torch.fx.GraphModule, *, recompile: bool = True) -> None:
+def _strip_checks(
+    gm: torch.fx.GraphModule, *, recompile: bool = True, branches: bool = False
+) -> None:
     """Drop the runtime checks tracers insert (guards, dtype and specialization asserts): they
     compute nothing, and leaving them in would give the planner nodes that belong nowhere.
     The subgraphs of higher-order ops (a ``no_grad`` or autocast region) are stripped too:
-    their checks name the device of the trace, which is not where a stage runs."""
+    their checks name the device of the trace, which is not where a stage runs.  With
+    ``branches`` (a draft export) its records of branches on data stay; export's own asserts
+    on values read from data go (``u1 >= 2`` from the batch's range of 2 and more would stop
+    a microbatch of one row)."""
     for child in gm.children():
         if isinstance(child, torch.fx.GraphModule):
-            _strip_checks(child, recompile=True)
+            _strip_checks(child, recompile=True, branches=branches)
     checks = [
         node
         for node in gm.graph.nodes
-        if _is_check(node) and not node.users and not keep_as_branch(node)
+        if _is_check(node) and not node.users and not (branches and keep_as_branch(node))
     ]
     feeding = {arg for node in checks for arg in node.all_input_nodes}
     for node in reversed(checks):
