@@ -264,9 +264,15 @@ def _second_step_without_rank1(
     _square(wrapped(x)).backward()
     if rank == 1:
         leave()
+    _record_step(rank, workdir, lambda: _square(wrapped(x)).backward(), caught)
+
+
+def _record_step(rank: int, workdir: str, step, caught: type[BaseException]) -> None:
+    """Run ``step`` and write how it ended (the error it raised, and after how many seconds)
+    to ``rank{rank}.json``; then leave at once, without the process group's shutdown."""
     began = time.monotonic()
     try:
-        _square(wrapped(x)).backward()
+        step()
         outcome: dict[str, Any] = {"error": None}
     except caught as err:
         outcome = {"error": f"{type(err).__name__}: {err}"}
@@ -297,16 +303,8 @@ def branch_taken_on_one_rank(rank: int, world: int, workdir: str, stages: int) -
     x = torch.randn(LOCAL, 8)
     some = torch.tensor([True, False, False, True])
     _square(wrapped(x, some)).backward()
-    began = time.monotonic()
-    try:
-        mask = torch.zeros(LOCAL, dtype=torch.bool) if rank == 1 or stages == 2 else some
-        _square(wrapped(x, mask)).backward()
-        outcome: dict[str, Any] = {"error": None}
-    except Exception as err:
-        outcome = {"error": f"{type(err).__name__}: {err}"}
-    outcome["seconds"] = time.monotonic() - began
-    Path(workdir, f"rank{rank}.json").write_text(json.dumps(outcome))
-    os._exit(0)
+    mask = torch.zeros(LOCAL, dtype=torch.bool) if rank == 1 or stages == 2 else some
+    _record_step(rank, workdir, lambda: _square(wrapped(x, mask)).backward(), Exception)
 
 
 def plan_of_a_launch(rank: int, world: int, workdir: str, launch: int) -> None:
