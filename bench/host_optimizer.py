@@ -28,23 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import autopart
 from autopart.cli.models import gpt2
+from autopart.cost.probe import measure_memory_bandwidth
 from autopart.runtime.transport.distenv import free_port, set_local_launch_env
 
 #: Bytes AdamW reads and writes per fp32 parameter: p, g, m, v read; p, m, v written.
 ADAMW_BYTES = 28
-
-
-def _copy_bandwidth(elements: int, repeats: int = 5) -> float:
-    """Bytes per second of one large host copy (read plus write), into memory already
-    touched, so that page faults are not timed."""
-    src = torch.ones(elements)
-    dst = torch.zeros_like(src)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - began)
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
 def main() -> None:
@@ -84,7 +72,7 @@ def main() -> None:
             if step:
                 times[name].append(time.perf_counter() - began)
     params = sum(p.numel() for p in model.parameters())
-    floor = ADAMW_BYTES * params / _copy_bandwidth(params * ADAMW_BYTES // 8)
+    floor = ADAMW_BYTES * params / measure_memory_bandwidth(torch.device("cpu"))
     ours = statistics.median(times["autopart (offload=True)"])
     print(f"{params / 1e6:.1f} M parameters, {torch.get_num_threads()} threads")
     print("| step | median ms | autopart / this |")
