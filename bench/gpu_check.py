@@ -371,7 +371,7 @@ def sections(ctx: Context, args: argparse.Namespace) -> dict[str, list[Case]]:
         "peak": peak_cases(ctx),
         "offload": offload.cases(),
         "floors": OffloadSpeed(
-            ctx, args.gpt_layers, args.gpt_width, args.gpt_seq, args.gpt_cap_gb
+            ctx, args.gpt_layers, args.gpt_width, args.gpt_seq, args.gpt_cap_gb, args.profile_dir
         ).cases(),
     }
 
@@ -388,6 +388,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gpt-width", type=int, default=2048, help="floors: GPT-2 width")
     parser.add_argument("--gpt-seq", type=int, default=512, help="floors: sequence length")
     parser.add_argument("--gpt-cap-gb", type=float, default=6.0, help="floors: GPU memory cap")
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+        help="floors: write a profile of one offloaded step here (default: $OUT, if set)",
+    )
     parser.add_argument("--cpu-dry-run", action="store_true", help="check the script on a CPU")
     args = parser.parse_args()
     args.only = args.only.split(",") if args.only else list(BUDGETS)

@@ -154,7 +154,8 @@ class Config:
     is not the device's own: on CUDA devices)."""
 
     prefetch: int = 1
-    """Parameters an offloaded stage copies to the device ahead of use."""
+    """How far ahead of use an offloaded stage copies parameters to the device: copies in
+    flight may hold this many times the stage's largest parameter's bytes."""
 
     schedule: Schedule | str = Schedule.AUTO
     """The pipeline schedule: "auto", "gpipe" or "1f1b"."""

@@ -5,12 +5,14 @@ device copy instead, made by a fetch op placed just before it; the copy dies aft
 drops values after their last use).  Autograd would keep the copies alive until backward when
 an op saves its weight, so while a stage runs, saved-tensor hooks replace a saved copy (or a
 view of one, or under autocast a view of its low-precision cast) by a handle, and backward
-fetches it again when it unpacks the handle.  Each copy's gradient goes straight back to the
-host parameter, where it accumulates.
+fetches it again when it unpacks the handle.  Each copy's gradient goes back to the host
+parameter asynchronously and accumulates there when the stage's backward ends (`grad_return`).
 
-Copies are prefetched ``depth`` fetches ahead, in the order the fetch ops run in forward and
-in the reverse of the order weights were saved in backward.  On CUDA the host side is pinned
-and copies run on a side stream, so they overlap compute; elsewhere they are plain copies.
+Copies are prefetched ahead of use, in the order the fetch ops run in forward and in the
+reverse of the order weights were saved in backward, as far ahead as ``depth`` times the
+largest copy's bytes allows (the memory the plan charges for them): many small copies (biases,
+norms) travel together, a large one alone.  On CUDA the host side is pinned and copies run on
+a side stream, so they overlap compute; elsewhere they are plain copies.
 
 Under autocast, an op that reads a weight only through autocast's cast (a matmul's) is given
 a copy of the weight's cast, made once per optimizer step in host memory: half the bytes over
@@ -23,6 +25,7 @@ Buffers (batch-norm statistics) stay on the device: ops update them in place.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ import torch
 from torch import fx, nn
 
 from autopart.device import copy_stream, pinned
+from autopart.runtime.stage.grad_return import GradReturn
+from autopart.runtime.stage.host_casts import HostCasts
 from autopart.runtime.stage.read_dtypes import read_as_cast
 
 #: Autograd nodes of ops whose output is a view of their input: a saved tensor reached from a
@@ -70,35 +75,6 @@ class _Live:
     dtype: torch.dtype
 
 
-class HostCasts:
-    """Low-precision casts of host parameters, one per slot, shared by every call signature's
-    stage on this rank; remade after an optimizer step (counted here, as the fused steps do
-    not bump version counters) or an in-place change the parameter's version counter shows."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self._made: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
-
-    def stepped(self) -> None:
-        self.steps += 1
-
-    def of(
-        self, slot: str, param: torch.Tensor, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        stamp = (self.steps, param._version)
-        made = self._made.get(slot)
-        if made is not None and made[0] == stamp:
-            return made[1]
-        if made is not None:
-            cast = made[1]
-        else:  # page-locked for a GPU, as the parameters are
-            cast = torch.empty(param.shape, dtype=dtype, pin_memory=device.type == "cuda")
-        with torch.no_grad():
-            cast.copy_(param)
-        self._made[slot] = (stamp, cast)
-        return cast
-
-
 class ParamOffload:
     """Host-resident parameters of one stage module and their short-lived device copies."""
 
@@ -123,11 +99,16 @@ class ParamOffload:
                 self.host[node.target] = value
         self.casts = casts if casts is not None else HostCasts()
         self.forward_order = _insert_fetches(module, self, autocast)
+        self._bytes = {slot: self._slot_bytes(slot) for slot in self.forward_order}
+        #: Bytes the copies made ahead of use may hold on the device at once.
+        self.budget = depth * max(self._bytes.values(), default=0)
+        self.grads = GradReturn(device)
         self._stream = copy_stream(device)
         self._live: dict[int, str] = {}  # storage id of a live copy -> its slot
         self._sizes: dict[int, int] = {}
         self._copies: dict[str, _Live] = {}  # slot -> its live copy
         self._inflight: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self._inflight_bytes = 0
         self._order: list[str] = []
         self._cursor = 0
         self._saved_order: list[str] = []
@@ -151,6 +132,12 @@ class ParamOffload:
             return param.detach()
         return self.casts.of(slot, param, getattr(torch, dtype), self.device)
 
+    def _slot_bytes(self, slot: str) -> int:
+        name, _, dtype = slot.partition("@")
+        param = self.host[name]
+        size = getattr(torch, dtype).itemsize if dtype else param.element_size()
+        return param.numel() * size
+
     # -- the two phases ----------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -170,7 +157,9 @@ class ParamOffload:
         self._begin(list(reversed(self._saved_order)))
         try:
             yield
+            self.grads.drain()
         finally:
+            self.grads.discard()
             self._end()
 
     def reset_peak(self) -> None:
@@ -178,10 +167,11 @@ class ParamOffload:
 
     def _begin(self, order: list[str]) -> None:
         self._order, self._cursor = order, 0
-        self._prefetch(order[: self.depth])
+        self._prefetch()
 
     def _end(self) -> None:
         self._inflight.clear()
+        self._inflight_bytes = 0
         self._order, self._cursor = [], 0
 
     # -- copies ------------------------------------------------------------------------------
@@ -193,7 +183,9 @@ class ParamOffload:
         except ValueError:
             position = None
         pending = self._inflight.pop(key, None)
-        if pending is None:
+        if pending is not None:
+            self._inflight_bytes -= self._bytes.get(key, 0)
+        else:
             alive = self._alive(key)
             pending = (alive, None) if alive is not None else self._copy(key)
         copy, event = pending
@@ -203,7 +195,7 @@ class ParamOffload:
             copy.record_stream(stream)
         if position is not None:
             self._cursor = position + 1
-            self._prefetch(self._order[self._cursor : self._cursor + self.depth])
+            self._prefetch()
         return copy
 
     def _alive(self, key: str) -> torch.Tensor | None:
@@ -215,10 +207,17 @@ class ParamOffload:
         empty = torch.empty(0, dtype=live.dtype, device=self.device)
         return empty.set_(storage, 0, live.size, live.stride)
 
-    def _prefetch(self, keys: list[str]) -> None:
-        for key in keys:
-            if key not in self._inflight and key not in self._copies:
-                self._inflight[key] = self._copy(key)
+    def _prefetch(self) -> None:
+        """Copy the next slots in order while their bytes fit the budget (the first one
+        always does: a depth of 1 holds the largest copy)."""
+        for key in itertools.islice(self._order, self._cursor, None):
+            if key in self._inflight or key in self._copies:
+                continue
+            size = self._bytes.get(key, 0)
+            if self._inflight_bytes + size > self.budget:
+                return
+            self._inflight[key] = self._copy(key)
+            self._inflight_bytes += size
 
     def _copy(self, key: str) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         host = self.source(key)
@@ -250,11 +249,10 @@ class ParamOffload:
         if key in self._copies and self._copies[key].sid == sid:
             del self._copies[key]
 
-    def to_host(self, grad: torch.Tensor, key: str) -> torch.Tensor:
-        """A copy's gradient for its host parameter: a cast's crosses the link in the cast's
+    def returned(self, grad: torch.Tensor, key: str) -> None:
+        """A copy's gradient, for its host parameter: a cast's crosses the link in the cast's
         dtype (half the bytes) and is widened in host memory, as autocast widens it."""
-        param = self.host[key.partition("@")[0]]
-        return grad.to(param.device).to(param.dtype)
+        self.grads.send(self.host[key.partition("@")[0]], grad)
 
     # -- saved tensors -----------------------------------------------------------------------
 
@@ -302,16 +300,20 @@ class ParamOffload:
 
 
 class _Fetch(torch.autograd.Function):
-    """Host parameter -> device copy; the copy's gradient goes back to the host parameter."""
+    """Host parameter -> device copy; the copy's gradient goes back to the host parameter
+    outside autograd (`GradReturn`).  The parameter is not an input: autograd would run its
+    accumulator, and the hooks waiting for its gradient, with nothing in it.  A gradless
+    stand-in (``requires_grad`` as the parameter's) makes the copy require grad instead."""
 
     @staticmethod
-    def forward(ctx, host, offload: ParamOffload, key: str):
+    def forward(ctx, stand_in, offload: ParamOffload, key: str):
         ctx.offload, ctx.key = offload, key
         return offload.take(key)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.offload.to_host(grad, ctx.key), None, None
+        ctx.offload.returned(grad, ctx.key)
+        return None, None, None
 
 
 class _FetchOp:
@@ -324,7 +326,12 @@ class _FetchOp:
         self.__module__ = __name__
 
     def __call__(self, host: torch.Tensor) -> torch.Tensor:
-        return _Fetch.apply(host, self.offload, self.key)
+        stand_in = _STAND_IN[host.requires_grad]
+        return _Fetch.apply(stand_in, self.offload, self.key)
+
+
+#: The inputs `_Fetch` gets in place of a parameter that requires grad, and of a frozen one.
+_STAND_IN = {True: torch.empty(0, requires_grad=True), False: torch.empty(0)}
 
 
 def _insert_fetches(
