@@ -43,6 +43,11 @@ OPTIMIZER_FACTORS = {"adam": 2.0, "adamw": 2.0, "sgd-momentum": 1.0, "sgd": 0.0,
 #: momentum reads three and writes two; plain SGD reads two and writes one.
 HOST_STEP_TRAFFIC = {"adam": 7.0, "adamw": 7.0, "sgd-momentum": 5.0, "sgd": 3.0, "none": 0.0}
 
+#: Each microbatch's gradients of an offloaded stage, added into the host ``.grad`` when the
+#: stage's backward ends: read the gradient that came over the link, read and write ``.grad``
+#: (per byte of fp32 parameter; the widening of a bf16 gradient is within the first read).
+HOST_GRAD_TRAFFIC = 3.0
+
 #: Under autocast, the host casts of offloaded weights are remade after each step: read
 #: fp32, write half (at most every weight).
 HOST_CAST_TRAFFIC = 1.5

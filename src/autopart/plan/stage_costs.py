@@ -32,7 +32,7 @@ from autopart.config import Offload
 from autopart.cost import CostModel, DeviceSpec, allreduce_seconds_array, p2p_seconds_array
 from autopart.ir import Graph, dtype_bytes
 from autopart.plan.autocast import autocast_saved, cast_weights
-from autopart.plan.memory import MemoryModel, StageFootprint
+from autopart.plan.memory import HOST_GRAD_TRAFFIC, MemoryModel, StageFootprint
 from autopart.plan.stage_table import StageCosts
 from autopart.plan.traffic import RangeTraffic
 
@@ -110,6 +110,19 @@ class StageCoster:
     def host_step_seconds(self, fp: StageFootprint) -> float:
         """An optimizer step over a stage's state in host memory, at its bandwidth."""
         return self.host_step_traffic * fp.trainable_bytes / self.spec.host_memory_bandwidth
+
+    def offloaded_slot(
+        self, fp: StageFootprint, compute: np.ndarray, recompute: bool
+    ) -> np.ndarray:
+        """A microbatch of an offloaded stage: its compute, or the weights' copies to the
+        device (forward, a recomputation, backward) where those take longer; the gradients'
+        copies back overlap it too, on their own stream (the link carries both directions at
+        once).  Then the host adds the gradients into ``.grad``, which nothing overlaps."""
+        link = self.spec.host_link_bandwidth
+        copies = (3 if recompute else 2) * fp.link_bytes / link
+        overlapped = np.maximum(np.maximum(compute, copies), fp.link_grad_bytes / link)
+        host_add = HOST_GRAD_TRAFFIC * fp.trainable_bytes / self.spec.host_memory_bandwidth
+        return overlapped + host_add
 
     def with_replicas(self, replicas: np.ndarray) -> StageCoster:
         """The same stages costed over other replica counts (to ask what more devices need):
@@ -198,7 +211,6 @@ class StageCoster:
             + p2p_seconds_array(send, self.spec, self.cross_node_p2p)
         )
         compute = {False: fwd + bwd, True: 2 * fwd + bwd}
-        link = self.spec.host_link_bandwidth
         slots, peaks, tails = [], [], []
         for mode in self.modes:
             peak = self.memory.peak_bytes(
@@ -214,8 +226,7 @@ class StageCoster:
             slot = compute[mode.recompute]
             tail = 0.0
             if mode.offload != Offload.NONE:
-                copies = (3 if mode.recompute else 2) * fp.link_bytes / link
-                slot = np.maximum(slot, copies) + fp.link_grad_bytes / link
+                slot = self.offloaded_slot(fp, slot, mode.recompute)
             if mode.offload == Offload.PARAMS_OPTIMIZER:  # the step runs in host memory
                 tail = self.host_step_seconds(fp)
             fits = usable & (peak <= self.capacity)
