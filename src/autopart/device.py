@@ -47,6 +47,7 @@ __all__ = [
     "pinned",
     "replayed_rng",
     "reset_peak",
+    "restore_rng",
     "retarget",
     "rng_state",
     "synchronize",
@@ -174,6 +175,14 @@ def rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
     if device.type == "cpu":
         return (torch.get_rng_state(),)
     return (torch.get_rng_state(), torch.get_device_module(device).get_rng_state(device))
+
+
+def restore_rng(state: tuple[torch.Tensor, ...], device: torch.device) -> None:
+    """Put the generators back as they were when `rng_state` returned ``state`` (a forward
+    run again must draw what it drew the first time, and leave them as one run would)."""
+    torch.set_rng_state(state[0])
+    if device.type != "cpu":
+        torch.get_device_module(device).set_rng_state(state[1], device)
 
 
 def replayed_rng(state: tuple[torch.Tensor, ...], device: torch.device) -> Any:

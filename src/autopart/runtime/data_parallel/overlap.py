@@ -2,10 +2,10 @@
 
 Parameters are put in fixed buckets of one dtype (1 MB first, then about 25 MB, in reverse
 order, since backward reaches the last layers first), identical on every replica.  During the
-backward of the last microbatch, a hook fires when a parameter's gradient is final; once every
-parameter of the next bucket in line is final, its gradients are copied into the bucket's flat
-buffer and the all-reduce starts asynchronously.  Launching strictly in bucket order keeps the
-collective order identical on every replica.
+backward of the last microbatch, a hook fires when a parameter's gradient is final: it is
+copied into its place in the bucket's flat buffer and becomes a view of it, and once every
+parameter of the next bucket in line is final, the all-reduce starts asynchronously.
+Launching strictly in bucket order keeps the collective order identical on every replica.
 
 Under ZeRO (``owners`` given) a bucket is not all-reduced: each parameter's gradient is summed
 onto the one replica that steps it (a reduce per owner, over the owner's contiguous part of the
@@ -56,37 +56,53 @@ class OverlappedAllReduce:
             torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
             for b in self.buckets
         ]
+        #: Where each parameter's gradient lives in its bucket's buffer: (bucket, view).
+        self._slot: dict[int, tuple[int, torch.Tensor]] = {}
+        for index, (bucket, flat) in enumerate(zip(self.buckets, self._flat, strict=True)):
+            offset = 0
+            for param in bucket:
+                view = flat[offset : offset + param.numel()].view_as(param)
+                self._slot[id(param)] = (index, view)
+                offset += param.numel()
         self._hooks: list = []
-        self._ready: set[int] = set()
+        self._missing: list[int] = []
         self._launched: list[list] = []
 
     def arm(self) -> None:
         """Start listening: the next gradient accumulation of each parameter is its last."""
-        self._ready.clear()
+        self._missing = [len(b) for b in self.buckets]
         self._launched.clear()
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_ready) for b in self.buckets for p in b
         ]
 
     def _on_ready(self, param: torch.Tensor) -> None:
-        self._ready.add(id(param))
+        index, _ = self._slot[id(param)]
+        self._into_bucket(param)
+        self._missing[index] -= 1
         self._launch(force=False)
+
+    def _into_bucket(self, param: torch.Tensor) -> None:
+        """Make the parameter's gradient a view of its place in the bucket (copied there as
+        it becomes final, as DDP's ``gradient_as_bucket_view``): the sum lands in ``.grad``
+        with no copy back, and a gradient accumulated in place stays there."""
+        _, view = self._slot[id(param)]
+        grad = param.grad
+        if grad is None:
+            view.zero_()
+        elif grad.data_ptr() != view.data_ptr():
+            view.copy_(grad)
+        param.grad = view
 
     def _launch(self, force: bool) -> None:
         while len(self._launched) < len(self.buckets):
             index = len(self._launched)
-            bucket = self.buckets[index]
-            if not force and not all(id(p) in self._ready for p in bucket):
+            if not force and self._missing[index] > 0:
                 return
-            flat = self._flat[index]
-            offset = 0
-            for param in bucket:
-                size = param.numel()
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                flat[offset : offset + size].copy_(param.grad.reshape(-1))
-                offset += size
-            self._launched.append(self._reduce(bucket, flat))
+            if self._missing[index] > 0:  # never accumulated in this backward
+                for param in self.buckets[index]:
+                    self._into_bucket(param)
+            self._launched.append(self._reduce(self.buckets[index], self._flat[index]))
 
     def _reduce(self, bucket: list[torch.Tensor], flat: torch.Tensor) -> list:
         if self.owners is None:
@@ -100,23 +116,20 @@ class OverlappedAllReduce:
         return works
 
     def finish(self) -> None:
-        """Launch what is left, wait for everything, and write the sums back."""
+        """Launch what is left and wait for everything: the sums are in ``.grad`` already.
+        Under ZeRO a replica drops the gradients it does not own and keeps its own apart
+        from the bucket, so that gradients at rest are split over the replicas."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         self._launch(force=True)
         me = dist.get_rank()
-        for works, bucket, flat in zip(self._launched, self.buckets, self._flat, strict=True):
+        for works, bucket in zip(self._launched, self.buckets, strict=True):
             for work in works:
                 work.wait()
-            offset = 0
-            for param in bucket:
-                size = param.numel()
-                grad = param.grad
-                assert grad is not None  # filled when the bucket was launched
-                if self.owners is None or self.owners[id(param)] == me:
-                    grad.copy_(flat[offset : offset + size].view_as(grad))
-                else:
-                    param.grad = None
-                offset += size
+            if self.owners is not None:  # at rest, each replica holds only what it steps
+                for param in bucket:
+                    grad = param.grad
+                    keep = self.owners[id(param)] == me and grad is not None
+                    param.grad = grad.clone() if keep else None
         self._launched.clear()

@@ -1,6 +1,7 @@
 """Each call of the wrapped model, from arguments to outputs and back through backward.
 
-A call first agrees with every rank on its kind and batch sizes (one all-gather), finds its
+A call first agrees with every rank on its kind and batch sizes (one all-gather, which the
+forward does not wait for where the sizes can be guessed: `runtime.pipeline.agreement`), finds its
 schedule (a new kind of call is captured once and placed on the first plan's stages,
 `runtime.pipeline.signatures`), runs the forward of every microbatch, and hands back outputs joined
 to one autograd node (`runtime.pipeline.bridge`).  That node's backward runs the pipeline's backward
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autopart.device import reset_peak, synchronize
+from autopart.device import reset_peak, restore_rng, rng_state, synchronize
 from autopart.errors import AutopartError
 from autopart.reports import trace
 from autopart.reports.memtrack import LiveBytes, storage_bytes
@@ -38,10 +39,11 @@ from autopart.reports.trace import Recorder
 from autopart.runtime.context import RankContext
 from autopart.runtime.data_parallel.holders import Holders
 from autopart.runtime.pipeline import bridge
+from autopart.runtime.pipeline.agreement import Agreement, Misguessed, Pending, guessable
 from autopart.runtime.pipeline.builder import StageBuilder, raise_on_every_rank
 from autopart.runtime.pipeline.loss_grads import DeferredGrads
 from autopart.runtime.pipeline.runner import StageRunner
-from autopart.runtime.pipeline.signatures import derive_plan, key_number
+from autopart.runtime.pipeline.signatures import derive_plan
 from autopart.runtime.pipeline.step_state import StepState
 from autopart.runtime.plan_agreement import agreeing
 from autopart.runtime.transport.distenv import job_group
@@ -70,6 +72,9 @@ class Calls:
         self.plan = ctx.plan
         self.holders = holders
         self.schedules = dict([first])
+        #: Per call key, whether its forward may run on a guessed layout (`agreement`).
+        self._guessable = {first[0]: guessable(first[1].graph)}
+        self.agreement = Agreement(ctx.rank, ctx.device)
         self.sync = sync
         self.resident = resident
         self.track_memory = track_memory
@@ -91,33 +96,21 @@ class Calls:
         self._step_began: float | None = None
 
     def run(self, key: str, args: tuple, kwargs: dict[str, Any], training: bool) -> Any:
-        sizes = [bridge.local_batch(self.stages.input_dims, args, kwargs, known=False)]
+        size = bridge.local_batch(self.stages.input_dims, args, kwargs, known=False)
         grad = torch.is_grad_enabled()
+        sizes, pending = [size], None
         if self.world > 1:  # one collective agrees on the batch layout and the call
-            every = all_gather_ints([sizes[0], key_number(key), int(grad)], self.device)
-            sizes = [size for size, _, _ in every]
-            keys = [number for _, number, _ in every]
-            if len({g for _, _, g in every}) > 1:
-                raise AutopartError(
-                    "some ranks called the model with gradients enabled and others under "
-                    f"no_grad ({agreeing([g for _, _, g in every])}); every rank must make the "
-                    "same kind of call"
-                )
-            if len(set(keys)) > 1:
-                raise AutopartError(
-                    f"the ranks called the model with different arguments or modes "
-                    f"({agreeing(keys)}); every rank must make the same kind of call"
-                )
+            can_guess = key in self.schedules and self._guessable[key]
+            sizes, pending = self.agreement.start(key, size, grad, can_guess)
         schedule = self.schedules.get(key) or self._add_signature(key, args, kwargs, training)
         if -1 in sizes:  # the batch came in arguments the capture of this call has found
             sizes = [bridge.local_batch(self.stages.input_dims, args, kwargs)]
             if self.world > 1:
                 sizes = [row[0] for row in all_gather_ints(sizes, self.device)]
         local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
-        layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
         # A call without gradients is not timed, and leaves the timing of a training call
         # whose backward is still to come (same schedule) as it was.
-        pending = schedule.recorder
+        recorder = schedule.recorder
         if grad:
             schedule.recorder = self._recording()
             self._step_began = schedule.recorder.now() if schedule.recorder else None
@@ -127,20 +120,26 @@ class Calls:
         if schedule.offload is not None:
             schedule.offload.reset_peak()
         tracker = LiveBytes(self.resident()) if self.track_memory else None
-        deferred = DeferredGrads(self.holders.local_params()) if interleaved else None
+        rng = rng_state(self.device) if pending is not None else None
         try:
             with comm_errors(self.rank, "forward"), tracker or nullcontext():
-                loss = None
-                if interleaved:
-                    assert schedule.loss is not None  # `_interleaves` checked it
-                    loss = schedule.loss.for_call(local, layout, self.rank, schedule.shapes)
-                state = schedule.forward(local, layout, grad, loss)
-                outputs = schedule.gather_outputs(state)
-        finally:  # the gradients accumulated so far come back even if the call failed
-            if deferred is not None:
-                deferred.settle()
+                try:
+                    state, outputs, deferred = self._forward(
+                        schedule, local, sizes, grad, interleaved, pending
+                    )
+                except Misguessed as miss:  # nothing has left this rank: run it again
+                    assert rng is not None
+                    restore_rng(rng, self.device)
+                    sizes = miss.sizes
+                    self.agreement.agreed(key, sizes, missed=True)
+                    state, outputs, deferred = self._forward(
+                        schedule, local, sizes, grad, interleaved, None
+                    )
+        finally:
             if not grad:
-                schedule.recorder = pending
+                schedule.recorder = recorder
+        if self.world > 1:
+            self.agreement.agreed(key, sizes)
         if tracker is not None:
             resident = storage_bytes(self.resident())
             self.memory = {
@@ -161,6 +160,34 @@ class Calls:
             self._backward(schedule, state, order, differentiable, grads)
 
         return bridge.package(schedule, outputs, run_backward if grad else None, self._anchor)
+
+    def _forward(
+        self,
+        schedule: StageRunner,
+        local: dict[str, Any],
+        sizes: list[int],
+        grad: bool,
+        interleaved: bool,
+        pending: Pending | None,
+    ) -> tuple[StepState, dict[str, list[Any]], DeferredGrads | None]:
+        """The forward pass (under 1F1B the whole pass) of every microbatch on ``sizes``'s
+        layout; a guessed layout is settled before anything leaves this rank."""
+        layout = BatchLayout.of(sizes, self._microbatches_for(sum(sizes)))
+        deferred = DeferredGrads(self.holders.local_params()) if interleaved else None
+        try:
+            loss = None
+            if interleaved:
+                assert schedule.loss is not None  # `_interleaves` checked it
+                loss = schedule.loss.for_call(local, layout, self.rank, schedule.shapes)
+            settle = pending.settle if pending is not None else None
+            state = schedule.forward(local, layout, grad, loss, settle)
+            if pending is not None:
+                pending.settle()
+            outputs = schedule.gather_outputs(state)
+        finally:  # the gradients accumulated so far come back even if the call failed
+            if deferred is not None:
+                deferred.settle()
+        return state, outputs, deferred
 
     def _interleaves(self, schedule: StageRunner) -> bool:
         """Whether this call runs its backward inside the call (1F1B): only where the plan
@@ -272,6 +299,7 @@ class Calls:
         schedule = self.stages.build(graph, plan, training)
         self.stages.add_state_update(schedule, plan.stage_of_rank(self.rank))
         self.schedules[key] = schedule
+        self._guessable[key] = guessable(graph)
         log.info("rank %d captured another call signature (%d)", self.rank, len(self.schedules))
         return schedule
 

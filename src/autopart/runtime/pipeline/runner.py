@@ -125,6 +125,7 @@ class StageRunner:
         if message.dst == self.rank:
             state.mailbox[message.key] = tensor
         else:
+            state.agree()
             tag, group = self.messages.tag_of(message), self.messages.group_of(message)
             neighbour = abs(self.stage_index[message.dst] - self.stage.index) == 1
             waited = message.phase in (ACT, GRAD) and neighbour
@@ -157,6 +158,7 @@ class StageRunner:
     def _fetch(self, state: StepState, key: Key, src: int) -> torch.Tensor:
         if src == self.rank:
             return state.mailbox.pop(key)
+        state.agree()
         assert state.inbox is not None  # a pass opens its inbox before it receives
         return state.inbox.receive(key, src)
 
@@ -174,11 +176,13 @@ class StageRunner:
         layout: BatchLayout,
         grad: bool,
         loss: LossGrads | None = None,
+        settle: Callable[[], Any] | None = None,
     ) -> StepState:
         """Run this rank's forward actions, posting sends as values appear; with ``loss``
-        (a schedule whose backwards interleave), its whole action list."""
+        (a schedule whose backwards interleave), its whole action list.  ``settle`` checks
+        a guessed ``layout`` before the first message or backward (`StepState.agree`)."""
         which = self.plan.schedule if grad and loss is not None else FORWARD
-        state = StepState(layout, local_inputs, which)
+        state = StepState(layout, local_inputs, which, settle=settle)
         state.inbox = Inbox(self.messages, layout, which, self.rank, self.device)
         if self.state_update is not None:
             with torch.no_grad():
@@ -195,6 +199,7 @@ class StageRunner:
                 self._forward_one(state, action, grad, recompute)
             else:
                 assert loss is not None  # only an interleaved pass has backwards
+                state.agree()
                 self._backward_one(state, action, loss.means, loss)
         return state
 

@@ -8,6 +8,7 @@ flight, its inbox, and the shares of outputs without a batch dimension.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,14 @@ class StepState:
     inbox: Inbox | None = None
     #: This rank's share of each whole (non-batch) output leaf, summed for the all-reduce.
     shares: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    #: Settles a guessed layout (`runtime.pipeline.agreement`): called before anything
+    #: leaves the rank, so that a wrong guess can be run again.  None once settled.
+    settle: Callable[[], Any] | None = None
+
+    def agree(self) -> None:
+        if self.settle is not None:
+            self.settle()
+            self.settle = None
 
     def absent_grad(self, spec: TensorSpec, rows: Rows, device: torch.device) -> torch.Tensor:
         """Zeros standing for an output gradient the caller did not give, shaped like
