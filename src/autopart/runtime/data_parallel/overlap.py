@@ -130,6 +130,6 @@ class OverlappedAllReduce:
             if self.owners is not None:  # at rest, each replica holds only what it steps
                 for param in bucket:
                     grad = param.grad
-                    keep = self.owners[id(param)] == me and grad is not None
-                    param.grad = grad.clone() if keep else None
+                    mine = self.owners[id(param)] == me
+                    param.grad = grad.clone() if mine and grad is not None else None
         self._launched.clear()
