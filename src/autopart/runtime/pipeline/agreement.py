@@ -27,6 +27,7 @@ from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.runtime.pipeline.signatures import key_number
 from autopart.runtime.plan_agreement import agreeing
+from autopart.runtime.stage.graph_cut import in_place
 from autopart.runtime.transport.distenv import job_group
 from autopart.runtime.transport.routing import RuntimeCommError, first_line
 
@@ -42,13 +43,8 @@ class Misguessed(Exception):
 
 
 def guessable(graph: Graph) -> bool:
-    """Whether a call of ``graph`` may run its forward twice: no op changes a tensor in place
-    (ATen spells in-place ops with a trailing underscore, ``aten.add_.Tensor``)."""
-    for node in graph.nodes:
-        parts = node.op.split(".")
-        if len(parts) >= 2 and parts[0] == "aten" and parts[1].endswith("_"):
-            return False
-    return True
+    """Whether a call of ``graph`` may run its forward twice: no op changes a tensor in place."""
+    return not any(in_place(node.op) for node in graph.nodes)
 
 
 @dataclass

@@ -133,7 +133,7 @@ def state_updates(graph: Graph, plan: Plan) -> dict[int, tuple[str, ...]]:
     updates = [
         node
         for node in graph.nodes
-        if node.kind is NodeKind.PARAM_ONLY and node.name not in consumed and _in_place(node.op)
+        if node.kind is NodeKind.PARAM_ONLY and node.name not in consumed and in_place(node.op)
     ]
     if not updates:
         return {}
@@ -151,7 +151,7 @@ def state_updates(graph: Graph, plan: Plan) -> dict[int, tuple[str, ...]]:
     }
 
 
-def _in_place(op: str) -> bool:
+def in_place(op: str) -> bool:
     """ATen spells in-place ops with a trailing underscore: ``aten.add_.Tensor``."""
     parts = op.split(".")
     return len(parts) >= 2 and parts[0] == "aten" and parts[1].endswith("_")
