@@ -387,6 +387,53 @@ def bf16_matches_autocast_reference(rank: int, world: int, offload: bool = False
     assert not torch.equal(out.float(), fp32_out.float())
 
 
+def caller_autocast_matches_reference(rank: int, world: int) -> None:
+    """A GPT-2 wrapped with the default precision and trained inside the caller's own
+    ``torch.autocast``, as DDP users do, on 2 stages of 2 microbatches: it runs under that
+    autocast (its logits come back in bf16 and its SGD updates equal eager autocast's), and
+    an evaluation call outside autocast mid-training runs in fp32."""
+    from autopart.cli.models import gpt2
+
+    model, _ = gpt2(n_layer=2, n_embd=64, n_head=4, seq=16, vocab=512, dropout=0.0)
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    wrapped = autopart.Module(model, opt, stages=2, microbatches=2, cost="analytic")
+    initial = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    for step in range(2):
+        full = torch.randint(0, 512, (LOCAL * world, 16), generator=gen)
+        mine = full[rank * LOCAL : (rank + 1) * LOCAL]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = wrapped(mine, labels=mine)
+            parts = [
+                reference(
+                    full[k * LOCAL : (k + 1) * LOCAL], labels=full[k * LOCAL : (k + 1) * LOCAL]
+                )
+                for k in range(world)
+            ]
+        out.loss.backward()
+        (sum(p.loss for p in parts) / world).backward()
+        expected = parts[rank]
+        assert out.logits.dtype == expected.logits.dtype == torch.bfloat16, out.logits.dtype
+        assert_near(out.loss.detach(), expected.loss.detach(), f"loss {step}", BF16_REL)
+        if step == 0:  # evaluation mid-step, outside autocast: fp32, as unwrapped
+            wrapped.eval(), reference.eval()
+            with torch.no_grad():
+                got, want = wrapped(mine).logits, reference(mine).logits
+            assert got.dtype == want.dtype == torch.float32, got.dtype
+            assert_close(got, want, "fp32 evaluation logits")
+            wrapped.train(), reference.train()
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+    ref_params = dict(reference.named_parameters())
+    for name, param in wrapped.named_parameters():
+        assert param.dtype is torch.float32, "master weights must stay fp32"
+        update = param.detach() - initial[name]
+        assert_near(update, ref_params[name].detach() - initial[name], f"update {name}", BF16_REL)
+
+
 class _CutAfterLinear(nn.Module):
     """A Linear whose bf16 output a second stage reads with ops autocast leaves alone: those
     run in bf16 in eager autocast only if the value arrives in bf16."""
@@ -440,27 +487,37 @@ def bf16_values_cross_in_their_own_dtype(rank: int, world: int, workdir: str) ->
         Path(workdir, "bytes.json").write_text(json.dumps(bytes_by_precision))
 
 
-def unused_output_costs_no_memory(rank: int, world: int, workdir: str) -> None:
-    """A language model's loss trained on, its logits returned but not: backward's peak live
-    bytes against plain PyTorch's, where the logits get no gradient at all."""
+def one_stage_step_memory(rank: int, world: int, workdir: str) -> None:
+    """A language model's loss trained on, its logits returned but not, on one stage: the
+    peak live bytes of a whole training step (forward and backward) of the wrapped model and
+    of the plain one, in fp32 and inside the caller's bf16 autocast."""
     from autopart.cli.models import gpt2
     from autopart.reports.memtrack import LiveBytes
 
-    model, _ = gpt2(n_layer=1, n_embd=32, n_head=2, seq=32, vocab=4096, dropout=0.0)
-    plain = copy.deepcopy(model)
     ids = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(1))
-    wrapped = autopart.Module(model, track_memory=True, cost="analytic")
-    for _ in range(2):  # the second call is the measured one
-        wrapped(ids, labels=ids).loss.backward()
-    peak = max(wrapped.memory_report()[k] for k in ("forward_peak", "backward_peak"))
-    plain(ids, labels=ids).loss.backward()  # gradients exist, as in the wrapped second step
-    with LiveBytes(
-        [*plain.parameters(), *plain.buffers(), *(p.grad for p in plain.parameters())]
-    ) as t:
-        plain(ids, labels=ids).loss.backward()
-    logits = 8 * 32 * 4096 * 4
-    result = {"autopart": peak, "plain": t.peak, "logits": logits}
-    Path(workdir, "peaks.json").write_text(json.dumps(result))
+    peaks: dict[str, dict[str, int]] = {}
+    for precision in ("fp32", "bf16"):
+        model, _ = gpt2(n_layer=1, n_embd=32, n_head=2, seq=32, vocab=4096, dropout=0.0)
+        plain = copy.deepcopy(model)
+        wrapped = autopart.Module(model, cost="analytic")
+
+        def step(m, bf16=precision == "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = m(ids, labels=ids)
+            out.loss.backward()
+            return out.logits.dtype
+
+        for _ in range(2):  # planned and built; gradients exist on both sides
+            dtypes = {step(wrapped), step(plain)}
+        assert len(dtypes) == 1, f"logits come back as {dtypes} under {precision}"
+        peaks[precision] = {}
+        for name, m, held in (("plain", plain, plain), ("autopart", wrapped, wrapped.stage_module)):
+            state = [*held.parameters(), *held.buffers()]
+            with LiveBytes([*state, *(p.grad for p in held.parameters())]) as tracker:
+                step(m)
+            peaks[precision][name] = tracker.peak
+    peaks["logits"] = {"fp32": 8 * 32 * 4096 * 4}
+    Path(workdir, "peaks.json").write_text(json.dumps(peaks))
 
 
 def _optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

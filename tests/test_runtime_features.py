@@ -114,6 +114,10 @@ def test_bf16_autocast_matches_reference():
     run_ranks(2, workers.bf16_matches_autocast_reference)
 
 
+def test_caller_autocast_is_honoured_and_matches_eager_autocast():
+    run_ranks(2, workers.caller_autocast_matches_reference)
+
+
 def test_bf16_values_cross_stages_in_the_dtype_their_op_produced(tmp_path):
     run_ranks(2, workers.bf16_values_cross_in_their_own_dtype, str(tmp_path))
     sent = json.loads((tmp_path / "bytes.json").read_text())
@@ -127,14 +131,16 @@ def test_albert_under_bf16_at_every_cut_equals_eager_autocast():
     run_ranks(2, bf16_workers.albert_bf16_at_every_cut, timeout_s=600)
 
 
-def test_an_output_not_trained_on_gets_no_gradient_buffer(tmp_path):
-    """The logits a loss came from are returned but not trained on: plain PyTorch gives them
-    no gradient, and the wrapped model must not allocate one (4 MiB of zeros here).  One
-    more copy of the logits is still there: the output handed back is a copy of the stage's
-    (before this fix the peak was over plain's plus two copies)."""
-    run_ranks(1, workers.unused_output_costs_no_memory, str(tmp_path))
+def test_one_stage_step_costs_no_memory_over_plain(tmp_path):
+    """The logits a loss came from are returned but not trained on.  A training step of the
+    wrapped model on one stage peaks within 5 % of plain PyTorch's (the logits are 4 MiB of
+    a 19 MiB peak here: a copy of them, or a gradient buffer for them, fails), in fp32 and
+    inside the caller's bf16 autocast, where the logits come back in bf16 as unwrapped."""
+    run_ranks(1, workers.one_stage_step_memory, str(tmp_path))
     peaks = json.loads((tmp_path / "peaks.json").read_text())
-    assert peaks["autopart"] <= 1.05 * peaks["plain"] + peaks["logits"], peaks
+    assert peaks["logits"]["fp32"] > 0.2 * peaks["fp32"]["plain"], peaks
+    for precision in ("fp32", "bf16"):
+        assert peaks[precision]["autopart"] <= 1.05 * peaks[precision]["plain"], peaks
 
 
 def test_zero_under_bf16_autocast_matches_reference():

@@ -37,6 +37,7 @@ from autopart.errors import AutopartError
 __all__ = [
     "CANONICAL",
     "DEVICE_TYPES",
+    "caller_autocast",
     "canonicalize",
     "capture_device",
     "copy_stream",
@@ -52,6 +53,7 @@ __all__ = [
     "rng_state",
     "synchronize",
     "to_device",
+    "without_autocast",
 ]
 
 #: The device every captured graph names in its ops, whatever device it was traced on.
@@ -194,6 +196,24 @@ def replayed_rng(state: tuple[torch.Tensor, ...], device: torch.device) -> Any:
     torch.set_rng_state(state[0])
     if accelerator:
         torch.get_device_module(device).set_rng_state(state[1], device)
+    return stack
+
+
+def caller_autocast(device: torch.device) -> torch.dtype | None:
+    """The dtype of the ``torch.autocast`` region the caller runs in on ``device``'s type, or
+    None outside one.  A DDP user trains in bf16 by calling the model inside autocast; the
+    wrapped model must run under it too, not switch it off."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def without_autocast(device: torch.device) -> contextlib.ExitStack:
+    """A context with the caller's autocast off on ``device``'s type and the CPU: capture
+    and profiling see the model as written (the stages apply the call's autocast themselves)."""
+    stack = contextlib.ExitStack()
+    for kind in dict.fromkeys((device.type, "cpu")):
+        stack.enter_context(torch.autocast(kind, enabled=False))
     return stack
 
 

@@ -16,6 +16,7 @@ gradient over the ranks holding its parameter (`runtime.data_parallel.holders`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from torch import nn
 
 from autopart.capture.with_loss import TARGET, WithLoss
 from autopart.config import Config, Offload
-from autopart.device import local_device, peak_bytes
+from autopart.device import local_device, peak_bytes, without_autocast
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan
@@ -42,7 +43,7 @@ from autopart.runtime.data_parallel.zero import assign_shards
 from autopart.runtime.pipeline import bridge
 from autopart.runtime.pipeline.builder import StageBuilder, canonical_names
 from autopart.runtime.pipeline.calls import Calls
-from autopart.runtime.pipeline.signatures import call_key
+from autopart.runtime.pipeline.signatures import CallPrecision, call_key
 from autopart.runtime.plan_agreement import agree_on_plan
 from autopart.runtime.stage.materialize import InitFn, has_meta
 from autopart.runtime.stage.offload import ParamOffload
@@ -126,21 +127,36 @@ class Module(nn.Module):
 
     # -- setup on the first call -------------------------------------------------------------
 
-    def _setup(self, key: str, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _setup(
+        self, key: str, args: tuple, kwargs: dict[str, Any], precision: CallPrecision
+    ) -> None:
+        config = self.config
+        if precision.from_caller and "precision" not in config.given:
+            # Planned for what the calls will run: the caller's autocast.  The option stays
+            # as given, for the calls made outside it.
+            config = dataclasses.replace(config, precision=precision.name())
+        with without_autocast(self.device):
+            self._plan(args, kwargs, config)
+        self._build(key, precision)
+
+    def _plan(self, args: tuple, kwargs: dict[str, Any], config: Config) -> None:
         self.graph = self._stages.capture(args, kwargs)
         self._stages.agree_on_dims(self.graph)
         self.plan = agree_on_plan(
             self.graph,
-            self.config,
+            config,
             self.optimizer,
             bridge.local_batch(self._stages.input_dims, args, kwargs),
             self.device,
         )
         self.plan.validate_for(self.graph, self.world)
+
+    def _build(self, key: str, precision: CallPrecision) -> None:
+        assert self.graph is not None and self.plan is not None
         ctx = RankContext(self.rank, self.world, self.device, self.plan)
         stage = ctx.stage
         initialized = self._stages.materialize(self.graph, self.plan, first=True)
-        self.schedule = self._stages.build(self.graph, self.plan, self.training)
+        self.schedule = self._stages.build(self.graph, self.plan, self.training, precision)
         self.offload = self.schedule.offload
         self.__dict__["stage_module"] = self.schedule.module
         updated = self._stages.add_state_update(self.schedule, stage)
@@ -195,10 +211,11 @@ class Module(nn.Module):
                 f"this model was wrapped with loss_fn=, so it is called as model(..., "
                 f"{TARGET}=y) and returns loss_fn(output, y); pass {TARGET}="
             )
-        key = call_key(self.training, args, kwargs)
+        precision = CallPrecision.of_call(self.config.precision, self.device)
+        key = call_key(self.training, args, kwargs, precision)
         if self.plan is None:
-            self._setup(key, args, kwargs)
-        return self._calls.run(key, args, kwargs, self.training)
+            self._setup(key, args, kwargs, precision)
+        return self._calls.run(key, args, kwargs, self.training, precision)
 
     # -- DDP-style methods -------------------------------------------------------------------
 

@@ -33,7 +33,12 @@ from autopart.capture.common import METHODS, LeafSpec, log
 from autopart.capture.errors import _capture_error, _first_line
 from autopart.capture.inputs import _Inputs
 from autopart.capture.scalar_outputs import rewrite_scalar_outputs
-from autopart.capture.tracing import _keep_batch_in_squeeze, _trace_export, _trace_fx
+from autopart.capture.tracing import (
+    _keep_batch_in_squeeze,
+    _return_before_upcasts,
+    _trace_export,
+    _trace_fx,
+)
 from autopart.device import canonicalize, capture_device, to_device
 from autopart.errors import CaptureError
 from autopart.ir import Graph
@@ -104,6 +109,7 @@ def capture(
         if gm is not None:
             canonicalize(gm, traced_on)
             _keep_batch_in_squeeze(gm)
+            _return_before_upcasts(gm)
             rewrite_scalar_outputs(gm, trace.sources)
     return _build_graph(model, trace, inputs)
 

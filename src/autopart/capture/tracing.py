@@ -310,6 +310,41 @@ def _keep_batch_in_squeeze(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+#: Casts that return their input itself when it already has the dtype asked for.
+_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout)
+
+
+def _return_before_upcasts(gm: torch.fx.GraphModule) -> None:
+    """Return a value, not its cast to the dtype it had at capture, when the cast is also
+    read by other ops.
+
+    ``logits.float()`` of fp32 logits returns the same tensor, so the trace cannot tell
+    whether the model returned ``logits`` or the cast: the output points at the cast.  Under
+    the caller's autocast the two differ (bf16 logits, their fp32 copy for the loss), and the
+    common pattern (Hugging Face's: upcast inside the loss, return the logits) returns the
+    value itself, half the bytes.  The values are equal either way (the cast only widens);
+    a cast read by nothing but the output (``return x.float()``) stays."""
+    output = gm.graph.output_node()
+    changed = False
+
+    def before(arg: Any) -> Any:
+        nonlocal changed
+        if not (isinstance(arg, torch.fx.Node) and arg.target in _CASTS):
+            return arg
+        source = arg.args[0]
+        cast, value = arg.meta.get("val"), getattr(source, "meta", {}).get("val")
+        same = _is_tensor(cast) and _is_tensor(value) and cast.dtype == value.dtype
+        if not same or arg.kwargs.get("copy") or set(arg.users) == {output}:
+            return arg
+        changed = True
+        return source
+
+    output.args = torch.fx.node.map_arg(output.args, before)
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
 def _placeholders(gm: torch.fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.find_nodes(op="placeholder")]
 

@@ -164,7 +164,7 @@ class _AfterInterleaved(torch.autograd.Function):
     def forward(ctx, finish, others, anchor, loss, *tensors):
         ctx.finish, ctx.others = finish, others
         ctx.set_materialize_grads(False)
-        return (loss.detach().clone(), *[t.detach().clone() for t in tensors])
+        return (loss.detach(), *[t.detach() for t in tensors])
 
     @staticmethod
     def backward(ctx, loss_grad, *grads):
@@ -196,7 +196,11 @@ class _Bridge(torch.autograd.Function):
         # An output the caller does not train on gets no gradient, not one of zeros as large
         # as the output (the logits of a language model: gigabytes).
         ctx.set_materialize_grads(False)
-        return tuple(t.detach().clone() for t in tensors)
+        # The values themselves, not copies (an output as large as the logits costs its size
+        # again): a detached alias is a new tensor, so the node becomes its own, and it shares
+        # the version counter, so an in-place change of an output that backward reads fails
+        # as it would unwrapped.
+        return tuple(t.detach() for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):

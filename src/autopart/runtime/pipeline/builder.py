@@ -18,12 +18,13 @@ from torch import nn
 
 from autopart.capture import capture
 from autopart.capture.batch_dims import argument_names, for_call
-from autopart.config import AUTOCAST_DTYPES, Config, Offload
+from autopart.config import Config, Offload
 from autopart.device import CANONICAL
 from autopart.errors import AutopartError
 from autopart.ir import Graph
 from autopart.plan.plan import Plan, StagePlan
 from autopart.runtime.pipeline.runner import StageRunner
+from autopart.runtime.pipeline.signatures import CallPrecision
 from autopart.runtime.stage.graph_cut import StageIO, build_stage_module, stage_ios, state_updates
 from autopart.runtime.stage.materialize import (
     device_view,
@@ -146,14 +147,16 @@ class StageBuilder:
             rebind_optimizer(self.optimizer, self.original_groups, done.replaced)
         return done.initialized
 
-    def build(self, graph: Graph, plan: Plan, training: bool) -> StageRunner:
-        """This rank's stage of ``graph`` under ``plan``, ready to run."""
+    def build(
+        self, graph: Graph, plan: Plan, training: bool, precision: CallPrecision
+    ) -> StageRunner:
+        """This rank's stage of ``graph`` under ``plan``, ready to run at ``precision``."""
         if self.upward is None and self.world > 1:
             self.upward = new_group(list(range(self.world)))
         ios = stage_ios(graph, plan)
         stage = plan.stage_of_rank(self.rank)
         module = build_stage_module(graph, ios[stage.index], self.device)
-        autocast = AUTOCAST_DTYPES[plan.precision]
+        autocast = precision.autocast
         offload = None
         if stage.offload != Offload.NONE:
             if self.world > 1 and "gloo" not in dist.get_backend():
@@ -173,7 +176,16 @@ class StageBuilder:
         _release_others(self.model, self.held)
         module.train(training)
         return StageRunner(
-            graph, plan, ios, module, self.rank, self.device, autocast, offload, self.upward
+            graph,
+            plan,
+            ios,
+            module,
+            self.rank,
+            self.device,
+            autocast,
+            offload,
+            self.upward,
+            native_outputs=precision.from_caller,
         )
 
     def add_state_update(self, schedule: StageRunner, stage: StagePlan) -> dict[str, list]:

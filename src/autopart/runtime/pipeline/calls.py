@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autopart.device import reset_peak, restore_rng, rng_state, synchronize
+from autopart.device import reset_peak, restore_rng, rng_state, synchronize, without_autocast
 from autopart.errors import AutopartError
 from autopart.reports import trace
 from autopart.reports.memtrack import LiveBytes, storage_bytes
@@ -43,7 +43,7 @@ from autopart.runtime.pipeline.agreement import Agreement, Misguessed, Pending, 
 from autopart.runtime.pipeline.builder import StageBuilder, raise_on_every_rank
 from autopart.runtime.pipeline.loss_grads import DeferredGrads
 from autopart.runtime.pipeline.runner import StageRunner
-from autopart.runtime.pipeline.signatures import derive_plan
+from autopart.runtime.pipeline.signatures import CallPrecision, derive_plan
 from autopart.runtime.pipeline.step_state import StepState
 from autopart.runtime.plan_agreement import agreeing
 from autopart.runtime.transport.distenv import job_group
@@ -95,14 +95,23 @@ class Calls:
         self.step_seconds: list[float] = []
         self._step_began: float | None = None
 
-    def run(self, key: str, args: tuple, kwargs: dict[str, Any], training: bool) -> Any:
+    def run(
+        self,
+        key: str,
+        args: tuple,
+        kwargs: dict[str, Any],
+        training: bool,
+        precision: CallPrecision,
+    ) -> Any:
         size = bridge.local_batch(self.stages.input_dims, args, kwargs, known=False)
         grad = torch.is_grad_enabled()
         sizes, pending = [size], None
         if self.world > 1:  # one collective agrees on the batch layout and the call
             can_guess = key in self.schedules and self._guessable[key]
             sizes, pending = self.agreement.start(key, size, grad, can_guess)
-        schedule = self.schedules.get(key) or self._add_signature(key, args, kwargs, training)
+        schedule = self.schedules.get(key) or self._add_signature(
+            key, args, kwargs, training, precision
+        )
         if -1 in sizes:  # the batch came in arguments the capture of this call has found
             sizes = [bridge.local_batch(self.stages.input_dims, args, kwargs)]
             if self.world > 1:
@@ -283,12 +292,18 @@ class Calls:
             log.warning("autopart: wrote the measured timeline to %s", measured)
 
     def _add_signature(
-        self, key: str, args: tuple, kwargs: dict[str, Any], training: bool
+        self,
+        key: str,
+        args: tuple,
+        kwargs: dict[str, Any],
+        training: bool,
+        precision: CallPrecision,
     ) -> StageRunner:
         """A call unlike every earlier one: its own graph, on the first call's placement."""
         failure = None
         try:
-            graph = self.stages.capture(args, kwargs)
+            with without_autocast(self.device):
+                graph = self.stages.capture(args, kwargs)
         except AutopartError as err:  # ranks may capture differently placed models
             failure = err
         raise_on_every_rank(failure, self.world)
@@ -296,7 +311,7 @@ class Calls:
         plan = derive_plan(self.plan, graph)
         plan.validate_for(graph, self.world, idle_stages=True)
         self.stages.materialize(graph, plan, first=False)  # the constants of its own capture
-        schedule = self.stages.build(graph, plan, training)
+        schedule = self.stages.build(graph, plan, training, precision)
         self.stages.add_state_update(schedule, plan.stage_of_rank(self.rank))
         self.schedules[key] = schedule
         self._guessable[key] = guessable(graph)

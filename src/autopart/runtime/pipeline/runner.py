@@ -76,9 +76,13 @@ class StageRunner:
         autocast: torch.dtype | None = None,
         offload: ParamOffload | None = None,
         upward: dist.ProcessGroup | None = None,
+        native_outputs: bool = False,
     ) -> None:
         self.graph = graph
         self.autocast = autocast
+        #: Outputs come back in the dtype their op produced (the caller's autocast), not the
+        #: dtype the model was captured with.
+        self.native_outputs = native_outputs
         self.offload = offload
         self.plan = plan
         self.module = module
@@ -305,9 +309,10 @@ class StageRunner:
                             self._fetch(state, (OUT, m, name, li), mv.src)
                             for mv in routing.moves_for(spec, holders, {self.rank: owned})
                         ]
-                    # Handed back in the dtype the model was captured with.
                     joined = routing.join(pieces, spec)
-                    leaves.append(joined.to(captured_dtype(self.graph, name, li)))
+                    if not self.native_outputs:
+                        joined = joined.to(captured_dtype(self.graph, name, li))
+                    leaves.append(joined)
                 else:
                     leaves.append(None)  # from the all-reduce below
             result[name] = leaves
@@ -372,10 +377,15 @@ class StageRunner:
                     tensor_grads.append(total)
         with self._timed(str(action)):
             if tensors:
-                with self.offload.backward() if self.offload else contextlib.nullcontext():
+                # Under 1F1B this runs inside the call, maybe in the caller's autocast,
+                # which a backward must not run under.
+                with torch.autocast(self.device.type, enabled=False), self._offloaded():
                     torch.autograd.backward(tensors, tensor_grads)
             self._send_input_grads(state, mb, action)
         del state.microbatches[m]
+
+    def _offloaded(self):
+        return self.offload.backward() if self.offload else contextlib.nullcontext()
 
     def _recompute(self, mb: Microbatch) -> list[list[Any]]:
         track_inputs(self.graph, self.io.inputs, mb.inputs)
@@ -413,7 +423,9 @@ class StageRunner:
                     self._post(state, message, zeros)
                     continue
                 # In the output's dtype on the wire, as eager's cast back to it would make it.
-                grad = (grad / self.world).to(routing.torch_dtype(spec.dtype))
+                if self.world > 1:
+                    grad = grad / self.world
+                grad = grad.to(routing.torch_dtype(spec.dtype))
                 piece = routing.take_rows(grad, spec, own, message.rows).contiguous()
                 self._post(state, message, piece)
         return means

@@ -23,14 +23,43 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from autopart.config import AUTOCAST_DTYPES, Precision
+from autopart.device import caller_autocast
 from autopart.errors import AutopartError
 from autopart.ir import Graph, NodeKind
 from autopart.plan.plan import Plan
 
 
-def call_key(training: bool, args: tuple, kwargs: dict[str, Any]) -> str:
+@dataclasses.dataclass(frozen=True)
+class CallPrecision:
+    """What a call's stages compute in: autocast's dtype (None: the parameters' own), and
+    whether it is the caller's own ``torch.autocast`` region.
+
+    Inside the caller's region the call runs under it, as the unwrapped model would, and its
+    outputs come back in the dtype their op produced (a Linear's bf16 logits).  Otherwise the
+    ``precision=`` option applies, and outputs come back in the dtype the model was captured
+    with, since the caller did not ask for low-precision values."""
+
+    autocast: torch.dtype | None
+    from_caller: bool
+
+    @staticmethod
+    def of_call(precision: str, device: torch.device) -> CallPrecision:
+        caller = caller_autocast(device)
+        if caller is not None:
+            return CallPrecision(caller, True)
+        return CallPrecision(AUTOCAST_DTYPES[precision], False)
+
+    def name(self) -> Precision:
+        """The `Precision` this autocast dtype is."""
+        return next(Precision(p) for p, d in AUTOCAST_DTYPES.items() if d == self.autocast)
+
+
+def call_key(training: bool, args: tuple, kwargs: dict[str, Any], precision: CallPrecision) -> str:
     """What a captured graph depends on besides tensor values: the mode, the argument
-    structure and the non-tensor values.  Equal on every rank for equal calls.
+    structure, the non-tensor values and the call's precision (a call inside the caller's
+    autocast runs other stage code, whose values travel in other dtypes).  Equal on every
+    rank for equal calls.
 
     In eval mode, whether autograd records counts too: layers take fused inference paths
     under ``no_grad`` (``nn.TransformerEncoderLayer``) that a call with gradients must not
@@ -39,7 +68,7 @@ def call_key(training: bool, args: tuple, kwargs: dict[str, Any]) -> str:
     leaves, spec = pytree.tree_flatten((args, kwargs))
     plain = [None if isinstance(v, torch.Tensor) else repr(v) for v in leaves]
     recording = None if training else torch.is_grad_enabled()
-    text = repr((training, recording, str(spec), plain))
+    text = repr((training, recording, str(spec), plain, precision))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
