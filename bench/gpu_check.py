@@ -3,7 +3,7 @@
     PYTHONPATH=src python3 bench/gpu_check.py [--only SECTION[,SECTION]] [--cpu-dry-run]
 
 GPU time is short and lent once, so one script runs every check, its sections' time budgets
-adding up to about 6 minutes (`BUDGETS`; not yet timed on the H200).  Each case is wrapped: an
+adding up to about 9 minutes (`BUDGETS`; not yet timed on the H200).  Each case is wrapped: an
 exception is a FAIL row with the error's first line (its traceback is printed above the
 table), and the run goes on; each section has a time budget past which its remaining cases are
 SKIP ("out of time").  Each case's line is printed as it ends.  The exit status is 1 when any
@@ -28,6 +28,11 @@ Sections (``--only`` takes their names):
 ``peak``
     GPT-2 (4 x 256, sequences of 128, batch 8) on the GPU: ``max_memory_allocated`` over two
     steps against the plan's predicted stage peak (pass within 25%; the target is 10%).
+``overhead``
+    HF GPT-2 124M at its defaults inside the caller's bf16 autocast, AdamW, batch 8 x 1024,
+    all on the GPU: the wrapped model's step and ``max_memory_allocated`` peak against plain
+    PyTorch's, alternating (pass within 1.03x and 1.05x), and the plan's predicted step and
+    peak against the measured ones (pass within 15 % and 10 %); see `gpu_overhead`.
 ``offload``
     A stack of ``--layers`` Linear(``--width``) + ReLU (12 x 8192: 3.2 GB of fp32 parameters,
     6.4 GB with gradients) under ``torch.cuda.set_per_process_memory_fraction`` at two thirds
@@ -94,11 +99,20 @@ from gpu_cases import (
 )
 from gpu_models import linear_stack
 from gpu_offload_speed import OffloadSpeed
+from gpu_overhead import Overhead
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-#: Seconds a section may run before its remaining cases are skipped: about 6 minutes in all.
-BUDGETS = {"matrix": 160, "exact": 30, "measured": 50, "peak": 25, "offload": 100, "floors": 120}
+#: Seconds a section may run before its remaining cases are skipped: about 9 minutes in all.
+BUDGETS = {
+    "matrix": 160,
+    "exact": 30,
+    "measured": 50,
+    "peak": 25,
+    "overhead": 60,
+    "offload": 100,
+    "floors": 120,
+}
 #: The most one case may run: a hung case fails rather than eat the rest of the run.
 CASE_LIMIT_S = 100
 DETAIL = 100  # characters of detail a table row shows
@@ -369,6 +383,7 @@ def sections(ctx: Context, args: argparse.Namespace) -> dict[str, list[Case]]:
         "exact": exact_cases(ctx),
         "measured": measured_cases(ctx, small),
         "peak": peak_cases(ctx),
+        "overhead": Overhead(ctx).cases(),
         "offload": offload.cases(),
         "floors": OffloadSpeed(
             ctx, args.gpt_layers, args.gpt_width, args.gpt_seq, args.gpt_cap_gb, args.profile_dir

@@ -13,12 +13,16 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("matrix", "exact", "measured", "peak", "offload", "floors")
+SECTIONS = ("matrix", "exact", "measured", "peak", "overhead", "offload", "floors")
 #: The rows a CPU cannot measure or run: CUDA memory, the cap, and a Mixtral traced on meta
 #: (its router takes the branch for any device but the CPU: an int32 histc).
 CUDA_ONLY = {
     "matrix mixtral m:meta x:cpu",
     "peak gpt2 4x256 pred/meas",
+    "overhead 1 GPT-2 124M step",
+    "overhead 2 GPT-2 124M peak",
+    "overhead 3 predicted step",
+    "overhead 4 predicted peak",
     "offload 1 plain under the cap",
     "offload 4 peak pred/meas",
     "offload 7 moved to GPU first",
@@ -54,7 +58,7 @@ def test_the_dry_run_runs_every_section_and_passes():
         assert f"== {section} (" in result.stdout, result.stdout[-3000:]
     rows = table(result.stdout)
     assert {name.split()[0] for name in rows} == set(SECTIONS)
-    assert len(rows) == 12 + 3 + 2 + 1 + 9 + 2, rows  # 6 families x cpu/meta, then 3, 2, 1, 9, 2
+    assert len(rows) == 12 + 3 + 2 + 1 + 4 + 9 + 2, rows  # 6 families x cpu/meta, then the rest
     assert {name for name, r in rows.items() if r == "SKIP"} == CUDA_ONLY, rows
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL ")]
     assert not failed, "\n".join(failed)
