@@ -117,3 +117,25 @@ def _no_guess_with_state(rank: int, world: int) -> None:
 
 def test_a_model_that_changes_state_in_place_never_guesses():
     run_ranks(2, _no_guess_with_state)
+
+
+class _Done:
+    def wait(self) -> bool:
+        return True
+
+
+def test_a_wrong_guess_stays_wrong_when_settled_again():
+    """Settling twice must not turn a miss into agreed sizes (the second call used to
+    return the gathered sizes quietly, as if the guess had held)."""
+    from autopart.runtime.pipeline.agreement import Misguessed, Pending
+    from autopart.runtime.pipeline.signatures import key_number
+
+    key = key_number("ab" * 32)
+    gathered = [torch.tensor([4, key, 1]), torch.tensor([3, key, 1])]
+    pending = Pending(_Done(), gathered, guess=[4, 4])  # type: ignore[arg-type]
+    for _ in range(2):
+        with pytest.raises(Misguessed) as miss:
+            pending.settle()
+        assert miss.value.sizes == [4, 3]
+    held = Pending(_Done(), gathered, guess=[4, 3])  # type: ignore[arg-type]
+    assert held.settle() == held.settle() == [4, 3]

@@ -29,7 +29,7 @@ from autopart.runtime.pipeline.signatures import key_number
 from autopart.runtime.plan_agreement import agreeing
 from autopart.runtime.stage.graph_cut import in_place
 from autopart.runtime.transport.distenv import job_group
-from autopart.runtime.transport.routing import RuntimeCommError, first_line
+from autopart.runtime.transport.routing import reaching_every_rank
 
 __all__ = ["Agreement", "Misguessed", "Pending", "guessable"]
 
@@ -54,19 +54,27 @@ class Pending:
     work: dist.Work
     gathered: list[torch.Tensor]
     guess: list[int] | None
+    #: Every rank's batch size, once settled and found to match the guess.
     sizes: list[int] | None = None
+    #: The error settling found (a miss, ranks that disagree), raised again if asked again.
+    failure: Exception | None = None
 
     def settle(self) -> list[int]:
-        """Every rank's batch size; raises `Misguessed` where the guess was wrong."""
-        if self.sizes is not None:
-            return self.sizes
-        try:
+        """Every rank's batch size; raises `Misguessed` where the guess was wrong, and the
+        same error on every later call, so that a wrong guess is never taken for settled."""
+        if self.failure is not None:
+            raise self.failure
+        if self.sizes is None:
+            try:
+                self.sizes = self._check()
+            except (AutopartError, Misguessed) as err:
+                self.failure = err
+                raise
+        return self.sizes
+
+    def _check(self) -> list[int]:
+        with reaching_every_rank():
             self.work.wait()
-        except RuntimeError as err:
-            raise RuntimeCommError(
-                f"rank {dist.get_rank()} could not reach every rank: {first_line(err)}. "
-                "A rank has probably died or raised; see its own error"
-            ) from err
         every = [t.tolist() for t in self.gathered]
         grads = [g for _, _, g in every]
         if len(set(grads)) > 1:
@@ -80,10 +88,10 @@ class Pending:
                 f"the ranks called the model with different arguments or modes "
                 f"({agreeing(keys)}); every rank must make the same kind of call"
             )
-        self.sizes = [size for size, _, _ in every]
-        if self.guess is not None and self.sizes != self.guess:
-            raise Misguessed(self.sizes)
-        return self.sizes
+        sizes = [size for size, _, _ in every]
+        if self.guess is not None and sizes != self.guess:
+            raise Misguessed(sizes)
+        return sizes
 
 
 @dataclass
@@ -108,13 +116,8 @@ class Agreement:
         where = torch.device("cpu") if "gloo" in dist.get_backend(job_group()) else self.device
         mine = torch.tensor(values, dtype=torch.int64, device=where)
         gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-        try:
+        with reaching_every_rank():
             work = dist.all_gather(gathered, mine, group=job_group(), async_op=True)
-        except RuntimeError as err:
-            raise RuntimeCommError(
-                f"rank {self.rank} could not reach every rank: {first_line(err)}. "
-                "A rank has probably died or raised; see its own error"
-            ) from err
         assert work is not None
         last = self.last.get(key)
         guess = last if can_guess and last is not None and last[self.rank] == size else None

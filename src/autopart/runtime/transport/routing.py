@@ -185,6 +185,21 @@ def comm_errors(rank: int, phase: str) -> Iterator[None]:
         raise RuntimeCommError(f"rank {rank} failed in {phase}: {first_line(err)}") from err
 
 
+@contextlib.contextmanager
+def reaching_every_rank() -> Iterator[None]:
+    """Around a collective of every rank: its failure (a peer died or raised) as one clear
+    `RuntimeCommError` that says where to look."""
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, AutopartError):
+            raise
+        raise RuntimeCommError(
+            f"rank {dist.get_rank()} could not reach every rank: {first_line(err)}. "
+            "A rank has probably died or raised; see its own error"
+        ) from err
+
+
 def all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
     """Every rank's ``values``, in rank order."""
     return _all_gather(values, torch.int64, device)
@@ -199,13 +214,8 @@ def _all_gather(values: list, dtype: torch.dtype, device: torch.device) -> list[
     world = dist.get_world_size()
     mine = torch.tensor(values, dtype=dtype, device=device)
     every = [torch.zeros_like(mine) for _ in range(world)]
-    try:
+    with reaching_every_rank():
         dist.all_gather(every, mine, group=job_group())
-    except RuntimeError as err:
-        raise RuntimeCommError(
-            f"rank {dist.get_rank()} could not reach every rank: {first_line(err)}. "
-            "A rank has probably died or raised; see its own error"
-        ) from err
     return [t.tolist() for t in every]
 
 
