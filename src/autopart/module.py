@@ -146,7 +146,7 @@ class Module(nn.Module):
             self.graph,
             config,
             self.optimizer,
-            bridge.local_batch(self._stages.input_dims, args, kwargs),
+            bridge.local_batch(self._stages.input_dims, bridge.by_source(args, kwargs)),
             self.device,
         )
         self.plan.validate_for(self.graph, self.world)

@@ -24,13 +24,11 @@ from autopart.runtime.transport import routing
 RunBackward = Callable[[list[str], list[int], tuple[torch.Tensor, ...]], None]
 
 
-def local_batch(
-    dims: dict[str, int | None], args: tuple, kwargs: dict[str, Any], known: bool = True
-) -> int:
+def local_batch(dims: dict[str, int | None], given: dict[str, Any], known: bool = True) -> int:
     """This rank's rows: the size of the first argument that carries the batch, in the
     dimension capture found for it (``dims``, by source); -1 when no argument is known
     unless ``known`` (a new call signature passes its batch elsewhere: capture finds it)."""
-    for source, value in _by_source(args, kwargs).items():
+    for source, value in given.items():
         dim = dims.get(source)
         if dim is not None and isinstance(value, torch.Tensor) and value.dim() > dim:
             return int(value.shape[dim])
@@ -43,19 +41,18 @@ def local_batch(
     )
 
 
-def _by_source(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+def by_source(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments by where they sit in it (``args[0]``, ``kwargs['labels']``), the
+    names capture gave its inputs' sources."""
     return {
         ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]): value  # type: ignore[attr-defined]
         for path, value in pytree.tree_flatten_with_path((args, kwargs))[0]
     }
 
 
-def route_inputs(
-    graph: Graph, args: tuple, kwargs: dict[str, Any], device: torch.device
-) -> dict[str, Any]:
+def route_inputs(graph: Graph, given: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """This call's inputs by graph input name, tensors on the device; an argument that
     differs in kind from the captured call is an error naming it."""
-    given = _by_source(args, kwargs)
     local = {}
     for name, source in graph.input_sources.items():
         if source not in given and any(key.startswith(source) for key in given):
@@ -101,12 +98,17 @@ def package(
         )
         for i, value in zip(differentiable, bridged, strict=True):
             flat[i] = value
-    values = {}
     position = 0
     for name in order:
         count = len(outputs[name])
-        values[name] = schedule.shapes[name].pack(flat[position : position + count])
+        outputs[name] = flat[position : position + count]
         position += count
+    return hand_back(schedule, outputs)
+
+
+def hand_back(schedule: StageRunner, outputs: dict[str, list[Any]]) -> Any:
+    """The outputs, by delivered value and leaf, in the model's own structure."""
+    values = {name: schedule.shapes[name].pack(leaves) for name, leaves in outputs.items()}
     return restructure(schedule.graph, values)
 
 

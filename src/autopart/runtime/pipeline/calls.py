@@ -40,6 +40,7 @@ from autopart.runtime.context import RankContext
 from autopart.runtime.data_parallel.holders import Holders
 from autopart.runtime.pipeline import bridge
 from autopart.runtime.pipeline.agreement import Agreement, Misguessed, Pending, guessable
+from autopart.runtime.pipeline.alone import run_alone, runs_alone
 from autopart.runtime.pipeline.builder import StageBuilder, raise_on_every_rank
 from autopart.runtime.pipeline.loss_grads import DeferredGrads
 from autopart.runtime.pipeline.runner import StageRunner
@@ -103,7 +104,8 @@ class Calls:
         training: bool,
         precision: CallPrecision,
     ) -> Any:
-        size = bridge.local_batch(self.stages.input_dims, args, kwargs, known=False)
+        given = bridge.by_source(args, kwargs)
+        size = bridge.local_batch(self.stages.input_dims, given, known=False)
         grad = torch.is_grad_enabled()
         sizes, pending = [size], None
         if self.world > 1:  # one collective agrees on the batch layout and the call
@@ -113,10 +115,10 @@ class Calls:
             key, args, kwargs, training, precision
         )
         if -1 in sizes:  # the batch came in arguments the capture of this call has found
-            sizes = [bridge.local_batch(self.stages.input_dims, args, kwargs)]
+            sizes = [bridge.local_batch(self.stages.input_dims, given)]
             if self.world > 1:
                 sizes = [row[0] for row in all_gather_ints(sizes, self.device)]
-        local = bridge.route_inputs(schedule.graph, args, kwargs, self.device)
+        local = bridge.route_inputs(schedule.graph, given, self.device)
         # A call without gradients is not timed, and leaves the timing of a training call
         # whose backward is still to come (same schedule) as it was.
         recorder = schedule.recorder
@@ -125,6 +127,9 @@ class Calls:
             self._step_began = schedule.recorder.now() if schedule.recorder else None
         else:
             schedule.recorder = None
+        if schedule.recorder is None and not self.track_memory and runs_alone(schedule):
+            schedule.recorder = recorder if not grad else None
+            return bridge.hand_back(schedule, run_alone(schedule, local, grad, sum(sizes)))
         interleaved = grad and self._interleaves(schedule)
         if schedule.offload is not None:
             schedule.offload.reset_peak()
