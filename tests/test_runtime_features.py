@@ -138,6 +138,7 @@ def test_one_stage_step_costs_no_memory_over_plain(tmp_path):
     inside the caller's bf16 autocast, where the logits come back in bf16 as unwrapped."""
     run_ranks(1, workers.one_stage_step_memory, str(tmp_path))
     peaks = json.loads((tmp_path / "peaks.json").read_text())
+    print("peak live bytes of one training step (pytest -s shows it):", peaks)
     assert peaks["logits"]["fp32"] > 0.2 * peaks["fp32"]["plain"], peaks
     for precision in ("fp32", "bf16"):
         assert peaks[precision]["autopart"] <= 1.05 * peaks[precision]["plain"], peaks
