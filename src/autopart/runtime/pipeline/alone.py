@@ -20,7 +20,6 @@ import torch
 from autopart.ir import NodeKind
 from autopart.runtime.pipeline.runner import StageRunner
 from autopart.runtime.transport import routing
-from autopart.runtime.transport.wire import captured_dtype
 
 __all__ = ["run_alone", "runs_alone"]
 
@@ -46,7 +45,7 @@ def run_alone(
     if runner.state_update is not None:
         with torch.no_grad():
             runner.state_update()
-    args = []
+    inputs = []
     for name in runner.io.inputs:
         spec = runner.shapes[name].leaves[0]
         value = local_inputs[name]
@@ -54,16 +53,10 @@ def run_alone(
             value = routing.affine_value(spec, rows)
         elif spec.is_batch and isinstance(value, torch.Tensor):
             value = routing.from_tensor(value.detach(), spec)  # as the pipeline sends rows
-        args.append(value)
-    cast = torch.autocast(
-        runner.device.type, dtype=runner.autocast, enabled=runner.autocast is not None
-    )
-    with cast, torch.set_grad_enabled(grad):
-        results = runner.module(*args)
-    produced = {
-        name: runner.shapes[name].unpack(value)
-        for name, value in zip(runner.io.outputs, results, strict=True)
-    }
+        inputs.append([value])
+    with torch.set_grad_enabled(grad):
+        results = runner.run_module(inputs)
+    produced = dict(zip(runner.io.outputs, results, strict=True))
     outputs: dict[str, list[Any]] = {}
     for name in runner.outputs:
         if runner.graph.node(name).kind is NodeKind.INPUT:
@@ -84,9 +77,7 @@ def _handed_back(runner: StageRunner, name: str, li: int, spec, leaf: Any, rows:
     if spec.affine is not None:
         return routing.affine_value(spec, rows)
     if spec.is_batch:
-        if not runner.native_outputs and isinstance(leaf, torch.Tensor):
-            return leaf.to(captured_dtype(runner.graph, name, li))
-        return leaf
+        return runner.handed_back(leaf, name, li) if isinstance(leaf, torch.Tensor) else leaf
     # A value without rows: the pipeline's row-weighted mean over one chunk is the value.
     value = routing.to_tensor(leaf, spec).to(routing.torch_dtype(spec.dtype))
     return value.item() if routing.is_scalar(spec) else value

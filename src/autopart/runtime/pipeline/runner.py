@@ -216,12 +216,14 @@ class StageRunner:
             track_inputs(self.graph, self.io.inputs, inputs)
         with self._timed(str(action)):
             with torch.set_grad_enabled(grad and not recompute):
-                outputs = self._run(inputs)
+                outputs = self.run_module(inputs)
             self._send_outputs(state, outputs, action, rows)
         if grad:
             state.microbatches[m] = Microbatch(rows, inputs, None if recompute else outputs, rng)
 
-    def _run(self, inputs: list[list[Any]]) -> list[list[Any]]:
+    def run_module(self, inputs: list[list[Any]]) -> list[list[Any]]:
+        """The stage module on one microbatch's input leaves, under the call's autocast (and
+        offload's fetches): its output leaves, per output."""
         args = [self.shapes[n].pack(v) for n, v in zip(self.io.inputs, inputs, strict=True)]
         cast = torch.autocast(
             self.device.type, dtype=self.autocast, enabled=self.autocast is not None
@@ -309,10 +311,7 @@ class StageRunner:
                             self._fetch(state, (OUT, m, name, li), mv.src)
                             for mv in routing.moves_for(spec, holders, {self.rank: owned})
                         ]
-                    joined = routing.join(pieces, spec)
-                    if not self.native_outputs:
-                        joined = joined.to(captured_dtype(self.graph, name, li))
-                    leaves.append(joined)
+                    leaves.append(self.handed_back(routing.join(pieces, spec), name, li))
                 else:
                     leaves.append(None)  # from the all-reduce below
             result[name] = leaves
@@ -325,6 +324,13 @@ class StageRunner:
         for (name, li), value in combined.items():
             result[name][li] = value
         return result
+
+    def handed_back(self, leaf: torch.Tensor, name: str, li: int) -> torch.Tensor:
+        """A batch output leaf in the dtype the caller gets: its op's under the caller's
+        autocast, as unwrapped; else the dtype the model was captured with."""
+        if self.native_outputs:
+            return leaf
+        return leaf.to(captured_dtype(self.graph, name, li))
 
     # -- backward ----------------------------------------------------------------------------
 
@@ -391,7 +397,7 @@ class StageRunner:
         track_inputs(self.graph, self.io.inputs, mb.inputs)
         assert mb.rng_state is not None  # a recomputing stage saved it in forward
         with replayed_rng(mb.rng_state, self.device), torch.enable_grad():
-            return self._run(mb.inputs)
+            return self.run_module(mb.inputs)
 
     def _send_output_grads(self, state: StepState, grads) -> dict[tuple[str, int], torch.Tensor]:
         """Post this rank's output gradients to their producers; average the scalar ones."""
