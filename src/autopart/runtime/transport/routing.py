@@ -17,7 +17,7 @@ ranks are matched by the order they are posted in, as NCCL matches them; tags ar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -175,29 +175,29 @@ def first_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def comm_errors(rank: int, phase: str) -> Iterator[None]:
-    """Turn torch.distributed's errors (a peer died, a timeout) into one clear message."""
+def _as_comm_error(what: Callable[[], str], hint: str = "") -> Iterator[None]:
+    """torch.distributed's errors (a peer died, a timeout) as one clear `RuntimeCommError`:
+    ``what()`` went wrong (asked only then), then torch's first line, then ``hint``."""
     try:
         yield
     except RuntimeError as err:
         if isinstance(err, AutopartError):
             raise
-        raise RuntimeCommError(f"rank {rank} failed in {phase}: {first_line(err)}") from err
+        raise RuntimeCommError(f"{what()}: {first_line(err)}{hint}") from err
 
 
-@contextlib.contextmanager
-def reaching_every_rank() -> Iterator[None]:
+def comm_errors(rank: int, phase: str) -> contextlib.AbstractContextManager[None]:
+    """Around one phase of a call on ``rank``: its communication failures as one message."""
+    return _as_comm_error(lambda: f"rank {rank} failed in {phase}")
+
+
+def reaching_every_rank() -> contextlib.AbstractContextManager[None]:
     """Around a collective of every rank: its failure (a peer died or raised) as one clear
     `RuntimeCommError` that says where to look."""
-    try:
-        yield
-    except RuntimeError as err:
-        if isinstance(err, AutopartError):
-            raise
-        raise RuntimeCommError(
-            f"rank {dist.get_rank()} could not reach every rank: {first_line(err)}. "
-            "A rank has probably died or raised; see its own error"
-        ) from err
+    return _as_comm_error(
+        lambda: f"rank {dist.get_rank()} could not reach every rank",
+        ". A rank has probably died or raised; see its own error",
+    )
 
 
 def all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
